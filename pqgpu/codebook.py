@@ -1,0 +1,221 @@
+"""Codebook: a trained ProductQuantizer (faiss-compatible), with optional OPQ rotation.
+
+Files use faiss's own binary format, written and read here without faiss:
+ProductQuantizer = d, M, nbits (uint64 each), then the centroid vector (uint64 length + float32 data),
+exactly what `faiss.write_ProductQuantizer` writes and `faiss.read_ProductQuantizer` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import kernels
+from .backend import namespace, resolve_backend, to_device, to_host
+from .errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def check_params(d: int, M: int, nbits: int) -> None:
+    if not isinstance(M, (int, np.integer)) or M <= 0:
+        raise ConfigError(f"M: expected a positive integer. Got {M!r} instead.")
+    if not isinstance(nbits, (int, np.integer)) or not 1 <= nbits <= 16:
+        raise ConfigError(f"nbits: expected an integer in 1..16. Got {nbits!r} instead.")
+    if d % M:
+        divisors = [m for m in range(1, d + 1) if d % m == 0]
+        raise ConfigError(f"d={d} is not divisible by M={M}. Choose M among the divisors of d: "
+                          f"{', '.join(map(str, divisors[-12:]))}.")
+
+
+def as_float32_matrix(x: Any, what: str = "input", *, d: int | None = None, row_offset: int = 0) -> np.ndarray:
+    """Validate a host matrix: 2-D, real floating dtype, optional width d, all finite. Returns float32 C-order.
+
+    Errors name the first bad row, counted from row_offset (so callers can report global row numbers).
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise InputError(f"{what}: expected a 2-D array (rows, d). Got shape {x.shape} instead.")
+    if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
+        raise InputError(f"{what}: expected float16, float32 or float64 values. Got dtype {x.dtype} instead.")
+    if d is not None and x.shape[1] != d:
+        raise InputError(f"{what}: vectors have dimension {x.shape[1]}, but the codebook expects d={d}.")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        col = int(np.flatnonzero(~np.isfinite(x[bad]))[0])
+        raise InputError(f"{what}: row {row_offset + bad} has a non-finite value ({x[bad, col]}) at column {col}; "
+                         f"{int((~finite).sum())} row(s) in this block are affected. Remove or fix NaN/Inf rows.")
+    return x
+
+
+@dataclass(frozen=True, eq=False)
+class Codebook:
+    """PQ parameters and centroids. centroids: float32 (M, ksub, dsub); rotation: float32 (d, d) or None,
+    applied as x @ rotation.T before quantizing (faiss OPQMatrix convention: y = A x)."""
+
+    d: int
+    M: int
+    nbits: int
+    centroids: np.ndarray = field(repr=False)
+    rotation: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_params(self.d, self.M, self.nbits)
+        c = np.ascontiguousarray(self.centroids, dtype=np.float32)
+        if c.shape != (self.M, self.ksub, self.dsub):
+            raise InputError(f"centroids: expected shape {(self.M, self.ksub, self.dsub)} for d={self.d}, "
+                             f"M={self.M}, nbits={self.nbits}. Got {c.shape} instead.")
+        object.__setattr__(self, "centroids", c)
+        if self.rotation is not None:
+            r = np.ascontiguousarray(self.rotation, dtype=np.float32)
+            if r.shape != (self.d, self.d):
+                raise InputError(f"rotation: expected shape {(self.d, self.d)}. Got {r.shape} instead.")
+            object.__setattr__(self, "rotation", r)
+
+    @property
+    def ksub(self) -> int:
+        return 1 << self.nbits
+
+    @property
+    def dsub(self) -> int:
+        return self.d // self.M
+
+    @property
+    def code_size(self) -> int:
+        return kernels.code_size(self.M, self.nbits)
+
+    # -- encoding ---------------------------------------------------------------------------------------
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation.T)
+
+    def assign(self, x: Any, backend: str = "auto", *, row_offset: int = 0) -> np.ndarray:
+        """Unpacked sub-codes (n, M) (uint16 or int64) of host x after validation and rotation."""
+        x = self.rotate(as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset))
+        if resolve_backend(backend) == "cpu":
+            try:
+                from . import _cpu
+            except ImportError:
+                return kernels.assign(x, self.centroids)
+            return _cpu.assign(x, _cpu.prepare(self.centroids))
+        xp = namespace("gpu")
+        return to_host(kernels.assign(to_device(x, xp), to_device(self.centroids, xp)))
+
+    def encode(self, x: Any, backend: str = "auto", *, row_offset: int = 0) -> np.ndarray:
+        """float vectors (n, d) -> uint8 codes (n, code_size), equal to faiss compute_codes."""
+        return np.asarray(kernels.pack_codes(self.assign(x, backend, row_offset=row_offset), self.nbits))
+
+    def decode(self, codes: Any) -> np.ndarray:
+        """uint8 codes (n, code_size) -> float32 reconstructions (n, d), in the original (unrotated) space."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != self.code_size or codes.dtype != np.uint8:
+            raise InputError(f"codes: expected uint8 of shape (n, {self.code_size}). "
+                             f"Got {codes.dtype} {codes.shape} instead.")
+        sub = kernels.unpack_codes(codes, self.M, self.nbits)
+        y = np.asarray(kernels.decode(sub, self.centroids))
+        return y if self.rotation is None else np.ascontiguousarray(y @ self.rotation)
+
+    # -- identity and files -------------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """sha256 over parameters, centroids and rotation: stable across processes and machines."""
+        h = hashlib.sha256(b"pqgpu-codebook-v1")
+        h.update(struct.pack("<QQQ", self.d, self.M, self.nbits))
+        h.update(np.ascontiguousarray(self.centroids, dtype="<f4").tobytes())
+        if self.rotation is not None:
+            h.update(b"rotation")
+            h.update(np.ascontiguousarray(self.rotation, dtype="<f4").tobytes())
+        return h.hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the faiss ProductQuantizer file atomically (and `<path>.opq` when there is a rotation)."""
+        path = Path(path)
+        header = struct.pack("<QQQQ", self.d, self.M, self.nbits, self.centroids.size)
+        atomic_write_bytes(path, header + np.ascontiguousarray(self.centroids, dtype="<f4").tobytes())
+        if self.rotation is not None:
+            from .opq import opq_matrix_bytes
+
+            atomic_write_bytes(Path(str(path) + ".opq"), opq_matrix_bytes(self.rotation))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Codebook":
+        """Read a faiss ProductQuantizer file (plus `<path>.opq` if present)."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"Cannot read quantizer file {path}: {exc.strerror}. Train one with `pqgpu train`.") from None
+        if len(raw) < 32:
+            raise InputError(f"Quantizer file {path} is truncated ({len(raw)} bytes); it is not a faiss "
+                             "ProductQuantizer file.")
+        d, M, nbits, size = struct.unpack_from("<QQQQ", raw)
+        if not (0 < M <= d and 1 <= nbits <= 16 and size == d * (1 << nbits) and len(raw) == 32 + 4 * size):
+            raise InputError(f"Quantizer file {path} is not a valid faiss ProductQuantizer file "
+                             f"(header d={d}, M={M}, nbits={nbits}, {size} floats, {len(raw)} bytes).")
+        centroids = np.frombuffer(raw, dtype="<f4", offset=32).reshape(M, 1 << nbits, d // M)
+        rotation = None
+        opq_path = Path(str(path) + ".opq")
+        if opq_path.exists():
+            from .opq import read_opq_matrix
+
+            rotation = read_opq_matrix(opq_path)
+        return cls(int(d), int(M), int(nbits), centroids.astype(np.float32), rotation)
+
+    def to_faiss(self) -> Any:
+        """A faiss.ProductQuantizer with these centroids (needs faiss)."""
+        import faiss
+
+        pq = faiss.ProductQuantizer(self.d, self.M, self.nbits)
+        faiss.copy_array_to_vector(self.centroids.ravel(), pq.centroids)
+        return pq
+
+    @classmethod
+    def from_faiss(cls, pq: Any) -> "Codebook":
+        import faiss
+
+        c = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+        return cls(int(pq.d), int(pq.M), int(pq.nbits), c)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train(x: Any, M: int, nbits: int = 8, *, niter: int = 25, seed: int = 1234,
+          backend: str = "auto") -> Codebook:
+    """Train a PQ codebook on x (n, d) float16/32/64 (computed in float32). Needs n >= 2**nbits rows."""
+    from .kmeans import train_subquantizers
+
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise InputError(f"training vectors: expected a 2-D array (rows, d). Got shape {x.shape} instead.")
+    n, d = x.shape
+    check_params(d, M, nbits)
+    if niter < 1:
+        raise ConfigError(f"niter: expected a positive integer. Got {niter} instead.")
+    if n < (1 << nbits):
+        raise InputError(f"training needs at least 2**nbits = {1 << nbits} rows for nbits={nbits}; got {n}. "
+                         f"Provide more rows (faiss recommends >= {39 * (1 << nbits)}) or lower nbits.")
+    x = as_float32_matrix(x, "training vectors")
+    if resolve_backend(backend) == "cpu":
+        centroids = train_subquantizers(x, M, 1 << nbits, niter=niter, seed=seed)
+    else:
+        xp = namespace("gpu")
+        centroids = train_subquantizers(to_device(x, xp), M, 1 << nbits, niter=niter, seed=seed)
+    return Codebook(d, M, nbits, centroids)
