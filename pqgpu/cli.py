@@ -1,0 +1,361 @@
+"""The `pqgpu` command line. Errors print one paragraph and exit non-zero; --debug shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import PqgpuError
+
+log = logging.getLogger("pqgpu.cli")
+
+EXIT_ERROR = 2  # a PqgpuError: bad input, config, store or backend
+EXIT_BUG = 1  # anything unexpected
+
+
+def _config(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def cmd_make_sample(args: argparse.Namespace) -> int:
+    from .sample import make_sample
+
+    paths = make_sample(args.out, args.n, args.d, shards=args.shards, fmt=args.format, seed=args.seed,
+                        string_ids=args.string_ids)
+    print(f"wrote {args.n} x {args.d} {args.format} sample in {len(paths)} shard(s) to {args.out} "
+          f"(queries: {Path(args.out) / 'queries.npy'})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipeline import train
+
+    cfg = _config(args)
+    cb = train(cfg)
+    print(f"quantizer: {cfg.quantizer.path} (d={cb.d}, M={cb.M}, nbits={cb.nbits}, sha256 {cb.fingerprint()[:16]})")
+    return 0
+
+
+def _print_report(report: Any) -> None:
+    print(f"store: {report.store}  rows: {report.n:,}  chunks: {report.chunks} ({report.chunks_encoded} encoded now)  "
+          f"time: {report.seconds:.1f} s  rate: {report.rows_per_second:,.0f} rows/s")
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .pipeline import encode
+
+    _print_report(encode(_config(args), overwrite=args.overwrite))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run
+
+    _print_report(run(_config(args), overwrite=args.overwrite))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .store import open_store
+
+    info = open_store(args.store).info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for key in ("path", "n", "d", "M", "nbits", "code_size", "opq", "ids_dtype", "chunk_rows"):
+        print(f"{key:>18}: {info[key]}")
+    print(f"{'progress':>18}: {info['chunks_done']}/{info['chunks']} chunks"
+          f"{' (complete)' if info['complete'] else ' (incomplete: run pqgpu encode to finish)'}")
+    print(f"{'codebook_sha256':>18}: {info['codebook_sha256']}")
+    print(f"{'store size':>18}: {info['store_bytes'] / 2**20:.1f} MiB "
+          f"(float32 vectors: {info['raw_float32_bytes'] / 2**20:.1f} MiB, codes {info['compression_ratio']}x smaller)")
+    src = info.get("source") or {}
+    print(f"{'source':>18}: {src.get('format')} {src.get('path')} ({len(src.get('files', []))} file(s))")
+    print(f"{'created_by':>18}: {info.get('created_by')}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .search import search
+
+    queries = _load_npy(args.queries, "--queries")
+    distances, ids = search(args.store, queries, args.k, backend=args.backend)
+    if args.out:
+        _write_results(args.out, distances, ids)
+        print(f"wrote {queries.shape[0]} x {args.k} results to {args.out}")
+    else:
+        for q in range(min(queries.shape[0], 10)):
+            print(f"query {q}: " + ", ".join(f"{i} ({d:.4g})" for i, d in zip(ids[q], distances[q])))
+        if queries.shape[0] > 10:
+            print(f"... {queries.shape[0] - 10} more queries (use --out to save all)")
+    return 0
+
+
+def _write_results(out: str, distances: Any, ids: Any) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .codebook import atomic_write_bytes
+
+    nq, k = distances.shape
+    table = pa.table({"query": np.repeat(np.arange(nq, dtype=np.int64), k), "rank": np.tile(np.arange(k, dtype=np.int64), nq),
+                      "id": np.asarray(ids).reshape(-1), "distance": np.asarray(distances, np.float32).reshape(-1)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(Path(out), sink.getvalue().to_pybytes())
+
+
+def _load_npy(path: str, what: str):
+    import numpy as np
+
+    from .errors import InputError
+
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{what} {path}: cannot read it as .npy ({exc}).") from None
+    return a
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .search import evaluate_config, format_table
+
+    cfg = _config(args)
+    ks = tuple(int(k) for k in str(args.k).split(","))
+    gt = _load_npy(args.ground_truth, "--ground-truth") if args.ground_truth else None
+    result = evaluate_config(cfg, _load_npy(args.queries, "--queries"), ground_truth=gt, ks=ks)
+    out = Path(args.out) if args.out else Path(cfg.encode.output).with_suffix(".eval.json")
+    from .codebook import atomic_write_bytes
+
+    atomic_write_bytes(out, json.dumps(result, indent=2, default=float).encode())
+    print(format_table(result))
+    print(f"(written to {out})")
+    return 0
+
+
+def cmd_export_faiss(args: argparse.Namespace) -> int:
+    from .export import export_faiss
+
+    export_faiss(args.store, args.out)
+    print(f"faiss index written to {args.out}")
+    return 0
+
+
+def cmd_export_postgres(args: argparse.Namespace) -> int:
+    from .sources.postgres import export_postgres
+
+    cfg = _config(args)
+    result = export_postgres(cfg.postgres, strict=args.strict)
+    print(result)
+    return 0
+
+
+def cmd_write_codes_postgres(args: argparse.Namespace) -> int:
+    from .sources.postgres import write_codes_postgres
+
+    cfg = _config(args)
+    n = write_codes_postgres(cfg.postgres, args.store or cfg.encode.output)
+    print(f"wrote {n:,} codes into {cfg.postgres.table}.{cfg.postgres.codes_column}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(quick=args.quick, out=args.out)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    from .backend import gpu_status
+    from .store import versions
+
+    print(f"python: {platform.python_version()} on {platform.machine()} ({os.cpu_count()} CPUs)")
+    for name, version in versions().items():
+        print(f"{name}: {version}")
+    for mod in ("dask", "distributed", "pyarrow", "numba", "array_api_compat", "cupy", "dask_cuda", "psycopg", "pgvector"):
+        try:
+            m = __import__(mod)
+            print(f"{mod}: {getattr(m, '__version__', '?')}")
+        except Exception as exc:
+            print(f"{mod}: not available ({type(exc).__name__})")
+    try:
+        import faiss
+
+        print(f"faiss GPUs: {faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0}")
+    except ImportError:
+        print("faiss: not installed (optional; needed only for tests, benchmarks and export-faiss)")
+    ok, reason = gpu_status()
+    print(f"backend gpu: {'usable' if ok else 'unavailable'} ({reason})")
+    print(f"backend auto -> {'gpu' if ok else 'cpu'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import load_config
+    from .pipeline import run
+    from .sample import make_sample
+    from .store import open_store
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    data = out / "data"
+    make_sample(data, args.n, args.d, shards=4, fmt="parquet", seed=0, n_queries=200)
+    cfg_dict = {
+        "source": {"format": "parquet", "path": str(data / "*.parquet"), "id_column": "id", "vector_column": "embedding"},
+        "quantizer": {"path": str(out / "pq.faiss"), "M": args.d // 8, "nbits": 8, "train_size": 50000, "niter": 20},
+        "encode": {"output": str(out / "codes.zarr"), "chunk_rows": 25000, "backend": args.backend},
+        "cluster": {"kind": "local", "n_workers": None},
+    }
+    (out / "demo.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    cfg = load_config(out / "demo.yaml")
+    report = run(cfg, overwrite=True)
+    info = open_store(cfg.encode.output).info()
+    print()
+    print(f"codes:        {info['path']}  ({info['n']:,} rows x {info['code_size']} bytes)")
+    print(f"quantizer:    {cfg.quantizer.path}  (loads with faiss.read_ProductQuantizer)")
+    print(f"config:       {out / 'demo.yaml'}")
+    print(f"compression:  {info['compression_ratio']}x  ({info['raw_float32_bytes'] / 2**20:.1f} MiB float32 -> "
+          f"{info['n'] * info['code_size'] / 2**20:.1f} MiB codes)")
+    try:
+        from .search import evaluate_config
+
+        import numpy as np
+
+        result = evaluate_config(cfg, np.load(data / "queries.npy"), ks=(1, 10, 100))
+        print(f"recall@10:    {result['recall'].get('10', result['recall'].get(10)):.3f}  (1-recall@10: true nearest "
+              "neighbour among the top 10 by ADC)")
+        print(f"MSE:          {result['mse']:.5f}  (relative {result['relative_mse']:.4f})")
+    except ImportError:
+        print("recall/MSE:   search module not available in this build")
+    print(f"encode rate:  {report.rows_per_second:,.0f} rows/s; demo total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pqgpu", description="faiss-compatible Product Quantization of large "
+                                "embedding collections on GPU or CPU, with Dask and Zarr.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", required=True, help="YAML config (see configs/default.yaml)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. quantizer.M=32")
+
+    sp = sub.add_parser("demo", help="sample data -> train -> encode -> evaluate, on this machine")
+    sp.add_argument("--out", default="pqgpu-demo")
+    sp.add_argument("--n", type=int, default=100_000)
+    sp.add_argument("--d", type=int, default=128)
+    sp.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"])
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("make-sample", help="write seeded sample embeddings")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--n", type=int, required=True)
+    sp.add_argument("--d", type=int, required=True)
+    sp.add_argument("--shards", type=int, default=4)
+    sp.add_argument("--format", default="parquet", choices=["parquet", "zarr", "npy"])
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--string-ids", action="store_true")
+    sp.set_defaults(func=cmd_make_sample)
+
+    for name, func, helptext in (("train", cmd_train, "train and write quantizer.path"),
+                                 ("encode", cmd_encode, "encode chunks not yet done into encode.output"),
+                                 ("run", cmd_run, "train if quantizer.path is missing, then encode")):
+        sp = sub.add_parser(name, help=helptext)
+        with_config(sp)
+        if name != "train":
+            sp.add_argument("--overwrite", action="store_true",
+                            help="replace a store made with another codebook or source")
+        sp.set_defaults(func=func)
+
+    sp = sub.add_parser("info", help="describe a code store")
+    sp.add_argument("store")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("search", help="ADC top-k search over a store")
+    sp.add_argument("store")
+    sp.add_argument("--queries", required=True)
+    sp.add_argument("-k", type=int, default=10)
+    sp.add_argument("--out")
+    sp.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"])
+    sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("evaluate", help="recall@k and reconstruction MSE")
+    with_config(sp)
+    sp.add_argument("--queries", required=True)
+    sp.add_argument("--ground-truth")
+    sp.add_argument("-k", default="1,10,100")
+    sp.add_argument("--out", help="JSON results (default: <encode.output>.eval.json)")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("export-faiss", help="write a faiss IndexPQ holding the codes")
+    sp.add_argument("store")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_export_faiss)
+
+    sp = sub.add_parser("export-postgres", help="Postgres table -> Parquet shards")
+    with_config(sp)
+    sp.add_argument("--strict", action="store_true", help="NULL vectors are an error instead of skipped")
+    sp.set_defaults(func=cmd_export_postgres)
+
+    sp = sub.add_parser("write-codes-postgres", help="store codes -> postgres.codes_column (bytea), by id")
+    with_config(sp)
+    sp.add_argument("--store", help="code store (default: encode.output)")
+    sp.set_defaults(func=cmd_write_codes_postgres)
+
+    sp = sub.add_parser("bench", help="benchmark grid vs faiss; writes a report")
+    sp.add_argument("--quick", action="store_true")
+    sp.add_argument("--out", default="bench-report")
+    sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("doctor", help="versions, GPUs, backends")
+    sp.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import distributed  # noqa: F401  (its import installs INFO-level handlers; quieten them after)
+
+    for noisy in ("distributed", "numba", "asyncio", "fsspec", "bokeh"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    try:
+        return int(args.func(args) or 0)
+    except PqgpuError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: chunks already marked done are kept; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"unexpected error: {type(exc).__name__}: {exc}\nRun again with --debug for the traceback.",
+              file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Dask clients: a local cluster of processes, one worker per GPU (dask-cuda), or an existing scheduler."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+from .config import ClusterConfig
+from .errors import BackendUnavailable, PqgpuError
+
+log = logging.getLogger(__name__)
+
+
+def default_workers(n_cpus: int | None = None) -> tuple[int, int]:
+    """(workers, threads per worker) for a local cluster: one single-threaded process per core, since the
+    kernels release the GIL and processes keep Parquet decoding and encoding truly parallel."""
+    if n_cpus is None:
+        n_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n_cpus), 1
+
+
+@contextlib.contextmanager
+def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
+    from distributed import Client, LocalCluster
+
+    if cfg.kind == "address":
+        try:
+            client = Client(cfg.address, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise PqgpuError(f"Cannot connect to the Dask scheduler at {cfg.address}: {exc}. Check "
+                             "cluster.address and that the scheduler is running.") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    if cfg.kind == "local-cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise BackendUnavailable("cluster.kind 'local-cuda' needs dask-cuda: `pip install 'pqgpu[gpu]'` or the "
+                                     "conda environment in environment.yml.") from None
+        cluster = LocalCUDACluster(memory_limit=cfg.memory_limit, threads_per_worker=cfg.threads_per_worker or 1,
+                                   dashboard_address=None)
+    else:
+        workers, threads = default_workers()
+        cluster = LocalCluster(n_workers=cfg.n_workers or workers, threads_per_worker=cfg.threads_per_worker or threads,
+                               processes=True, memory_limit=cfg.memory_limit, dashboard_address=None,
+                               silence_logs=logging.WARNING)
+    client = Client(cluster)
+    log.info("Dask %s cluster: %d worker(s)", cfg.kind, len(client.scheduler_info()["workers"]))
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()

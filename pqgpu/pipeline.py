@@ -1,0 +1,233 @@
+"""train / encode / run: orchestrate source -> quantizer -> Dask tasks -> code store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .backend import resolve_backend
+from .codebook import Codebook, as_float32_matrix
+from .config import Config
+from .errors import InputError, PqgpuError, StoreError
+from .sources import Chunk, Source, open_source, plan_chunks
+from .store import exclusive_lock, prepare_store, write_chunk
+
+log = logging.getLogger(__name__)
+
+
+def rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def check_vectors(source: Source, x: np.ndarray, start: int, d: int) -> np.ndarray:
+    """float32 (rows, d), with a NaN/Inf error that names the file and row it came from."""
+    try:
+        return as_float32_matrix(x, "vectors", d=d, row_offset=start)
+    except InputError:
+        finite = np.isfinite(np.asarray(x, dtype=np.float32)).all(axis=1) if np.asarray(x).ndim == 2 else None
+        if finite is None or finite.all():
+            raise
+        row = start + int(np.flatnonzero(~finite)[0])
+        path, local = source.locate(row)
+        raise InputError(f"{path}: row {local} (global row {row}) has a NaN or Inf value. Fix or drop it and "
+                         "run again; chunks already encoded are kept.") from None
+
+
+def train(cfg: Config, *, backend: str | None = None) -> Codebook:
+    """Draw quantizer.train_size rows from across the whole source, train, write quantizer.path atomically."""
+    q = cfg.quantizer
+    backend = resolve_backend(backend or cfg.encode.backend)
+    t0 = time.perf_counter()
+    source = open_source(cfg.source)
+    x, rows = source.sample(q.train_size, q.seed)
+    t_read = time.perf_counter() - t0
+    if not np.isfinite(x).all():
+        _name_bad_sample_row(source, x, rows)
+    x = as_float32_matrix(x, "training sample")
+    log.info("training sample: %d of %d rows (d=%d) read in %.2f s; RSS %.0f MiB", len(x), source.n, source.d,
+             t_read, rss_mib())
+    t1 = time.perf_counter()
+    if q.opq:
+        from .opq import train_opq
+
+        cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
+    else:
+        from .codebook import train as train_pq
+
+        cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
+    log.info("trained M=%d nbits=%d%s on %s in %.2f s; RSS %.0f MiB", q.M, q.nbits, " with OPQ" if q.opq else "",
+             backend, time.perf_counter() - t1, rss_mib())
+    cb.save(q.path)
+    log.info("quantizer written to %s (sha256 %s)", q.path, cb.fingerprint()[:16])
+    return cb
+
+
+def _name_bad_sample_row(source: Source, x: np.ndarray, rows: np.ndarray) -> None:
+    bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+    path, local = source.locate(int(rows[bad]))
+    raise InputError(f"{path}: row {local} (global row {int(rows[bad])}) has a NaN or Inf value; the training "
+                     "sample cannot contain it. Fix or drop that row.")
+
+
+@dataclass
+class EncodeReport:
+    store: str
+    n: int
+    chunks: int
+    chunks_encoded: int
+    seconds: float
+    rows_per_second: float
+
+
+def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, backend: str,
+                  threads: int | None) -> tuple[int, int, float, float]:
+    """Dask task: read one chunk, encode it, write it, mark it done. Returns (index, rows, t_read, t_encode)."""
+    if threads:
+        _set_kernel_threads(threads)
+    t0 = time.perf_counter()
+    x, ids = source.read_chunk(chunk)
+    t1 = time.perf_counter()
+    x = check_vectors(source, x, chunk.start, codebook.d)
+    codes = codebook.encode(x, backend)
+    t2 = time.perf_counter()
+    _fault_hook(chunk.index, "before-write")
+    write_chunk(store_path, chunk.index, chunk.start, codes, ids)
+    return chunk.index, chunk.rows, t1 - t0, t2 - t1
+
+
+def _set_kernel_threads(threads: int) -> None:
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+
+
+def _fault_hook(index: int, where: str) -> None:
+    """Test-only fault injection: PQGPU_FAULT=<where>:<chunk>:<action>, action = kill (SIGKILL this process)
+    or raise. Lets tests crash a worker mid-task deterministically."""
+    spec = os.environ.get("PQGPU_FAULT")
+    if not spec:
+        return
+    w, c, action = spec.split(":")
+    if w == where and int(c) == index:
+        marker = os.environ.get("PQGPU_FAULT_ONCE")
+        if marker:
+            if os.path.exists(marker):
+                return
+            Path(marker).touch()
+        if action == "kill":
+            os.kill(os.getpid(), 9)
+        raise RuntimeError(f"injected fault at chunk {index}")
+
+
+class Progress:
+    """Rows done, rate and ETA, logged at most every `every` seconds."""
+
+    def __init__(self, total: int, every: float = 2.0, callback: Callable[[int, int, float], None] | None = None):
+        self.total, self.every, self.callback = total, every, callback
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        now = time.perf_counter()
+        if self.callback:
+            self.callback(self.done, self.total, now - self.t0)
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            log.info("encoded %s / %s rows (%.1f%%), %s rows/s, ETA %.0f s", f"{self.done:,}", f"{self.total:,}",
+                     100 * self.done / max(self.total, 1), f"{rate:,.0f}", eta)
+
+
+def encode(cfg: Config, *, overwrite: bool = False, client: Any = None,
+           progress: Callable[[int, int, float], None] | None = None) -> EncodeReport:
+    """Encode every chunk of the source not yet done into encode.output, with Dask."""
+    from .cluster import dask_client
+
+    backend = resolve_backend(cfg.encode.backend)
+    qpath = Path(cfg.quantizer.path)
+    if not qpath.exists():
+        raise PqgpuError(f"No quantizer at {qpath}. Train one first with `pqgpu train -c CONFIG` "
+                         "(or use `pqgpu run`, which trains when it is missing).")
+    codebook = Codebook.load(qpath)
+    source = open_source(cfg.source)
+    if source.d != codebook.d:
+        raise InputError(f"The source vectors have d={source.d} but the quantizer {qpath} expects d={codebook.d}. "
+                         "Retrain the quantizer for this source or point source.path at the right data.")
+    chunk_rows = cfg.encode.chunk_rows
+    chunks = plan_chunks([s.n_rows for s in source.shards], chunk_rows)
+    out = cfg.encode.output
+    t0 = time.perf_counter()
+    with exclusive_lock(out):
+        store = prepare_store(out, codebook=codebook, n=source.n, chunk_rows=chunk_rows,
+                              id_dtype=source.id_dtype, source=source.fingerprint(), overwrite=overwrite)
+        pending = store.pending_chunks()
+        if len(pending) < len(chunks):
+            log.info("resuming %s: %d of %d chunks already done", out, len(chunks) - len(pending), len(chunks))
+        todo = [chunks[i] for i in pending]
+        total_rows = sum(c.rows for c in todo)
+        if todo:
+            if client is not None:
+                _run_tasks(client, source, todo, out, codebook, backend, total_rows, progress, cfg)
+            else:
+                with dask_client(cfg.cluster) as c:
+                    _run_tasks(c, source, todo, out, codebook, backend, total_rows, progress, cfg)
+        if not store.is_complete():
+            raise StoreError(f"{out}: encoding finished but {len(store.pending_chunks())} chunk(s) are not marked "
+                             "done. Run `pqgpu encode` again to finish them.")
+    seconds = time.perf_counter() - t0
+    report = EncodeReport(out, source.n, len(chunks), len(todo), seconds, total_rows / max(seconds, 1e-9))
+    log.info("store %s complete: %d rows, %d chunks (%d encoded now) in %.2f s", out, source.n, len(chunks),
+             len(todo), seconds)
+    return report
+
+
+def _run_tasks(client: Any, source: Source, todo: list[Chunk], out: str, codebook: Codebook, backend: str,
+               total_rows: int, progress: Any, cfg: Config) -> None:
+    from distributed import as_completed
+
+    workers = client.scheduler_info()["workers"]
+    threads = max(1, min(w.get("nthreads", 1) for w in workers.values())) if workers else 1
+    # the codebook travels to each worker once, not once per task
+    [cb_future] = client.scatter([codebook], broadcast=True)
+    [src_future] = client.scatter([source], broadcast=True)
+    futures = [client.submit(_encode_chunk, src_future, c, out, cb_future, backend, threads,
+                             key=f"pqgpu-encode-{c.index}-{os.getpid()}-{time.monotonic_ns()}", pure=False,
+                             retries=0) for c in todo]
+    meter = Progress(total_rows, callback=progress)
+    t_read = t_enc = 0.0
+    try:
+        for fut in as_completed(futures):
+            if fut.status == "error":
+                exc = fut.exception()
+                raise exc
+            _, rows, tr, te = fut.result()
+            t_read += tr
+            t_enc += te
+            meter.add(rows)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    log.info("task time: read %.1f s, encode %.1f s (summed over workers); driver RSS %.0f MiB",
+             t_read, t_enc, rss_mib())
+
+
+def run(cfg: Config, *, overwrite: bool = False, progress: Any = None) -> EncodeReport:
+    """Train when quantizer.path is missing, then encode."""
+    if not Path(cfg.quantizer.path).exists():
+        train(cfg)
+    else:
+        log.info("using the existing quantizer %s", cfg.quantizer.path)
+    return encode(cfg, overwrite=overwrite, progress=progress)

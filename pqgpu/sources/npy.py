@@ -1,0 +1,74 @@
+"""`.npy` shards: one 2-D float array per file; ids from a parallel set of .npy files or row numbers."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from ..config import SourceConfig
+from ..errors import InputError
+from . import Shard, expand_paths, file_stamp
+
+
+@functools.lru_cache(maxsize=32)
+def _load(path: str, stamp: tuple) -> np.ndarray:
+    """Memory-mapped for local files, so reading a slice touches only those rows."""
+    try:
+        if "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb") as f:
+                return np.load(f, allow_pickle=False)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npy file ({exc}). Re-create or remove this shard.") from None
+
+
+class NpyReader:
+    def list_shards(self, cfg: SourceConfig) -> list[Shard]:
+        paths = expand_paths(cfg.path, (".npy",))
+        id_paths: list[str | None] = [None] * len(paths)
+        if cfg.id_column:
+            id_paths = expand_paths(cfg.id_column, (".npy",))
+            if len(id_paths) != len(paths):
+                raise InputError(f"source.id_column {cfg.id_column!r} matches {len(id_paths)} id file(s) but "
+                                 f"source.path matches {len(paths)} vector file(s); they must pair up in sorted order.")
+        shards = []
+        for path, id_path in zip(paths, id_paths):
+            stamp = file_stamp(path)
+            a = _load(path, stamp)
+            if a.ndim != 2:
+                raise InputError(f"{path}: expected a 2-D array (rows, d), got shape {a.shape}.")
+            if a.dtype.kind != "f" or a.dtype.itemsize not in (2, 4, 8):
+                raise InputError(f"{path}: dtype {a.dtype} is not supported; expected float16, float32 or float64.")
+            extra = None
+            if id_path is not None:
+                id_stamp = file_stamp(id_path)
+                ids = _load(id_path, id_stamp)
+                if ids.shape != (a.shape[0],):
+                    raise InputError(f"{id_path}: ids have shape {ids.shape} but {path} has {a.shape[0]} rows.")
+                if ids.dtype.kind not in "iuUS":
+                    raise InputError(f"{id_path}: ids dtype {ids.dtype} is not supported; use integers or strings.")
+                extra = (id_path, id_stamp)
+                stamp = stamp + id_stamp
+            shards.append(Shard(path, int(a.shape[0]), int(a.shape[1]) if a.shape[0] else None, stamp, extra))
+        return shards
+
+    def id_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
+        if shard.extra is None:
+            return np.int64
+        return np.int64 if _load(*shard.extra).dtype.kind in "iu" else str
+
+    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+        a = _load(shard.path, shard.stamp[:2])
+        try:
+            x = np.array(a[lo:hi])
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1}: {exc}. The file may be truncated.") from None
+        ids = None
+        if shard.extra is not None:
+            raw = np.array(_load(*shard.extra)[lo:hi])
+            ids = raw.astype(np.int64) if raw.dtype.kind in "iu" else raw.astype(str)
+        return x, ids

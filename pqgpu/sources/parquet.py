@@ -1,0 +1,125 @@
+"""Parquet shards: an id column (int64 or string) and a vector column (list / fixed_size_list of float)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..config import SourceConfig
+from ..errors import InputError
+from . import Shard, expand_paths, file_stamp
+
+FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
+
+
+@functools.lru_cache(maxsize=16)
+def _open(path: str, stamp: tuple) -> pq.ParquetFile:
+    """Per-process cache: a worker reading many chunks of one file parses its footer once."""
+    try:
+        if "://" in path:
+            import fsspec
+
+            return pq.ParquetFile(fsspec.open(path, "rb").open())
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc}). Re-create or remove this shard.") from None
+
+
+def _vector_type(field: pa.Field, path: str) -> tuple[int | None, pa.DataType]:
+    t = field.type
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+        if t.value_type not in FLOAT_TYPES:
+            raise InputError(f"{path}: column '{field.name}' holds lists of {t.value_type}; expected float16, "
+                             "float32 or float64 values.")
+        return (t.list_size if pa.types.is_fixed_size_list(t) else None), t.value_type
+    raise InputError(f"{path}: column '{field.name}' has type {t}; expected a list or fixed_size_list of floats "
+                     "(one embedding per row).")
+
+
+def vectors_from_arrow(col: pa.ChunkedArray | pa.Array, path: str, first_row: int) -> np.ndarray:
+    """A list / fixed_size_list column -> (rows, d) numpy array of its float dtype, checking nulls and raggedness."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    n = len(col)
+    if col.null_count:
+        bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{path}: row {first_row + bad} has a null embedding ({col.null_count} null(s) in "
+                         f"rows {first_row}..{first_row + n - 1}). Drop or fill these rows.")
+    if pa.types.is_fixed_size_list(col.type):
+        d = col.type.list_size
+    else:
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        d = int(lengths[0]) if n else 0
+        if n and (lengths != d).any():
+            bad = int(np.flatnonzero(lengths != d)[0])
+            raise InputError(f"{path}: row {first_row + bad} has an embedding of length {lengths[bad]}, but row "
+                             f"{first_row} has {d}. All embeddings must have the same dimension.")
+    values = col.flatten()
+    if values.null_count:
+        bad = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // max(d, 1)
+        raise InputError(f"{path}: row {first_row + bad} has a null value inside its embedding.")
+    return values.to_numpy(zero_copy_only=False).reshape(n, d)
+
+
+class ParquetReader:
+    def list_shards(self, cfg: SourceConfig) -> list[Shard]:
+        shards = []
+        for path in expand_paths(cfg.path, (".parquet", ".pq")):
+            stamp = file_stamp(path)
+            pf = _open(path, stamp)
+            schema = pf.schema_arrow
+            names = schema.names
+            for col in (cfg.vector_column, cfg.id_column):
+                if col is not None and col not in names:
+                    raise InputError(f"{path}: no column '{col}'. Columns present: {', '.join(names)}. Set "
+                                     f"source.{'vector_column' if col == cfg.vector_column else 'id_column'}.")
+            if cfg.id_column is not None:
+                t = schema.field(cfg.id_column).type
+                if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+                    raise InputError(f"{path}: id column '{cfg.id_column}' has type {t}; expected integers or strings.")
+            d, _ = _vector_type(schema.field(cfg.vector_column), path)
+            md = pf.metadata
+            sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+            n = int(sum(sizes))
+            if d is None and n:
+                first = next(i for i, s in enumerate(sizes) if s)
+                head = pf.read_row_group(first, columns=[cfg.vector_column]).column(0).slice(0, 1)
+                d = vectors_from_arrow(head, path, 0).shape[1]
+            offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)]))
+            shards.append(Shard(path, n, d if n else None, stamp, offsets))
+        return shards
+
+    def id_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
+        if cfg.id_column is None:
+            return np.int64
+        t = _open(shard.path, shard.stamp).schema_arrow.field(cfg.id_column).type
+        return np.int64 if pa.types.is_integer(t) else str
+
+    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+        pf = _open(shard.path, shard.stamp)
+        offsets = shard.extra
+        first = int(np.searchsorted(offsets, lo, side="right")) - 1
+        last = int(np.searchsorted(offsets, hi, side="left")) - 1
+        groups = list(range(first, max(first, last) + 1))
+        columns = [cfg.vector_column] + ([cfg.id_column] if cfg.id_column else [])
+        try:
+            table = pf.read_row_groups(groups, columns=columns, use_threads=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1} (row groups {groups[0]}..{groups[-1]}): "
+                             f"{exc}. The file may be truncated or corrupt.") from None
+        table = table.slice(lo - offsets[first], hi - lo)
+        x = vectors_from_arrow(table.column(cfg.vector_column), shard.path, lo)
+        ids = None
+        if cfg.id_column:
+            col = table.column(cfg.id_column)
+            if col.null_count:
+                bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+                raise InputError(f"{shard.path}: row {lo + bad} has a null id in column '{cfg.id_column}'.")
+            ids = col.to_numpy()
+            ids = ids.astype(np.int64, copy=False) if ids.dtype.kind in "iu" else ids.astype(str)
+        return x, ids

@@ -1,0 +1,67 @@
+"""Zarr sources: each group (a directory or a glob of them) holds a 2-D float array and, optionally, ids."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..config import SourceConfig
+from ..errors import InputError
+from . import Shard, expand_paths
+
+
+@functools.lru_cache(maxsize=16)
+def _open(path: str) -> Any:
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable Zarr group ({exc}).") from None
+
+
+def _array(path: str, name: str, key: str) -> Any:
+    g = _open(path)
+    if name not in g:
+        raise InputError(f"{path}: no array '{name}' in this Zarr group. Arrays present: "
+                         f"{', '.join(sorted(g.array_keys()))}. Set source.{key}.")
+    return g[name]
+
+
+class ZarrReader:
+    def list_shards(self, cfg: SourceConfig) -> list[Shard]:
+        shards = []
+        for path in expand_paths(cfg.path, (".zarr",), dirs=True):
+            x = _array(path, cfg.vector_column, "vector_column")
+            if x.ndim != 2 or x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
+                raise InputError(f"{path}/{cfg.vector_column}: expected a 2-D float16/32/64 array, got "
+                                 f"{x.dtype} with shape {x.shape}.")
+            if cfg.id_column:
+                ids = _array(path, cfg.id_column, "id_column")
+                if ids.shape != (x.shape[0],):
+                    raise InputError(f"{path}/{cfg.id_column}: shape {ids.shape} does not match "
+                                     f"{x.shape[0]} vectors.")
+            # Zarr arrays carry no cheap mtime; the shape and chunking stand in for the file stamp.
+            stamp = (list(x.shape), list(x.chunks), str(x.dtype))
+            shards.append(Shard(path, int(x.shape[0]), int(x.shape[1]) if x.shape[0] else None, tuple(map(str, stamp))))
+        return shards
+
+    def id_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
+        if not cfg.id_column:
+            return np.int64
+        kind = _array(shard.path, cfg.id_column, "id_column").dtype.kind
+        return np.int64 if kind in "iu" else str
+
+    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+        try:
+            x = np.asarray(_array(shard.path, cfg.vector_column, "vector_column")[lo:hi])
+            ids = None
+            if cfg.id_column:
+                raw = np.asarray(_array(shard.path, cfg.id_column, "id_column")[lo:hi])
+                ids = raw.astype(np.int64) if raw.dtype.kind in "iu" else raw.astype(str)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1}: {exc}. A chunk may be corrupt.") from None
+        return x, ids
