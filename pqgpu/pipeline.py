@@ -224,10 +224,10 @@ def _run_tasks(client: Any, source: Source, todo: list[Chunk], out: str, codeboo
              t_read, t_enc, rss_mib())
 
 
-def run(cfg: Config, *, overwrite: bool = False, progress: Any = None) -> EncodeReport:
+def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: Any = None) -> EncodeReport:
     """Train when quantizer.path is missing, then encode."""
     if not Path(cfg.quantizer.path).exists():
         train(cfg)
     else:
         log.info("using the existing quantizer %s", cfg.quantizer.path)
-    return encode(cfg, overwrite=overwrite, progress=progress)
+    return encode(cfg, overwrite=overwrite, client=client, progress=progress)

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 def sample_vectors(n: int, d: int, *, seed: int = 0, intrinsic: int = 24, start: int = 0) -> np.ndarray:
     """Rows start..start+n of an endless seeded dataset: a curved low-dimensional manifold plus noise,
     float32 (n, d). Uniform noise would make every quantizer look equally bad."""
-    basis = np.random.default_rng(seed).standard_normal((intrinsic, d)).astype(np.float32) / np.sqrt(intrinsic)
+    basis = (np.random.default_rng(seed).standard_normal((intrinsic, d)) / np.sqrt(intrinsic)).astype(np.float32)
     rng = np.random.default_rng([seed, start])
     z = rng.standard_normal((n, intrinsic), dtype=np.float32)
     x = np.tanh(z) @ basis
@@ -71,5 +71,8 @@ def _write_shard(out: Path, s: int, fmt: str, x: np.ndarray, ids: np.ndarray) ->
     path = out / f"shard-{s:04d}.zarr"
     g = zarr.open_group(path, mode="w")
     g.create_array("embedding", data=x, chunks=(min(16384, max(1, x.shape[0])), x.shape[1]))
-    g.create_array("id", data=ids)
+    if ids.dtype.kind == "U":  # variable-length strings: fixed-width UTF-32 has no stable Zarr v3 spec
+        g.create_array("id", shape=ids.shape, dtype=str)[...] = ids
+    else:
+        g.create_array("id", data=ids)
     return path
