@@ -161,26 +161,24 @@ def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_r
 
 def prepare_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_rows: int, id_dtype: Any,
                   source: dict[str, Any], overwrite: bool = False) -> CodeStore:
-    """Open the store for resuming when it matches this codebook and source; otherwise refuse (or recreate
-    with overwrite=True)."""
+    """Open the store for resuming when it matches this codebook and source, refuse when it does not;
+    with overwrite=True, replace whatever is at `path` with a fresh store."""
     path = str(path)
     if Path(path).exists():
-        try:
-            store = open_store(path, mode="r+")
-        except StoreError:
-            if not overwrite:
+        if overwrite:
+            log.warning("overwriting the existing store %s", path)
+            shutil.rmtree(path)
+        else:
+            try:
+                store = open_store(path, mode="r+")
+            except StoreError:
                 raise StoreError(f"{path} exists and is not a pqgpu code store. Remove it, pick another "
                                  "encode.output, or pass --overwrite.") from None
-            store = None
-        if store is not None:
             problems = _mismatches(store, codebook, n, chunk_rows, source)
-            if not problems:
-                return store
-            if not overwrite:
+            if problems:
                 raise StoreError(f"Refusing to resume the code store {path}: {'; '.join(problems)}. "
                                  "Pass --overwrite to start it again, or choose another encode.output.")
-        log.warning("overwriting the existing store %s", path)
-        shutil.rmtree(path)
+            return store
     return create_store(path, codebook=codebook, n=n, chunk_rows=chunk_rows, id_dtype=id_dtype, source=source)
 
 
