@@ -170,7 +170,7 @@ def cmd_write_codes_postgres(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench.suite import run_bench
 
     return run_bench(quick=args.quick, out=args.out)
 
