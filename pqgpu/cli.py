@@ -51,14 +51,14 @@ def _print_report(report: Any) -> None:
 def cmd_encode(args: argparse.Namespace) -> int:
     from .pipeline import encode
 
-    _print_report(encode(_config(args), overwrite=args.overwrite))
+    _print_report(encode(_config(args), overwrite=args.overwrite, strict_ids=args.strict_ids))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run
 
-    _print_report(run(_config(args), overwrite=args.overwrite))
+    _print_report(run(_config(args), overwrite=args.overwrite, strict_ids=args.strict_ids))
     return 0
 
 
@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         with_config(sp)
         if name != "train":
             sp.add_argument("--overwrite", action="store_true",
-                            help="replace a store made with another codebook or source")
+                            help="replace an existing store with a fresh one (e.g. made with another codebook)")
+            sp.add_argument("--strict-ids", action="store_true", help="duplicate ids are an error, not a warning")
         sp.set_defaults(func=func)
 
     sp = sub.add_parser("info", help="describe a code store")

@@ -16,6 +16,7 @@ from .codebook import Codebook, as_float32_matrix
 from .config import Config
 from .errors import InputError, PqgpuError, StoreError
 from .sources import Chunk, Source, open_source, plan_chunks
+from ._faults import fault_point
 from .store import exclusive_lock, prepare_store, write_chunk
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codeb
     x = check_vectors(source, x, chunk.start, codebook.d)
     codes = codebook.encode(x, backend)
     t2 = time.perf_counter()
-    _fault_hook(chunk.index, "before-write")
+    fault_point("before-write", chunk.index)
     write_chunk(store_path, chunk.index, chunk.start, codes, ids)
     return chunk.index, chunk.rows, t1 - t0, t2 - t1
 
@@ -110,24 +111,6 @@ def _set_kernel_threads(threads: int) -> None:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
-
-
-def _fault_hook(index: int, where: str) -> None:
-    """Test-only fault injection: PQGPU_FAULT=<where>:<chunk>:<action>, action = kill (SIGKILL this process)
-    or raise. Lets tests crash a worker mid-task deterministically."""
-    spec = os.environ.get("PQGPU_FAULT")
-    if not spec:
-        return
-    w, c, action = spec.split(":")
-    if w == where and int(c) == index:
-        marker = os.environ.get("PQGPU_FAULT_ONCE")
-        if marker:
-            if os.path.exists(marker):
-                return
-            Path(marker).touch()
-        if action == "kill":
-            os.kill(os.getpid(), 9)
-        raise RuntimeError(f"injected fault at chunk {index}")
 
 
 class Progress:
@@ -151,7 +134,7 @@ class Progress:
                      100 * self.done / max(self.total, 1), f"{rate:,.0f}", eta)
 
 
-def encode(cfg: Config, *, overwrite: bool = False, client: Any = None,
+def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_ids: bool = False,
            progress: Callable[[int, int, float], None] | None = None) -> EncodeReport:
     """Encode every chunk of the source not yet done into encode.output, with Dask."""
     from .cluster import dask_client
@@ -187,6 +170,7 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None,
         if not store.is_complete():
             raise StoreError(f"{out}: encoding finished but {len(store.pending_chunks())} chunk(s) are not marked "
                              "done. Run `pqgpu encode` again to finish them.")
+        check_duplicate_ids(store, source, strict=strict_ids)
     seconds = time.perf_counter() - t0
     report = EncodeReport(out, source.n, len(chunks), len(todo), seconds, total_rows / max(seconds, 1e-9))
     log.info("store %s complete: %d rows, %d chunks (%d encoded now) in %.2f s", out, source.n, len(chunks),
@@ -208,6 +192,7 @@ def _run_tasks(client: Any, source: Source, todo: list[Chunk], out: str, codeboo
                              retries=0) for c in todo]
     meter = Progress(total_rows, callback=progress)
     t_read = t_enc = 0.0
+    completed = 0
     try:
         for fut in as_completed(futures):
             if fut.status == "error":
@@ -217,6 +202,8 @@ def _run_tasks(client: Any, source: Source, todo: list[Chunk], out: str, codeboo
             t_read += tr
             t_enc += te
             meter.add(rows)
+            completed += 1
+            fault_point("driver-after", completed)
     except BaseException:
         client.cancel(futures)
         raise
@@ -224,10 +211,35 @@ def _run_tasks(client: Any, source: Source, todo: list[Chunk], out: str, codeboo
              t_read, t_enc, rss_mib())
 
 
-def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: Any = None) -> EncodeReport:
+def check_duplicate_ids(store: Any, source: Source, *, strict: bool) -> int:
+    """Count ids that occur more than once; warn, or raise InputError naming the first one when strict."""
+    ids = store.ids[...]
+    if ids.dtype.kind not in "iu":
+        ids = np.asarray(ids, dtype=object).astype(str)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+    if not dup.size:
+        return 0
+    first_id = sorted_ids[dup[0]]
+    first_id = first_id.item() if hasattr(first_id, "item") else first_id
+    rows = np.sort(order[sorted_ids == first_id])[:2]
+    (p0, r0), (p1, r1) = source.locate(int(rows[0])), source.locate(int(rows[1]))
+    n_dup = int(np.unique(sorted_ids[dup + 1]).size)
+    msg = (f"{n_dup} id(s) occur more than once, e.g. id {first_id!r} at {p0} row {r0} and {p1} row {r1}. "
+           "Search results will not tell these rows apart.")
+    if strict:
+        raise InputError(msg + " (--strict-ids makes this an error; the codes are stored in "
+                         f"{store.path} all the same.)")
+    log.warning(msg + " Pass --strict-ids to make this an error.")
+    return n_dup
+
+
+def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: Any = None,
+        strict_ids: bool = False) -> EncodeReport:
     """Train when quantizer.path is missing, then encode."""
     if not Path(cfg.quantizer.path).exists():
         train(cfg)
     else:
         log.info("using the existing quantizer %s", cfg.quantizer.path)
-    return encode(cfg, overwrite=overwrite, client=client, progress=progress)
+    return encode(cfg, overwrite=overwrite, client=client, progress=progress, strict_ids=strict_ids)

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
+from ._faults import fault_point
 from .codebook import Codebook
 from .errors import StoreError
 
@@ -202,6 +203,7 @@ def write_chunk(path: str, i: int, start: int, codes: np.ndarray, ids: np.ndarra
     group = zarr.open_group(path, mode="r+")
     stop = start + codes.shape[0]
     group["codes"][start:stop] = codes
+    fault_point("after-codes", i)
     group["ids"][start:stop] = ids
     group["done"][i] = True
     return codes.shape[0]
@@ -211,8 +213,13 @@ def write_chunk(path: str, i: int, start: int, codes: np.ndarray, ids: np.ndarra
 def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on the store for a whole encode: a second encode on it fails at once."""
     lock_path = Path(str(path) + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+")
+    except OSError as exc:
+        raise StoreError(f"Cannot create the code store at {path}: {exc.strerror or exc}. "
+                         "Choose a writable encode.output.") from None
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
