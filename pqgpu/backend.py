@@ -22,6 +22,12 @@ GPU_INSTALL_HINT = (
 )
 
 
+@functools.lru_cache(maxsize=None)
+def cupy_device(device_id: int | None = None) -> "CupyDevice":
+    """One CupyDevice per process and device (streams and pinned buffers are reused by later calls)."""
+    return CupyDevice(device_id)
+
+
 @functools.lru_cache(maxsize=1)
 def gpu_status() -> tuple[bool, str]:
     """(usable, reason). Cached: probing CUDA is slow and the answer does not change within a process."""
@@ -86,3 +92,156 @@ def free_device_memory() -> int:
     free, _total = cupy.cuda.runtime.memGetInfo()
     pool = cupy.get_default_memory_pool()
     return int(free + pool.free_bytes())
+
+
+# --- device memory planning and overlapped host->device encoding ------------------------------------------
+
+def bytes_per_row(d: int, M: int, ksub: int, in_itemsize: int) -> int:
+    """Device bytes one row costs while a block is encoded: the input as sent (e.g. float16), its float32
+    copy, the (M, ksub) float32 distances, the int64 argmin and the packed codes."""
+    return d * in_itemsize + d * 4 + M * ksub * 4 + M * 8 + M * 2
+
+
+def plan_block_rows(free_bytes: int, d: int, M: int, ksub: int, in_itemsize: int = 4, *, buffers: int = 2,
+                    fraction: float = 0.6, min_rows: int = 64, max_rows: int = 1 << 20) -> int:
+    """Rows per device block so `buffers` blocks in flight use at most `fraction` of the free memory.
+
+    Pure arithmetic, tested on the CPU; raises when even min_rows rows cannot fit.
+    """
+    need = bytes_per_row(d, M, ksub, in_itemsize)
+    centroids = M * ksub * (d // M) * 4 * 2  # centroids + their prepared copy
+    budget = int(free_bytes * fraction) - centroids
+    rows = budget // (need * buffers) if budget > 0 else 0
+    if rows < min_rows:
+        raise BackendUnavailable(
+            f"Not enough free GPU memory to encode: a block of {min_rows} rows needs "
+            f"{(need * buffers * min_rows + centroids) / 2**20:.1f} MiB with d={d}, M={M}, ksub={ksub}, but only "
+            f"{free_bytes / 2**20:.1f} MiB are free. Free GPU memory (other processes?) or lower nbits.")
+    return int(min(rows, max_rows))
+
+
+class NumpyDevice:
+    """The host stand-in for a CUDA device, so the block pipeline below is tested on CPU-only machines."""
+
+    xp = None
+
+    def __init__(self) -> None:
+        import array_api_compat.numpy as xp
+
+        self.xp = xp
+
+    def stream(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def pinned_like(self, shape: tuple, dtype: Any) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def upload(self, host: np.ndarray, stream: Any) -> Any:
+        return host.copy()
+
+    def download(self, dev: Any, out: np.ndarray, stream: Any) -> None:
+        out[...] = dev
+
+    def synchronize(self, stream: Any) -> None:
+        pass
+
+    def free_bytes(self) -> int:
+        return 1 << 30
+
+
+class CupyDevice(NumpyDevice):
+    """Pinned host buffers, async copies and one CUDA stream per in-flight block."""
+
+    def __init__(self, device_id: int | None = None) -> None:
+        resolve_backend("gpu")
+        import array_api_compat.cupy as xp
+        import cupy
+
+        self.cupy = cupy
+        self.xp = xp
+        if device_id is not None:
+            cupy.cuda.Device(device_id).use()
+
+    def stream(self) -> Any:
+        return self.cupy.cuda.Stream(non_blocking=True)
+
+    def pinned_like(self, shape: tuple, dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape)) * dtype.itemsize
+        mem = self.cupy.cuda.alloc_pinned_memory(max(n, 1))
+        return np.frombuffer(mem, dtype, int(np.prod(shape))).reshape(shape)
+
+    def upload(self, host: np.ndarray, stream: Any) -> Any:
+        dev = self.cupy.empty(host.shape, host.dtype)
+        dev.set(host, stream=stream)  # async when `host` is pinned
+        return dev
+
+    def download(self, dev: Any, out: np.ndarray, stream: Any) -> None:
+        try:
+            self.cupy.asnumpy(dev, stream=stream, out=out, blocking=False)  # CuPy >= 13: queued on stream
+        except TypeError:
+            self.cupy.asnumpy(dev, stream=stream, out=out)
+
+    def synchronize(self, stream: Any) -> None:
+        stream.synchronize()
+
+    def free_bytes(self) -> int:
+        return free_device_memory()
+
+
+def encode_blocks(x: np.ndarray, centroids: np.ndarray, nbits: int, device: NumpyDevice,
+                  block_rows: int | None = None, rotation: np.ndarray | None = None) -> np.ndarray:
+    """Encode host x (n, d) (float16 stays float16 on the wire, computed in float32; rotated by `rotation`
+    first when given) into packed codes on
+    `device`, two blocks in flight: while one block computes, the next one's copy is under way.
+
+    Returns uint8 (n, code_size) on the host.
+    """
+    from . import kernels
+
+    xp = device.xp
+    n, d = x.shape
+    M, ksub, _ = centroids.shape
+    cs = kernels.code_size(M, nbits)
+    if block_rows is None:
+        block_rows = plan_block_rows(device.free_bytes(), d, M, ksub, x.dtype.itemsize)
+    out = np.empty((n, cs), np.uint8)
+    if n == 0:
+        return out
+    cent = xp.asarray(centroids)
+    rot_t = None if rotation is None else xp.asarray(np.ascontiguousarray(rotation.T, dtype=np.float32))
+    prepared = kernels.prepare_centroids(cent)
+    block_bytes = block_rows * M * ksub * 4
+    streams = [device.stream(), device.stream()]
+    staging = [device.pinned_like((block_rows, d), x.dtype) for _ in streams]
+    results = [device.pinned_like((block_rows, cs), np.uint8) for _ in streams]
+    pending: list[tuple[int, int, int] | None] = [None, None]  # (slot, start, stop) awaiting download
+
+    def finish(slot: int) -> None:
+        item = pending[slot]
+        if item is not None:
+            _, start, stop = item
+            device.synchronize(streams[slot])
+            out[start:stop] = results[slot][: stop - start]
+            pending[slot] = None
+
+    for b, start in enumerate(range(0, n, block_rows)):
+        slot = b % 2
+        finish(slot)  # the buffers of this slot are free again
+        stop = min(n, start + block_rows)
+        rows = stop - start
+        staging[slot][:rows] = x[start:stop]
+        stream = streams[slot]
+        with stream:
+            xd = device.upload(staging[slot][:rows], stream)
+            xf = xp.astype(xd, xp.float32)
+            if rot_t is not None:
+                xf = xp.matmul(xf, rot_t)
+            codes = kernels.pack_codes(kernels.assign(xf, cent, prepared=prepared, block_bytes=block_bytes), nbits)
+            device.download(codes, results[slot][:rows], stream)
+        pending[slot] = (slot, start, stop)
+    finish(0)
+    finish(1)
+    return out

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .backend import namespace, resolve_backend, to_device, to_host
+from .backend import namespace, resolve_backend, to_device
 from .errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -98,21 +98,27 @@ class Codebook:
     def rotate(self, x: np.ndarray) -> np.ndarray:
         return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation.T)
 
-    def assign(self, x: Any, backend: str = "auto", *, row_offset: int = 0) -> np.ndarray:
-        """Unpacked sub-codes (n, M) (uint16 or int64) of host x after validation and rotation."""
+    def assign(self, x: Any, *, row_offset: int = 0) -> np.ndarray:
+        """Unpacked sub-codes (n, M) (uint16 or int64) of host x after validation and rotation (CPU)."""
         x = self.rotate(as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset))
-        if resolve_backend(backend) == "cpu":
-            try:
-                from . import _cpu
-            except ImportError:
-                return kernels.assign(x, self.centroids)
-            return _cpu.assign(x, _cpu.prepare(self.centroids))
-        xp = namespace("gpu")
-        return to_host(kernels.assign(to_device(x, xp), to_device(self.centroids, xp)))
+        try:
+            from . import _cpu
+        except ImportError:
+            return np.asarray(kernels.assign(x, self.centroids))
+        return _cpu.assign(x, _cpu.prepare(self.centroids))
 
     def encode(self, x: Any, backend: str = "auto", *, row_offset: int = 0) -> np.ndarray:
         """float vectors (n, d) -> uint8 codes (n, code_size), equal to faiss compute_codes."""
-        return np.asarray(kernels.pack_codes(self.assign(x, backend, row_offset=row_offset), self.nbits))
+        if resolve_backend(backend) == "gpu":
+            from .backend import cupy_device, encode_blocks
+
+            x = np.asarray(x)
+            # validate on the host but keep float16 as float16: half the bytes over PCIe
+            checked = as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset)
+            wire = x if x.dtype == np.float16 else checked
+            return encode_blocks(np.ascontiguousarray(wire), self.centroids, self.nbits, cupy_device(),
+                                 rotation=self.rotation)
+        return np.asarray(kernels.pack_codes(self.assign(x, row_offset=row_offset), self.nbits))
 
     def decode(self, codes: Any) -> np.ndarray:
         """uint8 codes (n, code_size) -> float32 reconstructions (n, d), in the original (unrotated) space."""
@@ -198,8 +204,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def train(x: Any, M: int, nbits: int = 8, *, niter: int = 25, seed: int = 1234,
-          backend: str = "auto") -> Codebook:
-    """Train a PQ codebook on x (n, d) float16/32/64 (computed in float32). Needs n >= 2**nbits rows."""
+          backend: str = "auto", opq: bool = False) -> Codebook:
+    """Train a PQ codebook on x (n, d) float16/32/64 (computed in float32). Needs n >= 2**nbits rows.
+
+    opq=True also learns an OPQ rotation (faiss OPQMatrix defaults); see pqgpu.opq.train_opq.
+    """
+    if opq:
+        from .opq import train_opq
+
+        return train_opq(x, M, nbits, niter=niter, seed=seed, backend=backend)
     from .kmeans import train_subquantizers
 
     x = np.asarray(x)
@@ -216,6 +229,12 @@ def train(x: Any, M: int, nbits: int = 8, *, niter: int = 25, seed: int = 1234,
     if resolve_backend(backend) == "cpu":
         centroids = train_subquantizers(x, M, 1 << nbits, niter=niter, seed=seed)
     else:
+        from .backend import free_device_memory
+        from .kmeans import ArrayEngine
+
         xp = namespace("gpu")
-        centroids = train_subquantizers(to_device(x, xp), M, 1 << nbits, niter=niter, seed=seed)
+        # distance and one-hot blocks sized from free device memory (a quarter of it per block)
+        block = max(64 << 20, free_device_memory() // 4)
+        centroids = train_subquantizers(to_device(x, xp), M, 1 << nbits, niter=niter, seed=seed,
+                                        engine=ArrayEngine(block_bytes=block))
     return Codebook(d, M, nbits, centroids)
