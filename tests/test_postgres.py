@@ -452,3 +452,38 @@ def test_redact_dsn():
     assert redact_dsn("host=h password = 'a b\\' c' user=u") == "host=h password = *** user=u"
     assert redact_dsn("postgresql://u@h/db") == "postgresql://u@h/db"
     assert redact_dsn("host=h user=u") == "host=h user=u"
+
+
+def test_end_to_end_postgres_to_codes_and_back(pg_server, db, tmp_path):
+    """Postgres -> export-postgres -> run (train + encode) -> write-codes-postgres, all through the CLI;
+    the codes in the table equal faiss compute_codes of the original vectors with the written quantizer."""
+    faiss = pytest.importorskip("faiss")
+    import yaml
+
+    from pqgpu import cli
+
+    from .helpers import assert_codes_match, synthetic
+
+    table = _table("e2e")
+    n, d = 1200, 16
+    ids = np.arange(n, dtype=np.int64) * 5 + 3
+    x = synthetic(n, d, seed=11)
+    _create(db, table, ids, x, "vector")
+    cfg = {
+        "postgres": {"dsn": pg_server, "table": table, "output": str(tmp_path / "shards"), "rows_per_shard": 500,
+                     "codes_column": "pq_code"},
+        "source": {"format": "parquet", "path": str(tmp_path / "shards" / "*.parquet"), "id_column": "id"},
+        "quantizer": {"path": str(tmp_path / "pq.faiss"), "M": 4, "nbits": 8, "train_size": 1200, "niter": 5},
+        "encode": {"output": str(tmp_path / "codes.zarr"), "chunk_rows": 256, "backend": "cpu"},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1},
+    }
+    cfg_path = tmp_path / "pg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    for cmd in ("export-postgres", "run", "write-codes-postgres"):
+        assert cli.main(["-q", cmd, "-c", str(cfg_path)]) == 0, cmd
+    rows = db.execute(sql.SQL("SELECT id, pq_code FROM {} ORDER BY id").format(sql.Identifier(table))).fetchall()
+    assert [r[0] for r in rows] == list(ids)
+    table_codes = np.frombuffer(b"".join(bytes(r[1]) for r in rows), np.uint8).reshape(n, -1)
+    pq_ = faiss.read_ProductQuantizer(str(tmp_path / "pq.faiss"))
+    centroids = faiss.vector_to_array(pq_.centroids).reshape(4, 256, 4)
+    assert_codes_match(table_codes, pq_.compute_codes(x), x, centroids, 8)
