@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .codebook import Codebook, train
 from .errors import BackendUnavailable, ConfigError, InputError, PqgpuError, StoreError
+from .search import evaluate, search
 
 __version__ = "0.1.0"
 
@@ -19,8 +20,4 @@ def __getattr__(name: str):
         from . import pipeline, store
 
         return {"encode": pipeline.encode, "run": pipeline.run, "open_store": store.open_store}[name]
-    if name in ("search", "evaluate"):
-        from . import search
-
-        return getattr(search, name)
     raise AttributeError(f"module 'pqgpu' has no attribute {name!r}")

@@ -243,3 +243,14 @@ def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: A
     else:
         log.info("using the existing quantizer %s", cfg.quantizer.path)
     return encode(cfg, overwrite=overwrite, client=client, progress=progress, strict_ids=strict_ids)
+
+
+def evaluate_config(cfg: Config, queries: Any, *, ground_truth: Any = None,
+                    ks: tuple[int, ...] = (1, 10, 100)) -> dict[str, Any]:
+    """Recall@k and reconstruction MSE of the store encode.output against its source (read chunk by chunk)."""
+    from .search import evaluate
+
+    source = open_source(cfg.source)
+    blocks = (x for _, x, _ in source.iter_chunks(cfg.encode.chunk_rows))
+    return evaluate(cfg.encode.output, queries, base_chunks=blocks, ground_truth=ground_truth, ks=ks,
+                    backend=cfg.encode.backend)

@@ -147,3 +147,36 @@ def test_changed_codebook_refuses_without_overwrite(tmp_path, client, capsys):
     assert np.array_equal(open_store(cfg.encode.output).codes[...], before)
     encode(cfg, client=client, overwrite=True)
     assert open_store(cfg.encode.output).attrs["codebook_sha256"] == Codebook.load(cfg.quantizer.path).fingerprint()
+
+
+def test_cli_search_evaluate_export(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    make_sample(tmp_path / "data", 2000, 16, shards=2, fmt="parquet", n_queries=20)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"""
+source: {{format: parquet, path: "{tmp_path}/data/*.parquet", id_column: id}}
+quantizer: {{path: "{tmp_path}/pq.faiss", M: 4, nbits: 8, train_size: 2000, niter: 5}}
+encode: {{output: "{tmp_path}/codes.zarr", chunk_rows: 700, backend: cpu}}
+cluster: {{n_workers: 1}}
+""")
+    assert cli.main(["-q", "run", "-c", str(cfg_path)]) == 0
+    q = str(tmp_path / "data" / "queries.npy")
+    assert cli.main(["search", str(tmp_path / "codes.zarr"), "--queries", q, "-k", "5",
+                     "--out", str(tmp_path / "r.parquet")]) == 0
+    res = pq.read_table(tmp_path / "r.parquet")
+    assert res.column_names == ["query", "rank", "id", "distance"] and res.num_rows == 100
+    # the exported faiss index (IndexPQ over the same codes, with the id map) gives the same answers
+    assert cli.main(["export-faiss", str(tmp_path / "codes.zarr"), "--out", str(tmp_path / "i.faiss")]) == 0
+    index = faiss.read_index(str(tmp_path / "i.faiss"))
+    assert index.ntotal == 2000
+    fd, fi = index.search(np.load(q), 5)
+    ids = res.column("id").to_numpy().reshape(20, 5)
+    dist = res.column("distance").to_numpy().reshape(20, 5)
+    np.testing.assert_allclose(dist, fd, rtol=1e-4)
+    assert (ids == fi).mean() >= 0.95  # equal distances may come in another order
+    assert cli.main(["evaluate", "-c", str(cfg_path), "--queries", q, "-k", "1,10"]) == 0
+    out = capsys.readouterr().out
+    assert "1-recall@10" in out and "mse" in out
+    result = __import__("json").loads((tmp_path / "codes.eval.json").read_text())
+    assert 0.5 <= result["1-recall@10"] <= 1.0 and result["mse"] > 0

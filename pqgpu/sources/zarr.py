@@ -59,7 +59,7 @@ class ZarrReader:
             ids = None
             if cfg.id_column:
                 raw = np.asarray(_array(shard.path, cfg.id_column, "id_column")[lo:hi])
-                ids = raw.astype(np.int64) if raw.dtype.kind in "iu" else raw.astype(str)
+                ids = raw.astype(np.int64) if raw.dtype.kind in "iu" else raw  # strings stay as read (U or StringDType)
         except InputError:
             raise
         except Exception as exc:

@@ -1,0 +1,426 @@
+"""Search and evaluation over a code store: exhaustive ADC top-k (like faiss IndexPQ), recall@k, MSE.
+
+Asymmetric distance computation: each query gets a table of squared distances to every centroid of every
+sub-quantizer, (nq, M, ksub); the distance to a code is the sum of M table look-ups. The scan runs chunk
+by chunk with a running top-k per query, so memory is bounded by the chunk size, not by n.
+
+Two engines share that shape (as faiss's DatasetAssign / DatasetAssignGPU): the array-API one runs on
+NumPy, CuPy and array_api_strict; on the CPU a fused numba kernel (pqgpu._cpu_adc) replaces it.
+Compute functions take arrays and iterators; only `search`, `evaluate` and `search_store` open stores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from . import kernels
+from .backend import namespace, resolve_backend, to_device, to_host
+from .codebook import Codebook, as_float32_matrix
+from .errors import ConfigError, InputError, StoreError
+
+log = logging.getLogger(__name__)
+
+# Distance of a missing result (k > n): FLT_MAX, exactly what faiss IndexPQ returns there.
+MISSING_DISTANCE = np.float32(np.finfo(np.float32).max)
+MISSING_ROW = -1
+# Budget for the ADC tables of one query batch: nbits=16 tables are M * 65536 floats per query.
+TABLE_BYTES = 256 << 20
+# Budget for the (nq, rows) distance block of the array-API engine.
+SCAN_BYTES = 128 << 20
+
+
+# -- array-API core -------------------------------------------------------------------------------------
+
+def adc_scan(tables: Any, codes_sub: Any) -> Any:
+    """ADC distances: tables (nq, M, ksub) float32, sub-codes (rows, M) integer -> (nq, rows) float32.
+
+    Sums the M look-ups in sub-quantizer order, as faiss does.
+    """
+    xp = array_namespace(tables, codes_sub)
+    nq, M, _ksub = tables.shape
+    rows = codes_sub.shape[0]
+    idx = xp.astype(codes_sub, xp.int64)
+    out = xp.zeros((nq, rows), dtype=tables.dtype)
+    for m in range(M):
+        out = out + xp.take(tables[:, m, :], idx[:, m], axis=1)
+    return out
+
+
+def topk_merge(best_d: Any, best_rows: Any, dist: Any, start: int, k: int) -> tuple[Any, Any]:
+    """Merge a block of distances (nq, rows) for global rows start.. into the running top-k.
+
+    best_d (nq, k) float32 / best_rows (nq, k) int64 are sorted by (distance, row); so is the result.
+    The stable sort keeps the lower row first on ties (the running best always holds lower rows).
+    """
+    xp = array_namespace(best_d, dist)
+    nq, rows = dist.shape
+    row_ids = xp.broadcast_to(xp.arange(start, start + rows, dtype=xp.int64)[None, :], (nq, rows))
+    cand_d = xp.concat([best_d, dist], axis=1)
+    cand_i = xp.concat([best_rows, row_ids], axis=1)
+    order = xp.argsort(cand_d, axis=1, stable=True)[:, :k]
+    return xp.take_along_axis(cand_d, order, axis=1), xp.take_along_axis(cand_i, order, axis=1)
+
+
+class ArrayScanner:
+    """Running ADC top-k with array-API kernels, on the namespace the tables live in."""
+
+    def __init__(self, tables: Any, k: int, nbits: int, *, scan_bytes: int = SCAN_BYTES):
+        self.xp = xp = array_namespace(tables)
+        self.tables = tables
+        self.k = k
+        self.nbits = nbits
+        nq, self.M, _ = tables.shape
+        self.block = max(1, scan_bytes // (12 * max(nq, 1)))  # dist + concat copies, float32 + int64
+        self.best_d = xp.full((nq, k), MISSING_DISTANCE, dtype=xp.float32)
+        self.best_rows = xp.full((nq, k), MISSING_ROW, dtype=xp.int64)
+
+    def add(self, start: int, codes: np.ndarray) -> None:
+        sub = kernels.unpack_codes(to_device(codes, self.xp), self.M, self.nbits)
+        rows = sub.shape[0]
+        for b0 in range(0, rows, self.block):
+            b1 = min(b0 + self.block, rows)
+            dist = adc_scan(self.tables, sub[b0:b1, :])
+            self.best_d, self.best_rows = topk_merge(self.best_d, self.best_rows, dist, start + b0, self.k)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return to_host(self.best_d).astype(np.float32), to_host(self.best_rows).astype(np.int64)
+
+
+class NumbaScanner:
+    """Running ADC top-k on the CPU with the fused numba kernel (table look-ups + heap update)."""
+
+    def __init__(self, tables: np.ndarray, k: int, nbits: int):
+        import numba
+
+        from . import _cpu_adc
+
+        self._adc = _cpu_adc
+        nq, self.M, ksub = tables.shape
+        self.tables = np.ascontiguousarray(tables.reshape(nq, self.M * ksub), dtype=np.float32)
+        self.k = k
+        self.nbits = nbits
+        self.group4 = self.M % 4 == 0 and nbits in (8, 16)  # faiss's summation order, see scan_topk
+        # Several partial heaps per query when there are fewer queries than threads, so all cores scan.
+        threads = numba.get_num_threads()
+        parts = max(1, min(threads, math.ceil(threads / max(nq, 1))))
+        self.heap_d = np.full((parts, nq, k), MISSING_DISTANCE, np.float32)
+        self.heap_rows = np.full((parts, nq, k), MISSING_ROW, np.int64)
+
+    def add(self, start: int, codes: np.ndarray) -> None:
+        self._adc.scan_topk(self.tables, self._adc.sub_codes_t(codes, self.M, self.nbits), start, self.heap_d,
+                            self.heap_rows, self.group4)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        parts, nq, k = self.heap_d.shape
+        d = self.heap_d.transpose(1, 0, 2).reshape(nq, parts * k)
+        r = self.heap_rows.transpose(1, 0, 2).reshape(nq, parts * k)
+        order = np.lexsort((r, d), axis=-1)[:, :k]
+        return np.take_along_axis(d, order, axis=1), np.take_along_axis(r, order, axis=1)
+
+
+def make_scanner(queries: np.ndarray, codebook: Codebook, k: int, backend: str) -> Any:
+    """Tables for host queries (already rotated) and the engine that scans codes with them."""
+    if resolve_backend(backend) == "cpu":
+        # float64 tables cost nothing next to the scan and keep ||q||^2 + ||c||^2 - 2 q.c cancellation
+        # out of the distances.
+        tables = np.asarray(kernels.distance_tables(queries.astype(np.float64),
+                                                    codebook.centroids.astype(np.float64))).astype(np.float32)
+        try:
+            return NumbaScanner(tables, k, codebook.nbits)
+        except ImportError:
+            log.info("numba is not installed: ADC search runs on the array-API kernels (slower)")
+            import array_api_compat.numpy as xp
+
+            return ArrayScanner(xp.asarray(tables), k, codebook.nbits)
+    xp = namespace("gpu")
+    tables = kernels.distance_tables(to_device(queries, xp), to_device(codebook.centroids, xp))
+    return ArrayScanner(tables, k, codebook.nbits)
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k: expected a positive integer. Got {k!r} instead.")
+    return int(k)
+
+
+def query_batch_size(codebook: Codebook, table_bytes: int = TABLE_BYTES) -> int:
+    """Queries per pass over the codes, so that their ADC tables fit in table_bytes."""
+    return max(1, table_bytes // (4 * codebook.M * codebook.ksub))
+
+
+def search_codes(queries: Any, codebook: Codebook, chunks: Iterable[tuple[int, np.ndarray]], k: int, *,
+                 backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Exhaustive ADC top-k of queries (nq, d) over chunks of (start_row, codes uint8 (rows, code_size)).
+
+    Chunks come in row order. Returns distances float32 (nq, k) and rows int64 (nq, k), sorted by
+    distance (ties: lower row first); where fewer than k rows exist: row -1, distance inf.
+    """
+    k = check_k(k)
+    q = codebook.rotate(as_float32_matrix(queries, "queries", d=codebook.d))
+    scanner = make_scanner(q, codebook, k, backend)
+    for start, codes in chunks:
+        if codes.ndim != 2 or codes.shape[1] != codebook.code_size:
+            raise InputError(f"codes at row {start}: expected (rows, {codebook.code_size}) uint8 for M="
+                             f"{codebook.M}, nbits={codebook.nbits}. Got {codes.dtype} {codes.shape} instead.")
+        scanner.add(int(start), np.asarray(codes, dtype=np.uint8))
+    return scanner.result()
+
+
+# -- store wrappers -------------------------------------------------------------------------------------
+
+def _open(store_or_path: Any) -> Any:
+    from .store import CodeStore, open_store
+
+    return store_or_path if isinstance(store_or_path, CodeStore) else open_store(store_or_path)
+
+
+def store_chunks(store: Any, chunk_rows: int | None = None, *, prefetch: bool = True
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, codes) over a complete store in row order, reading the next block while the caller computes."""
+    if not store.is_complete():
+        raise StoreError(f"Store {store.path} is incomplete ({len(store.pending_chunks())} of {store.n_chunks} "
+                         "chunks not done). Finish it with `pqgpu encode` first.")
+    if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
+        raise ConfigError(f"chunk_rows: expected a positive integer or None. Got {chunk_rows!r} instead.")
+    step = int(chunk_rows or store.chunk_rows)
+    n = store.n
+    starts = list(range(0, n, step))
+
+    def read(lo: int) -> np.ndarray:
+        return np.asarray(store.codes[lo:min(lo + step, n)])
+
+    if not prefetch or len(starts) < 2:
+        for lo in starts:
+            yield lo, read(lo)
+        return
+    # One read ahead: Zarr I/O and decompression overlap the scan (the numba kernel releases the GIL).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pqgpu-read") as pool:
+        pending = pool.submit(read, starts[0])
+        for i, lo in enumerate(starts):
+            codes = pending.result()
+            if i + 1 < len(starts):
+                pending = pool.submit(read, starts[i + 1])
+            yield lo, codes
+
+
+def search_store(store: Any, queries: Any, k: int, *, backend: str = "auto",
+                 chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ADC top-k over an opened store. Returns distances float32 (nq, k) and store rows int64 (nq, k)."""
+    k = check_k(k)
+    cb = store.codebook()
+    q = as_float32_matrix(queries, "queries", d=cb.d)
+    nq = q.shape[0]
+    batch = query_batch_size(cb)
+    t0 = time.perf_counter()
+    if nq <= batch:
+        d, rows = search_codes(q, cb, store_chunks(store, chunk_rows), k, backend=backend)
+    else:
+        # Large tables (nbits > 12): one pass over the codes per query batch keeps them within TABLE_BYTES.
+        log.info("search: %d queries in batches of %d (ADC tables of %d MiB per query batch)", nq, batch,
+                 TABLE_BYTES >> 20)
+        parts = [search_codes(q[i:i + batch], cb, store_chunks(store, chunk_rows), k, backend=backend)
+                 for i in range(0, nq, batch)]
+        d = np.concatenate([p[0] for p in parts])
+        rows = np.concatenate([p[1] for p in parts])
+    dt = time.perf_counter() - t0
+    log.info("search: %d queries, k=%d over %d codes in %.3f s (%.1f queries/s)", nq, k, store.n, dt,
+             nq / dt if dt > 0 else float("inf"))
+    return d, rows
+
+
+def rows_to_ids(ids_array: Any, rows: np.ndarray) -> np.ndarray:
+    """Map store rows (-1 = missing) to store ids: int64 (-1 missing) or object (None missing)."""
+    valid = rows >= 0
+    uniq, inverse = np.unique(rows[valid], return_inverse=True)
+    found = np.asarray(ids_array.oindex[uniq]) if uniq.size else np.asarray(ids_array[0:0])
+    if found.dtype.kind in "iu":
+        out = np.full(rows.shape, -1, np.int64)
+        out[valid] = found.astype(np.int64)[inverse]
+    else:
+        out = np.full(rows.shape, None, dtype=object)
+        out[valid] = found.astype(object)[inverse]
+    return out
+
+
+def search(store_or_path: Any, queries: Any, k: int, *, backend: str = "auto",
+           chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exhaustive ADC top-k over a code store (same results as faiss IndexPQ.search on these codes).
+
+    queries: (nq, d) float; returns distances float32 (nq, k) (squared L2, ascending) and the store's
+    ids (nq, k): int64 with -1, or object with None, where the store has fewer than k rows (distance inf).
+    """
+    store = _open(store_or_path)
+    d, rows = search_store(store, queries, k, backend=backend, chunk_rows=chunk_rows)
+    return d, rows_to_ids(store.ids, rows)
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+
+class ExactKnn:
+    """Exact squared-L2 k-NN of a few queries over base vectors streamed in blocks (host, float32 BLAS)."""
+
+    def __init__(self, queries: np.ndarray, k: int, block_rows: int = 16384):
+        self.q = queries
+        self.qnorm = (queries.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        self.k = k
+        self.block_rows = block_rows
+        self.d = np.full((queries.shape[0], k), np.inf, np.float32)
+        self.rows = np.full((queries.shape[0], k), -1, np.int64)
+
+    def add(self, start: int, x: np.ndarray) -> None:
+        for b0 in range(0, x.shape[0], self.block_rows):
+            xb = x[b0:b0 + self.block_rows]
+            dist = self.qnorm[:, None] - 2 * (self.q @ xb.T) + (xb * xb).sum(1)[None, :]
+            kk = min(self.k, xb.shape[0])
+            part = np.argpartition(dist, kk - 1, axis=1)[:, :kk]
+            cand_d = np.concatenate([self.d, np.take_along_axis(dist, part, axis=1)], axis=1)
+            cand_r = np.concatenate([self.rows, part + (start + b0)], axis=1)
+            order = np.lexsort((cand_r, cand_d), axis=-1)[:, :self.k]
+            self.d = np.take_along_axis(cand_d, order, axis=1)
+            self.rows = np.take_along_axis(cand_r, order, axis=1)
+
+
+def recall_metrics(found: np.ndarray, ground_truth: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
+    """Recall of found rows (nq, >= max k) against exact neighbour rows (nq, >= max k), both best first.
+
+    "1-recall@k": fraction of queries whose exact nearest neighbour is among the first k results (faiss R@k).
+    "k-recall@k": mean |first k results ∩ exact top k| / k (for k=1 both are the same number).
+    Rows equal to -1 (fewer than k rows in the store) never count as found.
+    """
+    out: dict[str, float] = {}
+    nn = ground_truth[:, :1]
+    for k in ks:
+        top = found[:, :k]
+        out[f"1-recall@{k}"] = float(((top == nn) & (nn >= 0)).any(axis=1).mean())
+        if k > 1:
+            gt = ground_truth[:, :k]
+            hits = np.array([len(np.intersect1d(t[t >= 0], g[g >= 0])) for t, g in zip(top, gt)])
+            out[f"{k}-recall@{k}"] = float(hits.mean() / k)
+    return out
+
+
+def _check_ks(ks: Any) -> tuple[int, ...]:
+    try:
+        out = tuple(sorted({check_k(k) for k in ks}))
+    except TypeError:
+        raise ConfigError(f"ks: expected positive integers such as (1, 10, 100). Got {ks!r} instead.") from None
+    if not out:
+        raise ConfigError("ks: expected at least one k, such as (1, 10, 100).")
+    return out
+
+
+def _check_ground_truth(gt: Any, nq: int, kmax: int, n: int) -> np.ndarray:
+    gt = np.asarray(gt)
+    if gt.ndim == 1:
+        gt = gt[:, None]
+    if gt.ndim != 2 or gt.shape[0] != nq or gt.dtype.kind not in "iu":
+        raise InputError(f"ground_truth: expected integer row indices of shape ({nq}, >= {kmax}). "
+                         f"Got {gt.dtype} {gt.shape} instead.")
+    if gt.shape[1] < min(kmax, n):
+        raise InputError(f"ground_truth has {gt.shape[1]} neighbours per query but recall@{kmax} needs {kmax}. "
+                         f"Pass ks up to {gt.shape[1]} (for example ks=(1, {gt.shape[1]})) or a deeper ground truth.")
+    gt = gt.astype(np.int64)
+    if gt.size and (gt.max() >= n or gt.min() < -1):
+        raise InputError(f"ground_truth holds row indices outside 0..{n - 1} (min {gt.min()}, max {gt.max()}). "
+                         "It must index store rows (source row order), not ids.")
+    return gt
+
+
+def evaluate(store_or_path: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] | None = None,
+             ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), backend: str = "auto") -> dict[str, Any]:
+    """Recall@k of ADC search against exact neighbours, reconstruction MSE and compression of a store.
+
+    base_chunks: float (rows, d) blocks of the original vectors in store row order; used for the exact
+    neighbours (when ground_truth is None) and the reconstruction MSE. ground_truth: (nq, >= max k) store
+    row indices of the exact neighbours, best first. One of the two is required.
+    """
+    store = _open(store_or_path)
+    cb = store.codebook()
+    n = store.n
+    q = as_float32_matrix(queries, "queries", d=cb.d)
+    nq = q.shape[0]
+    ks = _check_ks(ks)
+    kmax = ks[-1]
+    if ground_truth is None and base_chunks is None:
+        raise InputError("evaluate needs the exact neighbours: pass ground_truth (row indices, e.g. "
+                         "--ground-truth GT.npy) or the base vectors (base_chunks, the source) to compute them.")
+    gt = _check_ground_truth(ground_truth, nq, kmax, n) if ground_truth is not None else None
+
+    t0 = time.perf_counter()
+    _dist, found = search_store(store, q, kmax, backend=backend)
+    t_search = time.perf_counter() - t0
+
+    mse = relative_mse = None
+    if base_chunks is not None:
+        knn = ExactKnn(q, kmax) if gt is None else None
+        err = sq_norm = 0.0
+        pos = 0
+        for block in base_chunks:
+            x = as_float32_matrix(block, "base vectors", d=cb.d, row_offset=pos)
+            rows = x.shape[0]
+            if pos + rows > n:
+                raise InputError(f"base_chunks hold more than the store's {n} rows (at least {pos + rows}); "
+                                 "they must be exactly the encoded source rows, in store order.")
+            recon = cb.decode(np.asarray(store.codes[pos:pos + rows]))
+            err += float(((recon.astype(np.float64) - x) ** 2).sum())
+            sq_norm += float((x.astype(np.float64) ** 2).sum())
+            if knn is not None:
+                knn.add(pos, x)
+            pos += rows
+        if pos != n:
+            raise InputError(f"base_chunks hold {pos} rows but the store has {n}; they must be exactly the "
+                             "encoded source rows, in store order.")
+        if knn is not None:
+            gt = knn.rows
+        mse = err / n if n else 0.0
+        relative_mse = err / sq_norm if sq_norm > 0 else 0.0
+
+    result: dict[str, Any] = {
+        "n": n, "d": cb.d, "M": cb.M, "nbits": cb.nbits, "opq": cb.rotation is not None,
+        "code_size": cb.code_size, "compression_ratio": round(4 * cb.d / cb.code_size, 2), "nq": nq,
+        "ground_truth": "given" if ground_truth is not None else "exact (from base vectors)",
+    }
+    result.update(recall_metrics(found, gt, ks))
+    result["mse"] = mse
+    result["relative_mse"] = relative_mse
+    result["search_seconds"] = round(t_search, 4)
+    log.info("evaluate: %s", ", ".join(f"{k}={v}" for k, v in result.items()))
+    return result
+
+
+_DESCRIPTIONS = {
+    "compression_ratio": "float32 bytes / code bytes",
+    "mse": "mean ||x - decode(code)||^2 per vector",
+    "relative_mse": "sum ||x - decode||^2 / sum ||x||^2",
+}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A small aligned text table of an evaluate() result (metric, value, meaning)."""
+    lines = []
+    for key, value in result.items():
+        if value is None:
+            text = "n/a"
+        elif isinstance(value, float):
+            text = f"{value:.4f}" if "recall" in key else f"{value:.6g}"
+        else:
+            text = str(value)
+        if key.startswith("1-recall@"):
+            note = "exact nearest neighbour found in the top " + key.split("@")[1]
+        elif "-recall@" in key:
+            note = "overlap of the top " + key.split("@")[1] + " with the exact top " + key.split("@")[1]
+        else:
+            note = _DESCRIPTIONS.get(key, "")
+        lines.append((key, text, note))
+    w0 = max(len(a) for a, _, _ in lines)
+    w1 = max(len(b) for _, b, _ in lines)
+    return os.linesep.join(f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in lines)
