@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 
+
 def synthetic(n: int, d: int, *, seed: int = 0, intrinsic: int = 12, dtype=np.float32) -> np.ndarray:
     """Vectors on a curved low-dimensional manifold plus a little noise (like faiss SyntheticDataset):
     uniform noise would hide quantizer bugs because every codebook looks equally bad on it."""
@@ -39,3 +40,19 @@ def assert_codes_match(ours: np.ndarray, ref: np.ndarray, x: np.ndarray, centroi
 
 
 
+
+
+def namespaces():
+    """Array namespaces the array-API kernels are tested on: numpy, and array_api_strict when installed
+    (it rejects non-portable calls, so they fail here rather than on a GPU)."""
+    import array_api_compat.numpy as np_xp
+
+    yield pytest.param(np_xp, id="numpy")
+    try:
+        import array_api_strict
+    except ImportError:
+        return
+    yield pytest.param(array_api_strict, id="array_api_strict")
+
+
+NAMESPACES = list(namespaces())

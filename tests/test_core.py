@@ -10,23 +10,9 @@ from pqgpu import kernels
 from pqgpu.codebook import Codebook
 from pqgpu.kmeans import ArrayEngine, train_subquantizers
 
-from .helpers import assert_codes_match, synthetic
+from .helpers import NAMESPACES, assert_codes_match, synthetic
 
 faiss = pytest.importorskip("faiss")
-
-
-def namespaces():
-    import array_api_compat.numpy as np_xp
-
-    yield pytest.param(np_xp, id="numpy")
-    try:
-        import array_api_strict
-    except ImportError:
-        return
-    yield pytest.param(array_api_strict, id="array_api_strict")
-
-
-NAMESPACES = list(namespaces())
 
 
 def reference_assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:

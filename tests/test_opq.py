@@ -10,23 +10,9 @@ from pqgpu.codebook import Codebook
 from pqgpu.opq import opq_matrix_bytes, opq_rotation, parse_opq_matrix, procrustes, read_opq_matrix, train_opq
 from pqgpu.search import recall_metrics
 
-from .helpers import assert_codes_match, synthetic
+from .helpers import NAMESPACES, assert_codes_match, synthetic
 
 faiss = pytest.importorskip("faiss")
-
-
-def namespaces():
-    import array_api_compat.numpy as np_xp
-
-    yield pytest.param(np_xp, id="numpy")
-    try:
-        import array_api_strict
-    except ImportError:
-        return
-    yield pytest.param(array_api_strict, id="array_api_strict")
-
-
-NAMESPACES = list(namespaces())
 
 
 def anisotropic(n: int, d: int, seed: int) -> np.ndarray:

@@ -14,25 +14,11 @@ from pqgpu.codebook import Codebook
 from pqgpu.export import export_faiss
 from pqgpu.store import create_store, open_store, write_chunk
 
-from .helpers import synthetic
+from .helpers import NAMESPACES, synthetic
 
 faiss = pytest.importorskip("faiss")
 # The module object, whatever `pqgpu.search` (the package attribute) is bound to.
 S = importlib.import_module("pqgpu.search")
-
-
-def namespaces():
-    import array_api_compat.numpy as np_xp
-
-    yield pytest.param(np_xp, id="numpy")
-    try:
-        import array_api_strict
-    except ImportError:
-        return
-    yield pytest.param(array_api_strict, id="array_api_strict")
-
-
-NAMESPACES = list(namespaces())
 
 
 def make_store(path, cb: Codebook, codes: np.ndarray, ids: np.ndarray | None = None, chunk_rows: int = 1000):
