@@ -30,7 +30,7 @@ from .errors import ConfigError, InputError, StoreError
 log = logging.getLogger(__name__)
 
 # Distance of a missing result (k > n): FLT_MAX, exactly what faiss IndexPQ returns there.
-MISSING_DISTANCE = np.float32(np.finfo(np.float32).max)
+MISSING_DISTANCE = float(np.finfo(np.float32).max)
 MISSING_ROW = -1
 # Budget for the ADC tables of one query batch: nbits=16 tables are M * 65536 floats per query.
 TABLE_BYTES = 256 << 20
