@@ -9,8 +9,8 @@ cpu = pytest.importorskip("pqgpu._cpu")
 
 
 def _reference(x: np.ndarray, centroids: np.ndarray):
-    """float64 ||x_m - c||^2 from the definition: (argmin, sorted distances, ||x_m||^2 + ||c||^2 scale)."""
-    M, ksub, dsub = centroids.shape
+    """float64 ||x_m - c||^2 from the definition, (n, M, ksub), and the scale ||x_m||^2 + ||c||^2."""
+    M, _, dsub = centroids.shape
     xs = x.reshape(x.shape[0], M, dsub).astype(np.float64)
     c = centroids.astype(np.float64)
     dist = ((xs[:, :, None, :] - c[None]) ** 2).sum(-1)  # (n, M, ksub)
@@ -84,7 +84,8 @@ def test_assign_is_independent_of_threads_and_row_offset():
     numba = pytest.importorskip("numba")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2000, 64), dtype=np.float32)
-    prepared = cpu.prepare(rng.standard_normal((8, 256, 8), dtype=np.float32))
+    centroids = rng.standard_normal((8, 256, 8), dtype=np.float32)
+    prepared = cpu.prepare(centroids)
     full = cpu.assign(x, prepared)
     old = numba.get_num_threads()
     try:
@@ -92,6 +93,9 @@ def test_assign_is_independent_of_threads_and_row_offset():
         np.testing.assert_array_equal(cpu.assign(x, prepared), full)
     finally:
         numba.set_num_threads(old)
+    # Another SIMD width: same arithmetic per distance, same codes.
+    np.testing.assert_array_equal(cpu.assign(x, cpu.prepare(centroids, lanes=8)), full)
+    np.testing.assert_array_equal(cpu.assign(x, cpu.prepare(centroids, lanes=16)), full)
     # Rows land in other tiles and chunks: same codes.
     np.testing.assert_array_equal(cpu.assign(x[3:], prepared), full[3:])
     # Non-contiguous and float64 input are converted; out= is filled in place.

@@ -1,0 +1,449 @@
+"""Numba CPU kernels for PQ encoding (nearest sub-centroid) and k-means updates.
+
+Importing this module needs numba; callers fall back to the array-API kernels without it.
+
+assign() computes, per subspace m, argmin_k ||c_mk||^2 - 2 x_m.c_mk (the ||x_m||^2 term cannot change the
+argmin) with ties going to the lowest k, like numpy's argmin. Its micro-kernel is written in LLVM IR (a
+numba intrinsic): numba's auto-vectorised loops keep accumulators in memory and cannot vectorise an argmin,
+which made them 2-4x slower. The IR is plain vector IR (no x86 intrinsics), so it compiles for any target.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import llvmlite.binding as llb
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["PreparedCodebook", "accumulate", "assign", "assign_with_distances", "prepare"]
+
+# Rows per register tile: R rows x V vectors of L centroids are accumulated in registers, so each centroid
+# load feeds R FMAs and each broadcast x value feeds V FMAs. R=4, V=4 uses 16 of the 32 AVX-512 registers
+# for accumulators; with 16 registers (AVX2) V is capped at 2.
+_R = 4
+# Rows per parallel task: big enough to amortise the per-subspace setup, small enough to balance threads.
+_CHUNK_ROWS = 256
+# Centroid slab (dsub x S floats) processed per pass over a chunk's rows: sized to stay in L1 (32 KiB).
+_SLAB_FLOATS = 8192
+# Bytes of sums one accumulate() task updates at random: about half of a 2 MiB L2.
+_ACC_TASK_BYTES = 1 << 20
+
+
+def _host_lanes() -> int:
+    """float32 lanes per vector register of the target numba compiles for (16 with AVX-512, else 8)."""
+    feats = numba.config.CPU_FEATURES if numba.config.CPU_NAME else llb.get_host_cpu_features().flatten()
+    return 16 if "+avx512f" in (feats or "") else 8
+
+
+class PreparedCodebook(NamedTuple):
+    """Centroids in the layout assign() reads. Build it with prepare(); reuse it across calls.
+
+    ct: (M, ldk // W, dsub, W) float32, -2 * c^T packed in blocks of W = lanes * vecs centroids, so that a
+    block is one contiguous run (no cache-set conflicts from power-of-two strides); zeros pad ksub to ldk.
+    norms: (M, ldk) float32, ||c||^2 (rounded from float64), +inf on the padding so it never wins.
+    """
+
+    ct: np.ndarray
+    norms: np.ndarray
+    ksub: int
+    dsub: int
+    lanes: int
+    vecs: int
+    slab: int
+
+
+def prepare(centroids: np.ndarray, *, lanes: int | None = None) -> PreparedCodebook:
+    """centroids float32 (M, ksub, dsub) -> PreparedCodebook. `lanes` (8 or 16) overrides the SIMD width
+    (the default follows the CPU); results do not depend on it."""
+    c = np.asarray(centroids)
+    if c.ndim != 3 or min(c.shape) < 1:
+        raise ValueError(f"centroids must be (M, ksub, dsub), got shape {c.shape}")
+    M, ksub, dsub = c.shape
+    if ksub > 65536:
+        raise ValueError(f"ksub={ksub} does not fit uint16 codes")
+    L = _host_lanes() if lanes is None else int(lanes)
+    if L not in (8, 16):
+        raise ValueError("lanes must be 8 or 16")
+    # Fewer vectors per block for tiny codebooks (less padding). With 8 lanes (AVX2: 16 registers) R x V
+    # accumulators must leave room for the centroid and broadcast registers, hence V <= 2 there.
+    V = 1 if ksub <= L else (2 if ksub <= 2 * L or L == 8 else 4)
+    W = L * V
+    ldk = -(-ksub // W) * W
+    c32 = c.astype(np.float32, copy=False)
+    ct = np.zeros((M, ldk, dsub), np.float32)
+    ct[:, :ksub] = c32
+    ct *= np.float32(-2.0)  # exact: a power of two
+    ct = np.ascontiguousarray(ct.reshape(M, ldk // W, W, dsub).transpose(0, 1, 3, 2))
+    norms = np.full((M, ldk), np.inf, np.float32)
+    c64 = c32.astype(np.float64)
+    norms[:, :ksub] = np.einsum("mkj,mkj->mk", c64, c64)
+    slab = max(W, min(ldk, _SLAB_FLOATS // dsub // W * W))
+    return PreparedCodebook(ct, norms, ksub, dsub, L, V, slab)
+
+
+def _check_x(x: np.ndarray, prepared: PreparedCodebook) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    M = prepared.ct.shape[0]
+    if x.ndim != 2 or x.shape[1] != M * prepared.dsub:
+        raise ValueError(f"x must be (n, {M * prepared.dsub}), got shape {x.shape}")
+    return x
+
+
+def assign(x: np.ndarray, prepared: PreparedCodebook, out: np.ndarray | None = None) -> np.ndarray:
+    """Nearest centroid per subspace: x float32 (n, d) -> codes uint16 (n, M); ties go to the lowest index.
+
+    Distances are ||c||^2 + sum_j x_j * (-2 c_j), accumulated in float32 in j order with fused
+    multiply-adds where the CPU has them (one rounding per term, no reassociation), so the result is the
+    same for every thread count and tiling. It matches faiss compute_codes except on float32 near-ties.
+    """
+    x = _check_x(x, prepared)
+    out = _check_out(out, (x.shape[0], prepared.ct.shape[0]), np.uint16)
+    _run_assign(x, prepared, out, np.empty((0, 0), np.float32))
+    return out
+
+
+def assign_with_distances(
+    x: np.ndarray, prepared: PreparedCodebook, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """assign() plus the squared distance to the chosen centroid per (row, m), float32 (n, M):
+    ||x_m||^2 + (||c||^2 - 2 x_m.c), clamped at 0 (rounding can push it below), as faiss's BLAS path does."""
+    x = _check_x(x, prepared)
+    shape = (x.shape[0], prepared.ct.shape[0])
+    out = _check_out(out, shape, np.uint16)
+    dist = np.empty(shape, np.float32)
+    _run_assign(x, prepared, out, dist)
+    return out, dist
+
+
+def _check_out(out: np.ndarray | None, shape: tuple[int, int], dtype) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous {np.dtype(dtype)} array of shape {shape}")
+    return out
+
+
+def _run_assign(x, p: PreparedCodebook, out, dist) -> None:
+    if x.shape[0]:
+        _assign_kernel(x, p.ct, p.norms, p.slab, out, dist, p.lanes, p.vecs)
+
+
+def accumulate(x: np.ndarray, codes: np.ndarray, ksub: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-means M-step inputs: per (m, k) the float64 sum of the rows' sub-vectors assigned to k, and counts.
+
+    x float32 (n, d); codes integer (n, M) in [0, ksub). Returns sums float64 (M, ksub, dsub) and counts
+    int64 (M, ksub). Summation runs in row order for every entry, so it is deterministic.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or x.ndim != 2 or codes.shape[0] != x.shape[0] or codes.shape[1] < 1:
+        raise ValueError(f"x (n, d) and codes (n, M) disagree: {x.shape} vs {codes.shape}")
+    if codes.dtype.kind not in "iu":
+        raise ValueError(f"codes must be integers, got {codes.dtype}")
+    n, d = x.shape
+    M = codes.shape[1]
+    if d % M:
+        raise ValueError(f"d={d} is not a multiple of M={M}")
+    codes = np.ascontiguousarray(codes)
+    sums = np.zeros((M, ksub, d // M), np.float64)
+    counts = np.zeros((M, ksub), np.int64)
+    # Tasks own contiguous column ranges of x (whole subspaces when possible): no two tasks write the same
+    # entry, x is read once in total, and the per-entry order stays the row order. Split further so that a
+    # task's slice of sums stays in L2, in a multiple of the thread count to keep threads balanced.
+    threads = numba.get_num_threads()
+    ntask = max(threads, -(-sums.nbytes // _ACC_TASK_BYTES))
+    ntask = min(d, -(-ntask // threads) * threads)
+    bad = np.zeros(ntask, np.bool_)
+    if n:
+        _accumulate_kernel(x, codes, ksub, sums, counts, ntask, bad, d // M)
+    if bad.any():
+        raise ValueError(f"codes outside [0, {ksub})")
+    return sums, counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# numba drivers
+
+
+@njit(cache=True, nogil=True)
+def _assign_rows(x, ct, norms, slab, out, dist, s, e, L, V):
+    numba.literally(L)
+    numba.literally(V)
+    d = x.shape[1]
+    M, _, dsub, W = ct.shape
+    ldk = norms.shape[1]
+    R = _R
+    rows = e - s
+    buf = np.empty((R, slab), np.float32)
+    mins = np.empty(R, np.float32)
+    idxs = np.empty(R, np.int64)
+    bestv = np.empty(rows, np.float32)
+    besti = np.empty(rows, np.int64)
+    # The last rows % R rows go through the same kernel from a zero-padded copy: same arithmetic.
+    nfull = rows // R * R
+    tail = np.zeros((R, d), np.float32)
+    for i in range(nfull, rows):
+        for c in range(d):
+            tail[i - nfull, c] = x[s + i, c]
+    for m in range(M):
+        o = m * dsub
+        bestv[:] = np.inf
+        besti[:] = 0
+        for k0 in range(0, ldk, slab):
+            nblk = min(slab, ldk - k0) // W
+            coff = (m * (ldk // W) + k0 // W) * dsub * W
+            noff = m * ldk + k0
+            for r0 in range(0, rows, R):
+                if r0 < nfull:
+                    _tile(x, (s + r0) * d + o, d, ct, coff, norms, noff, dsub, nblk, buf, slab, mins, idxs, L, V)
+                else:
+                    _tile(tail, o, d, ct, coff, norms, noff, dsub, nblk, buf, slab, mins, idxs, L, V)
+                for r in range(min(R, rows - r0)):
+                    # strict '<': an earlier slab keeps a tie, so the lowest index wins overall
+                    if mins[r] < bestv[r0 + r]:
+                        bestv[r0 + r] = mins[r]
+                        besti[r0 + r] = k0 + idxs[r]
+        for i in range(rows):
+            out[s + i, m] = besti[i]
+        if dist.shape[0]:
+            for i in range(rows):
+                xx = np.float32(0)
+                for j in range(dsub):
+                    xx += x[s + i, o + j] * x[s + i, o + j]
+                dist[s + i, m] = max(np.float32(0), xx + bestv[i])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _assign_kernel(x, ct, norms, slab, out, dist, L, V):
+    # L and V size the register tile, so they must be compile-time constants.
+    numba.literally(L)
+    numba.literally(V)
+    n = x.shape[0]
+    for c in prange((n + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
+        _assign_rows(x, ct, norms, slab, out, dist, c * _CHUNK_ROWS, min(n, (c + 1) * _CHUNK_ROWS), L, V)
+
+
+@njit(cache=True, nogil=True)
+def _accumulate_cols(x, codes, ksub, sums, counts, c0, c1, dsub):
+    """Columns c0:c1 of x into sums and counts; False if a code is out of range."""
+    # dsub as a compile-time constant turns the common whole-subspace update into straight-line code.
+    numba.literally(dsub)
+    n = x.shape[0]
+    ok = True
+    for i in range(n):
+        for m in range(c0 // dsub, (c1 - 1) // dsub + 1):
+            k = np.int64(codes[i, m])
+            if k < 0 or k >= ksub:
+                ok = False
+                continue
+            o = m * dsub
+            if o >= c0 and o + dsub <= c1:
+                counts[m, k] += 1
+                for j in range(dsub):
+                    sums[m, k, j] += x[i, o + j]
+            else:  # a subspace split between tasks (only when there are more tasks than subspaces)
+                if o >= c0:
+                    counts[m, k] += 1
+                # unsigned indices skip numba's negative-index wrap-around, so the loop vectorises
+                for j in range(np.uint64(max(c0 - o, 0)), np.uint64(min(c1 - o, dsub))):
+                    sums[m, k, j] += x[i, np.uint64(o) + j]
+    return ok
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _accumulate_kernel(x, codes, ksub, sums, counts, ntask, bad, dsub):
+    numba.literally(dsub)
+    d = x.shape[1]
+    M = d // dsub
+    for t in prange(ntask):
+        if ntask <= M:  # whole subspaces per task
+            c0 = t * M // ntask * dsub
+            c1 = (t + 1) * M // ntask * dsub
+        else:
+            c0 = t * d // ntask
+            c1 = (t + 1) * d // ntask
+        bad[t] = not _accumulate_cols(x, codes, ksub, sums, counts, c0, c1, dsub)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LLVM IR micro-kernel
+
+_f32 = ir.FloatType()
+_i32 = ir.IntType(32)
+_i64 = ir.IntType(64)
+
+
+def _c64(v: int) -> ir.Constant:
+    return ir.Constant(_i64, v)
+
+
+@contextmanager
+def _for(b: ir.IRBuilder, start, stop):
+    """for i in range(start, stop) as a yielded i64 phi."""
+    pre = b.block
+    hdr = b.append_basic_block("for.hdr")
+    body = b.append_basic_block("for.body")
+    end = b.append_basic_block("for.end")
+    b.branch(hdr)
+    b.position_at_end(hdr)
+    i = b.phi(_i64)
+    i.add_incoming(start, pre)
+    b.cbranch(b.icmp_signed("<", i, stop), body, end)
+    b.position_at_end(body)
+    yield i
+    i.add_incoming(b.add(i, _c64(1)), b.block)
+    b.branch(hdr)
+    b.position_at_end(end)
+
+
+def _splat(b, val, L):
+    v = b.insert_element(ir.Constant(ir.VectorType(val.type, L), ir.Undefined), val, ir.Constant(_i32, 0))
+    return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, L), [0] * L))
+
+
+def _vptr(b, base, off, L):
+    return b.bitcast(b.gep(base, [off]), ir.VectorType(_f32, L).as_pointer())
+
+
+def _vmin(b, a, c):
+    # select(a < c, a, c) is exactly x86 MINPS, so this is one instruction without any fast-math flag.
+    return b.select(b.fcmp_ordered("<", a, c), a, c)
+
+
+def _hmin(b, vec, L, lt):
+    """min over the lanes of vec (by halving), lt(a, c) -> vector of i1."""
+    w = L
+    while w > 1:
+        w //= 2
+        sh = b.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_i32, L), [(i + w) % L for i in range(L)]))
+        vec = b.select(lt(vec, sh), vec, sh)
+    return b.extract_element(vec, ir.Constant(_i32, 0))
+
+
+def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
+    """void tile(x, ldx, ct, nm, dsub, nblk, buf, ldb, mins, idx)
+
+    For rows r < R (x + r*ldx, dsub floats) and centroids k < nblk*W (W = L*V; block b of ct holds
+    ct[j, k] at ct + (b*dsub + j)*W + k%W; nm + k):
+    dist[r, k] = nm[k] + sum_j x[r, j] * ct[j, k], one fmuladd per j in j order, stored to buf + r*ldb;
+    mins[r] = min_k dist[r, k] and idx[r] = the lowest k attaining it.
+    """
+    name = f"pqgpu_pq_tile_L{L}_V{V}_R{R}"
+    if name in module.globals:
+        return module.globals[name]
+    fp = _f32.as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, fp, fp, _i64, _i64, fp, _i64, fp, _i64.as_pointer()])
+    fn = ir.Function(module, fnty, name)
+    fn.linkage = "internal"
+    fn.attributes.add("nounwind")
+    if L * 32 > 256:
+        # CPUs tuned to prefer 256-bit vectors (most AVX-512 ones) would otherwise split each 512-bit
+        # operation in two. llvmlite has no API for string attributes, hence set.add; should that ever
+        # fail, the kernel is still correct, only slower.
+        try:
+            set.add(fn.attributes, f'"min-legal-vector-width"="{L * 32}"')
+            set.add(fn.attributes, f'"prefer-vector-width"="{L * 32}"')
+        except TypeError:
+            pass
+    for a in (0, 2, 3, 6, 8, 9):
+        fn.args[a].add_attribute("noalias")
+    x, ldx, ct, nm, dsub, nblk, buf, ldb, mins, idx = fn.args
+    vt = ir.VectorType(_f32, L)
+    it = ir.VectorType(_i32, L)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    # fmuladd fuses where the CPU has FMA and is a plain multiply-add elsewhere: never a slow libcall.
+    fmuladd = cgutils.get_or_insert_function(module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fmuladd.v{L}f32")
+    cttz = cgutils.get_or_insert_function(module, ir.FunctionType(_i64, [_i64, ir.IntType(1)]), "llvm.cttz.i64")
+    # Allocas in the entry block become registers (mem2reg); they only make the IR easy to write.
+    acc = [[b.alloca(vt) for _ in range(V)] for _ in range(R)]
+    best = [b.alloca(vt) for _ in range(R)]  # per lane: smallest distance so far
+    bblk = [b.alloca(it) for _ in range(R)]  # per lane: first block that reached it
+    for r in range(R):
+        b.store(_splat(b, ir.Constant(_f32, float("inf")), L), best[r])
+        b.store(ir.Constant(it, [0] * L), bblk[r])
+    W = L * V
+    with _for(b, _c64(0), nblk) as blk:
+        k0 = b.mul(blk, _c64(W))
+        for v in range(V):
+            nv = b.load(_vptr(b, nm, b.add(k0, _c64(v * L)), L), align=4)
+            for r in range(R):
+                b.store(nv, acc[r][v])
+        cblk = b.mul(b.mul(blk, dsub), _c64(W))
+        with _for(b, _c64(0), dsub) as j:
+            crow = b.add(cblk, b.mul(j, _c64(W)))
+            cv = [b.load(_vptr(b, ct, b.add(crow, _c64(v * L)), L), align=4) for v in range(V)]
+            for r in range(R):
+                xs = _splat(b, b.load(b.gep(x, [b.add(b.mul(_c64(r), ldx), j)])), L)
+                for v in range(V):
+                    b.store(b.call(fmuladd, [xs, cv[v], b.load(acc[r][v])]), acc[r][v])
+        blk32 = _splat(b, b.trunc(blk, _i32), L)
+        for r in range(R):
+            rb = b.add(b.mul(_c64(r), ldb), k0)
+            bm = None
+            for v in range(V):
+                a = b.load(acc[r][v])
+                b.store(a, _vptr(b, buf, b.add(rb, _c64(v * L)), L), align=4)
+                bm = a if bm is None else _vmin(b, a, bm)
+            # Tracking the block, not the index, costs 3 operations per row and block instead of 3 per
+            # vector; the exact index is recovered from buf once, at the end.
+            cur = b.load(best[r])
+            better = b.fcmp_ordered("<", bm, cur)
+            b.store(b.select(better, bm, cur), best[r])
+            b.store(b.select(better, blk32, b.load(bblk[r])), bblk[r])
+    for r in range(R):
+        bv = b.load(best[r])
+        mv = _hmin(b, bv, L, lambda p, q: b.fcmp_ordered("<", p, q))
+        mvs = _splat(b, mv, L)
+        # The first occurrence of the minimum lies in the lowest block among the lanes that hold it:
+        # any lane holding it earlier would have recorded that earlier block.
+        cand = b.select(b.fcmp_ordered("==", bv, mvs), b.load(bblk[r]), ir.Constant(it, [2**31 - 1] * L))
+        base = b.mul(b.sext(_hmin(b, cand, L, lambda p, q: b.icmp_signed("<", p, q)), _i64), _c64(W))
+        rb = b.add(b.mul(_c64(r), ldb), base)
+        mask = None
+        for v in range(V):
+            eq = b.fcmp_ordered("==", b.load(_vptr(b, buf, b.add(rb, _c64(v * L)), L), align=4), mvs)
+            bits = b.zext(b.bitcast(eq, ir.IntType(L)), _i64)
+            mask = bits if mask is None else b.or_(mask, b.shl(bits, _c64(v * L)))
+        # No match only when no distance is finite (NaN in x): report index 0 then.
+        found = b.icmp_unsigned("!=", mask, _c64(0))
+        pos = b.select(found, b.add(base, b.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)])), _c64(0))
+        b.store(mv, b.gep(mins, [_c64(r)]))
+        b.store(pos, b.gep(idx, [_c64(r)]))
+    b.ret_void()
+    return fn
+
+
+def _data(context, builder, aryty, ary, off):
+    return builder.gep(context.make_array(aryty)(context, builder, ary).data, [off])
+
+
+@intrinsic
+def _tile(typingctx, x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, L, V):
+    """Calls the IR tile kernel on flat offsets into C-contiguous arrays; L and V must be literals."""
+    if not isinstance(L, types.IntegerLiteral) or not isinstance(V, types.IntegerLiteral):
+        return None
+    if any(a.layout != "C" for a in (x, ct, nm, buf, mins, idx)):
+        raise TypeError("_tile needs C-contiguous arrays")
+    lanes, vecs = L.literal_value, V.literal_value
+
+    def codegen(context, builder, sig, args):
+        a = sig.args
+        fn = _tile_fn(builder.module, lanes, vecs, _R)
+        builder.call(fn, [
+            _data(context, builder, a[0], args[0], args[1]), args[2],
+            _data(context, builder, a[3], args[3], args[4]),
+            _data(context, builder, a[5], args[5], args[6]), args[7], args[8],
+            _data(context, builder, a[9], args[9], _c64(0)), args[10],
+            _data(context, builder, a[11], args[11], _c64(0)),
+            _data(context, builder, a[12], args[12], _c64(0)),
+        ])
+        return context.get_dummy_value()
+
+    sig = types.none(x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, L, V)
+    return sig, codegen
