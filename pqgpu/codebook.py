@@ -98,27 +98,31 @@ class Codebook:
     def rotate(self, x: np.ndarray) -> np.ndarray:
         return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation.T)
 
-    def assign(self, x: Any, *, row_offset: int = 0) -> np.ndarray:
-        """Unpacked sub-codes (n, M) (uint16 or int64) of host x after validation and rotation (CPU)."""
-        x = self.rotate(as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset))
+    def assign(self, x: Any, *, row_offset: int = 0, checked: bool = False) -> np.ndarray:
+        """Unpacked sub-codes (n, M) (uint16 or int64) of host x after validation and rotation (CPU).
+        checked=True: x is already a validated float32 (n, d) matrix (skips a pass over the data)."""
+        if not checked:
+            x = as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset)
+        x = self.rotate(x)
         try:
             from . import _cpu
         except ImportError:
             return np.asarray(kernels.assign(x, self.centroids))
         return _cpu.assign(x, _cpu.prepare(self.centroids))
 
-    def encode(self, x: Any, backend: str = "auto", *, row_offset: int = 0) -> np.ndarray:
-        """float vectors (n, d) -> uint8 codes (n, code_size), equal to faiss compute_codes."""
+    def encode(self, x: Any, backend: str = "auto", *, row_offset: int = 0, checked: bool = False) -> np.ndarray:
+        """float vectors (n, d) -> uint8 codes (n, code_size), equal to faiss compute_codes.
+        checked=True skips validation for input that as_float32_matrix has already passed."""
         if resolve_backend(backend) == "gpu":
             from .backend import cupy_device, encode_blocks
 
             x = np.asarray(x)
             # validate on the host but keep float16 as float16: half the bytes over PCIe
-            checked = as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset)
-            wire = x if x.dtype == np.float16 else checked
+            valid = x if checked else as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset)
+            wire = x if x.dtype == np.float16 else valid
             return encode_blocks(np.ascontiguousarray(wire), self.centroids, self.nbits, cupy_device(),
                                  rotation=self.rotation)
-        return np.asarray(kernels.pack_codes(self.assign(x, row_offset=row_offset), self.nbits))
+        return np.asarray(kernels.pack_codes(self.assign(x, row_offset=row_offset, checked=checked), self.nbits))
 
     def decode(self, codes: Any) -> np.ndarray:
         """uint8 codes (n, code_size) -> float32 reconstructions (n, d), in the original (unrotated) space."""

@@ -97,7 +97,7 @@ def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codeb
     x, ids = source.read_chunk(chunk)
     t1 = time.perf_counter()
     x = check_vectors(source, x, chunk.start, codebook.d)
-    codes = codebook.encode(x, backend)
+    codes = codebook.encode(x, backend, checked=True)
     t2 = time.perf_counter()
     fault_point("before-write", chunk.index)
     write_chunk(store_path, chunk.index, chunk.start, codes, ids)

@@ -132,7 +132,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]

@@ -24,8 +24,8 @@ def _open(path: str, stamp: tuple) -> pq.ParquetFile:
         if "://" in path:
             import fsspec
 
-            return pq.ParquetFile(fsspec.open(path, "rb").open())
-        return pq.ParquetFile(path)
+            return pq.ParquetFile(fsspec.open(path, "rb").open(), pre_buffer=False)
+        return pq.ParquetFile(path, pre_buffer=False)  # pre_buffer caches every row group read: memory grows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc}). Re-create or remove this shard.") from None
 
