@@ -156,8 +156,9 @@ def cmd_export_postgres(args: argparse.Namespace) -> int:
     from .sources.postgres import export_postgres
 
     cfg = _config(args)
-    result = export_postgres(cfg.postgres, strict=args.strict)
-    print(result)
+    r = export_postgres(cfg.postgres, strict=args.strict)
+    print(f"exported {r.rows:,} rows (d={r.d}, {r.vector_type}; {r.new_rows:,} new) into {len(r.files)} Parquet shard(s) "
+          f"in {r.output}; NULL vectors skipped: {r.null_vectors}; {r.seconds:.1f} s")
     return 0
 
 

@@ -167,7 +167,7 @@ def prepare_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_
     path = str(path)
     if Path(path).exists():
         if overwrite:
-            log.warning("overwriting the existing store %s", path)
+            log.info("--overwrite: replacing the existing store %s", path)
             shutil.rmtree(path)
         else:
             try:
