@@ -223,6 +223,9 @@ class _Codec:
     name = ""
     header = 0
 
+    def __init__(self, name: str = "", elem: str = "<f4"):
+        self.name, self.elem, self.itemsize = name, elem, np.dtype(elem).itemsize
+
     def dim(self, payload: memoryview) -> int:
         """Dimension of one payload; raises ValueError (with a reason) when the payload is unusable."""
         raise NotImplementedError
@@ -242,9 +245,6 @@ class _Codec:
 
 
 class _PgVector(_Codec):
-    def __init__(self, name: str, elem: str):
-        self.name, self.elem, self.itemsize = name, elem, np.dtype(elem).itemsize
-
     def dim(self, payload):
         if len(payload) < 4:
             raise ValueError(f"malformed {self.name} value ({len(payload)} bytes)")
@@ -264,9 +264,6 @@ class _PgVector(_Codec):
 
 
 class _PgArray(_Codec):
-    def __init__(self, name: str, elem: str):
-        self.name, self.elem, self.itemsize = name, elem, np.dtype(elem).itemsize
-
     def dim(self, payload):
         if len(payload) < 12:
             raise ValueError(f"malformed {self.name} value ({len(payload)} bytes)")
@@ -321,7 +318,7 @@ _CODECS: dict[str, _Codec] = {
     "halfvec": _PgVector("halfvec", ">f2"),
     "_float4": _PgArray("real[]", ">f4"),
     "_float8": _PgArray("double precision[]", ">f8"),
-    "bytea": _PgBytea(),
+    "bytea": _PgBytea("bytea", "<f4"),
 }
 _ID_KINDS = {"int2": ">i2", "int4": ">i4", "int8": ">i8", "text": None, "varchar": None, "bpchar": None}
 
