@@ -208,10 +208,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def train(x: Any, M: int, nbits: int = 8, *, niter: int = 25, seed: int = 1234,
-          backend: str = "auto", opq: bool = False) -> Codebook:
+          backend: str = "auto", opq: bool = False, devices: list[int] | None = None) -> Codebook:
     """Train a PQ codebook on x (n, d) float16/32/64 (computed in float32). Needs n >= 2**nbits rows.
 
     opq=True also learns an OPQ rotation (faiss OPQMatrix defaults); see pqgpu.opq.train_opq.
+    On the GPU, the sub-quantizers are split over `devices` (default: every visible GPU; restrict with
+    CUDA_VISIBLE_DEVICES or this list).
     """
     if opq:
         from .opq import train_opq
@@ -233,12 +235,25 @@ def train(x: Any, M: int, nbits: int = 8, *, niter: int = 25, seed: int = 1234,
     if resolve_backend(backend) == "cpu":
         centroids = train_subquantizers(x, M, 1 << nbits, niter=niter, seed=seed)
     else:
-        from .backend import free_device_memory
-        from .kmeans import ArrayEngine
-
-        xp = namespace("gpu")
-        # distance and one-hot blocks sized from free device memory (a quarter of it per block)
-        block = max(64 << 20, free_device_memory() // 4)
-        centroids = train_subquantizers(to_device(x, xp), M, 1 << nbits, niter=niter, seed=seed,
-                                        engine=ArrayEngine(block_bytes=block))
+        centroids = _train_gpu(x, M, 1 << nbits, niter, seed, devices)
     return Codebook(d, M, nbits, centroids)
+
+
+def _train_gpu(x: np.ndarray, M: int, ksub: int, niter: int, seed: int, devices: list[int] | None) -> np.ndarray:
+    """Sub-quantizers spread over the GPUs, one thread per device."""
+    import cupy
+
+    from .backend import free_device_memory
+    from .kmeans import ArrayEngine, train_split, train_subquantizers
+
+    xp = namespace("gpu")
+    devices = list(range(cupy.cuda.runtime.getDeviceCount())) if devices is None else list(devices)
+
+    def train_group(i: int, cols: np.ndarray, m: int) -> np.ndarray:
+        with cupy.cuda.Device(devices[i]):
+            # distance and one-hot blocks sized from this device's free memory (a quarter per block)
+            block = max(64 << 20, free_device_memory() // 4)
+            return train_subquantizers(to_device(cols, xp), m, ksub, niter=niter, seed=seed,
+                                       engine=ArrayEngine(block_bytes=block))
+
+    return train_split(x, M, ksub, len(devices), train_group)

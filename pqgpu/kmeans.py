@@ -145,3 +145,19 @@ def train_subquantizers(x: Any, M: int, ksub: int, *, niter: int = 25, seed: int
     log.info("k-means: M=%d ksub=%d dsub=%d n=%d niter=%d in %.2f s", M, ksub, dsub, n, niter,
              time.perf_counter() - t0)
     return centroids
+
+
+def train_split(x: np.ndarray, M: int, ksub: int, groups: int, train_group: Any) -> np.ndarray:
+    """Train the M sub-quantizers as `groups` independent contiguous groups of subspaces (one per GPU):
+    `train_group(i, x_cols, M_i) -> (M_i, ksub, dsub)` runs group i, possibly in parallel; results are
+    stacked in subspace order. Every group sees the same seed, so with the same rows the result equals
+    training all M at once (empty-cluster splits aside)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dsub = x.shape[1] // M
+    bounds = np.linspace(0, M, min(groups, M) + 1).astype(int)
+    parts = [(i, int(a), int(b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        futures = [pool.submit(train_group, i, np.ascontiguousarray(x[:, a * dsub:b * dsub]), b - a)
+                   for i, a, b in parts]
+        return np.concatenate([f.result() for f in futures], axis=0)

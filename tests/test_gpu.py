@@ -139,3 +139,30 @@ def test_gpu_pipeline_end_to_end(tmp_path):
     [whole] = plan_chunks([s.n_rows for s in src.shards], src.n)
     x, _ = src.read_chunk(whole)
     assert_codes_match(store.codes[...], cb.encode(x, backend="cpu"), x, cb.centroids, 8)
+
+
+def test_split_training_over_devices_equals_single_run():
+    """The multi-GPU split, run here with the CPU engine per group: same centroids as one run over all M."""
+    from pqgpu.kmeans import train_split, train_subquantizers
+
+    x = synthetic(4000, 24, seed=8)
+    whole = train_subquantizers(x, 6, 32, niter=5, seed=3)
+    seen = []
+
+    def group(i, cols, m):
+        seen.append((i, cols.shape, m))
+        return train_subquantizers(cols, m, 32, niter=5, seed=3)
+
+    split = train_split(x, 6, 32, 4, group)
+    assert sorted(seen) == [(0, (4000, 4), 1), (1, (4000, 8), 2), (2, (4000, 4), 1), (3, (4000, 8), 2)]
+    np.testing.assert_allclose(split, whole, rtol=1e-6, atol=1e-6)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_training_on_all_visible_devices():
+    import cupy
+
+    x = synthetic(20000, 64, seed=1)
+    cb = pqgpu.train(x, 16, 8, niter=5, backend="gpu", devices=list(range(cupy.cuda.runtime.getDeviceCount())))
+    assert cb.centroids.shape == (16, 256, 4)
