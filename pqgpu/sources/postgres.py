@@ -441,13 +441,7 @@ class _ShardWriter:
                     os.replace(shard["tmp"], shard["final"])
                     arg.set_result(None)
                 elif kind == "abort":
-                    if writer is not None:
-                        try:
-                            writer.close()
-                        except Exception:
-                            pass
-                        writer = None
-                    _unlink(shard["tmp"])
+                    writer = _discard(writer, shard["tmp"])
             except BaseException as exc:  # keep consuming so the main thread never blocks on the pool
                 if self.err is None:
                     self.err = exc
@@ -455,18 +449,23 @@ class _ShardWriter:
                         self.err = StoreError(f"{shard['final']}: cannot write the Parquet shard ({exc}). Check "
                                               "the free space and permissions of postgres.output, then re-run "
                                               "to resume.")
-                if writer is not None:
-                    try:
-                        writer.close()
-                    except Exception:
-                        pass
-                    writer = None
-                _unlink(shard["tmp"])
+                writer = _discard(writer, shard["tmp"])
                 if kind == "close" and not arg.done():
                     arg.set_exception(exc)
             finally:
                 if kind == "block":
                     self.recycle(arg)
+
+
+def _discard(writer, tmp: str) -> None:
+    """Close a half-written shard's writer (errors ignored: the file is being thrown away) and delete it."""
+    if writer is not None:
+        try:
+            writer.close()
+        except Exception:
+            pass
+    _unlink(tmp)
+    return None
 
 
 def _unlink(path: str) -> None:
