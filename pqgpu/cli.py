@@ -83,8 +83,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .search import search
 
     queries = _load_npy(args.queries, "--queries")

@@ -6,7 +6,6 @@ packed codes (n, code_size) uint8 in faiss's layout (sub-codes LSB-first, consec
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -122,6 +121,3 @@ def distance_tables(queries: Any, centroids: Any) -> Any:
     tab = xp.matmul(qs, ct) + cnorm + qnorm  # (M, nq, ksub)
     return xp.permute_dims(tab, (1, 0, 2))
 
-
-def n_blocks(n: int, step: int) -> int:
-    return math.ceil(n / step) if n else 0

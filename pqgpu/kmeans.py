@@ -79,7 +79,7 @@ def default_engine(x: Any) -> ArrayEngine:
         try:
             return NumpyEngine()
         except ImportError:
-            log.info("numba is not installed: k-means runs on the array-API kernels (slower)")
+            log.info("numba kernels unavailable (pqgpu._cpu did not import): k-means runs on the array-API kernels (slower)")
     return ArrayEngine()
 
 

@@ -92,15 +92,6 @@ class CodeStore:
     def is_complete(self) -> bool:
         return bool(self.done[...].all())
 
-    def iter_chunks(self, with_ids: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """(start_row, codes, ids) per stored chunk, in order; refuses an incomplete store."""
-        if not self.is_complete():
-            raise StoreError(f"Store {self.path} is incomplete ({len(self.pending_chunks())} of {self.n_chunks} "
-                             "chunks not done). Finish it with `pqgpu encode` first.")
-        for i in range(self.n_chunks):
-            lo, hi = self.chunk_range(i)
-            yield lo, self.codes[lo:hi], (self.ids[lo:hi] if with_ids else None)
-
     def info(self) -> dict[str, Any]:
         a = self.attrs
         done = self.done[...]

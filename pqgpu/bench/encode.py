@@ -42,8 +42,6 @@ def faiss_knn_route(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def bench_point(n: int, d: int, dsub: int, nbits: int, runs: int) -> dict[str, Any]:
-    import faiss
-
     from ..backend import gpu_status
     from ..codebook import Codebook
 

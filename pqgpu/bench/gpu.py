@@ -8,7 +8,6 @@ import logging
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 

@@ -198,8 +198,8 @@ def open_source(cfg: SourceConfig) -> Source:
         other = next(s for s in shards if s.d is not None and s.d != first.d)
         raise InputError(f"Shards disagree on the vector dimension: {first.path} has d={first.d} but "
                          f"{other.path} has d={other.d}. All shards of one source must have the same d.")
-    id_types = {str(np.dtype(reader.id_dtype(cfg, s)) if reader.id_dtype(cfg, s) is not str else "str")
-                for s in shards if s.n_rows}
+    id_types = {"str" if t is str else str(np.dtype(t))
+                for t in (reader.id_dtype(cfg, s) for s in shards if s.n_rows)}
     if len(id_types) > 1:
         raise InputError(f"Shards disagree on the id type ({', '.join(sorted(id_types))}); ids must be all "
                          "integers or all strings.")
