@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,11 @@ import pyarrow.parquet as pq
 from ..config import SourceConfig
 from ..errors import InputError
 from . import Shard, expand_paths, file_stamp
+from ._parquet_pages import Unsupported, leaf_column, read_rows
 
 FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
+# Read list-of-float columns with the page reader of _parquet_pages where it applies (PQGPU_PARQUET_PAGES=0: off).
+FAST_PAGES = os.environ.get("PQGPU_PARQUET_PAGES", "1") != "0"
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,14 +110,18 @@ class ParquetReader:
         first = int(np.searchsorted(offsets, lo, side="right")) - 1
         last = int(np.searchsorted(offsets, hi, side="left")) - 1
         groups = list(range(first, max(first, last) + 1))
-        columns = [cfg.vector_column] + ([cfg.id_column] if cfg.id_column else [])
+        x = _read_vectors_fast(shard, cfg.vector_column, lo, hi)
+        columns = ([cfg.vector_column] if x is None else []) + ([cfg.id_column] if cfg.id_column else [])
+        if not columns:
+            return x, None
         try:
             table = pf.read_row_groups(groups, columns=columns, use_threads=False)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1} (row groups {groups[0]}..{groups[-1]}): "
                              f"{exc}. The file may be truncated or corrupt.") from None
         table = table.slice(lo - offsets[first], hi - lo)
-        x = vectors_from_arrow(table.column(cfg.vector_column), shard.path, lo)
+        if x is None:
+            x = vectors_from_arrow(table.column(cfg.vector_column), shard.path, lo)
         ids = None
         if cfg.id_column:
             col = table.column(cfg.id_column)
@@ -123,3 +131,21 @@ class ParquetReader:
             ids = col.to_numpy()
             ids = ids.astype(np.int64, copy=False) if ids.dtype.kind in "iu" else ids.astype(str)
         return x, ids
+
+
+@functools.lru_cache(maxsize=64)
+def _leaf(path: str, stamp: tuple, column: str) -> int | None:
+    return None if "://" in path else leaf_column(_open(path, stamp), column)
+
+
+def _read_vectors_fast(shard: Shard, column: str, lo: int, hi: int) -> np.ndarray | None:
+    """Vectors through the page reader of _parquet_pages, or None where its fast path does not apply (then
+    pyarrow reads them, and names any error)."""
+    if FAST_PAGES and shard.d:
+        leaf = _leaf(shard.path, shard.stamp, column)
+        if leaf is not None:
+            try:
+                return read_rows(shard.path, _open(shard.path, shard.stamp), leaf, shard.extra, lo, hi, shard.d)
+            except (Unsupported, OSError):
+                pass
+    return None
