@@ -205,3 +205,17 @@ def test_gpu_backend_fails_clearly_without_gpu():
     x = synthetic(300, 8)
     with pytest.raises(pqgpu.BackendUnavailable, match="pqgpu\\[gpu\\]"):
         pqgpu.train(x, 4, 4, backend="gpu")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("col", [0, 5, 63])
+def test_non_finite_values_are_found_anywhere_and_huge_finite_rows_pass(value, col):
+    from pqgpu.codebook import as_float32_matrix
+
+    x = np.full((40, 64), 3e38, np.float32)  # each row's sum overflows, yet every value is finite
+    x[::2] *= -1
+    assert as_float32_matrix(x) is not None
+    x[::3] = 1.0
+    x[29, col] = value
+    with pytest.raises(pqgpu.InputError, match=f"row 29 has a non-finite value .* at column {col}"):
+        as_float32_matrix(x)
