@@ -10,6 +10,7 @@ which made them 2-4x slower. The IR is plain vector IR (no x86 intrinsics), so i
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -131,7 +132,7 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, int], dtype) -> np.ndar
 
 def _run_assign(x, p: PreparedCodebook, out, dist) -> None:
     if x.shape[0]:
-        _assign_kernel(x, p.ct, p.norms, p.slab, out, dist, p.lanes, p.vecs)
+        _assign_kernel(p.lanes, p.vecs)(x, p.ct, p.norms, p.slab, out, dist)
 
 
 def accumulate(x: np.ndarray, codes: np.ndarray, ksub: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +162,7 @@ def accumulate(x: np.ndarray, codes: np.ndarray, ksub: int) -> tuple[np.ndarray,
     ntask = min(d, -(-ntask // threads) * threads)
     bad = np.zeros(ntask, np.bool_)
     if n:
-        _accumulate_kernel(x, codes, ksub, sums, counts, ntask, bad, d // M)
+        _accumulate_kernel(d // M)(x, codes, ksub, sums, counts, ntask, bad)
     if bad.any():
         raise ValueError(f"codes outside [0, {ksub})")
     return sums, counts
@@ -219,14 +220,19 @@ def _assign_rows(x, ct, norms, slab, out, dist, s, e, L, V):
                 dist[s + i, m] = max(np.float32(0), xx + bestv[i])
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _assign_kernel(x, ct, norms, slab, out, dist, L, V):
-    # L and V size the register tile, so they must be compile-time constants.
-    numba.literally(L)
-    numba.literally(V)
-    n = x.shape[0]
-    for c in prange((n + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _assign_rows(x, ct, norms, slab, out, dist, c * _CHUNK_ROWS, min(n, (c + 1) * _CHUNK_ROWS), L, V)
+# The tile shape (L, V) and dsub must be compile-time constants. They reach the kernels as closure constants
+# of one specialised kernel per value, not as numba.literally() arguments: a literal argument sends every
+# call back through numba's typing (milliseconds, and reference cycles that keep each call's arrays alive
+# until the garbage collector runs: hundreds of MiB per Dask worker).
+@functools.lru_cache(maxsize=None)
+def _assign_kernel(L: int, V: int):
+    @njit(cache=True, nogil=True, parallel=True)
+    def kernel(x, ct, norms, slab, out, dist):
+        n = x.shape[0]
+        for c in prange((n + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
+            _assign_rows(x, ct, norms, slab, out, dist, c * _CHUNK_ROWS, min(n, (c + 1) * _CHUNK_ROWS), L, V)
+
+    return kernel
 
 
 @njit(cache=True, nogil=True)
@@ -256,19 +262,22 @@ def _accumulate_cols(x, codes, ksub, sums, counts, c0, c1, dsub):
     return ok
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _accumulate_kernel(x, codes, ksub, sums, counts, ntask, bad, dsub):
-    numba.literally(dsub)
-    d = x.shape[1]
-    M = d // dsub
-    for t in prange(ntask):
-        if ntask <= M:  # whole subspaces per task
-            c0 = t * M // ntask * dsub
-            c1 = (t + 1) * M // ntask * dsub
-        else:
-            c0 = t * d // ntask
-            c1 = (t + 1) * d // ntask
-        bad[t] = not _accumulate_cols(x, codes, ksub, sums, counts, c0, c1, dsub)
+@functools.lru_cache(maxsize=None)
+def _accumulate_kernel(dsub: int):
+    @njit(cache=True, nogil=True, parallel=True)
+    def kernel(x, codes, ksub, sums, counts, ntask, bad):
+        d = x.shape[1]
+        M = d // dsub
+        for t in prange(ntask):
+            if ntask <= M:  # whole subspaces per task
+                c0 = t * M // ntask * dsub
+                c1 = (t + 1) * M // ntask * dsub
+            else:
+                c0 = t * d // ntask
+                c1 = (t + 1) * d // ntask
+            bad[t] = not _accumulate_cols(x, codes, ksub, sums, counts, c0, c1, dsub)
+
+    return kernel
 
 
 # ---------------------------------------------------------------------------------------------------------

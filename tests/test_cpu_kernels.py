@@ -161,3 +161,25 @@ def test_accumulate_single_subspace_and_bad_codes():
         cpu.accumulate(x, np.full((500, 1), 16), 16)
     with pytest.raises(ValueError):
         cpu.accumulate(x, np.full((500, 1), -1), 16)
+
+
+def test_kernel_calls_leave_no_reference_to_their_arrays():
+    """A call must not keep its inputs alive until the garbage collector runs (it did when tile shapes
+    were numba.literally() arguments: each call's typing left reference cycles holding the arrays, and a
+    Dask worker grew by hundreds of MiB between collections)."""
+    import gc
+    import weakref
+
+    c = np.random.default_rng(0).standard_normal((8, 16, 4)).astype(np.float32)
+    prepared = cpu.prepare(c)
+    cpu.assign(np.zeros((300, 32), np.float32), prepared)  # compile (or load) outside the measured call
+    gc.disable()
+    try:
+        x = np.random.default_rng(1).standard_normal((300, 32)).astype(np.float32)
+        codes = cpu.assign(x, prepared)
+        refs = [weakref.ref(x), weakref.ref(codes)]
+        cpu.accumulate(x, codes, 16)
+        del x, codes
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
