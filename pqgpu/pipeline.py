@@ -212,20 +212,24 @@ def _run_tasks(client: Any, source: Source, todo: list[Chunk], out: str, codeboo
 
 
 def check_duplicate_ids(store: Any, source: Source, *, strict: bool) -> int:
-    """Count ids that occur more than once; warn, or raise InputError naming the first one when strict."""
+    """Count ids that occur more than once; warn, or raise InputError naming the first one when strict.
+
+    Memory: one copy of the ids, sorted in place (8 bytes a row for integer ids); the rows of the first
+    duplicate are found by a second pass over the store's id chunks, only when there is one."""
     ids = store.ids[...]
     if ids.dtype.kind not in "iu":
         ids = np.asarray(ids, dtype=object).astype(str)
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+    ids.sort()
+    dup = np.flatnonzero(ids[1:] == ids[:-1])
     if not dup.size:
         return 0
-    first_id = sorted_ids[dup[0]]
+    repeated = ids[dup]  # sorted: one entry per extra occurrence
+    n_dup = 1 + int(np.count_nonzero(repeated[1:] != repeated[:-1]))
+    first_id = ids[dup[0]]
+    del ids
     first_id = first_id.item() if hasattr(first_id, "item") else first_id
-    rows = np.sort(order[sorted_ids == first_id])[:2]
+    rows = _rows_with_id(store, first_id, limit=2)
     (p0, r0), (p1, r1) = source.locate(int(rows[0])), source.locate(int(rows[1]))
-    n_dup = int(np.unique(sorted_ids[dup + 1]).size)
     msg = (f"{n_dup} id(s) occur more than once, e.g. id {first_id!r} at {p0} row {r0} and {p1} row {r1}. "
            "Search results will not tell these rows apart.")
     if strict:
@@ -233,6 +237,20 @@ def check_duplicate_ids(store: Any, source: Source, *, strict: bool) -> int:
                          f"{store.path} all the same.)")
     log.warning(msg + " Pass --strict-ids to make this an error.")
     return n_dup
+
+
+def _rows_with_id(store: Any, value: Any, limit: int) -> list[int]:
+    """The first `limit` rows whose id equals value, reading the ids chunk by chunk."""
+    rows: list[int] = []
+    for i in range(store.n_chunks):
+        lo, hi = store.chunk_range(i)
+        ids = store.ids[lo:hi]
+        if ids.dtype.kind not in "iu":
+            ids = np.asarray(ids, dtype=object).astype(str)
+        rows += [lo + int(r) for r in np.flatnonzero(ids == value)[:limit - len(rows)]]
+        if len(rows) == limit:
+            break
+    return rows
 
 
 def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: Any = None,

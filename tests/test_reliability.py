@@ -17,7 +17,7 @@ import yaml
 from pqgpu import cli
 from pqgpu.codebook import Codebook
 from pqgpu.config import ClusterConfig, load_config
-from pqgpu.errors import StoreError
+from pqgpu.errors import InputError, StoreError
 from pqgpu.pipeline import encode, train
 from pqgpu.sample import make_sample
 from pqgpu.sources import open_source, plan_chunks
@@ -178,7 +178,7 @@ def test_duplicate_ids_warn_or_fail_with_strict(tmp_path, caplog, capsys):
     pq.write_table(t.set_column(0, "id", pa.array(ids)), f)
     cfg_path = write_config(tmp_path, quantizer__M=2, quantizer__nbits=4, cluster__n_workers=1)
     assert cli.main(["run", "-c", str(cfg_path)]) == 0
-    assert "id(s) occur more than once, e.g. id 1000" in caplog.text
+    assert "1 id(s) occur more than once, e.g. id 1000" in caplog.text
     assert cli.main(["encode", "-c", str(cfg_path), "--strict-ids"]) == 2
     err = capsys.readouterr().err
     assert "shard-0000.parquet row 0" in err and "shard-0001.parquet row 5" in err
@@ -355,3 +355,24 @@ def test_config_and_output_errors(args, pattern, good_outputs, capsys, tmp_path)
     err = capsys.readouterr().err
     assert re.search(pattern, err), err
     assert snapshot(good_outputs) == before
+
+
+@pytest.mark.parametrize("ids", [np.array([5, 3, 5, 3, 3, 9, 7, 7]), np.array(["e", "c", "e", "c", "c", "i", "g", "g"])])
+def test_duplicate_id_count_and_first_rows(ids):
+    from types import SimpleNamespace
+
+    from pqgpu.pipeline import check_duplicate_ids
+
+    class ZarrLike:  # like a Zarr array, indexing returns a new numpy array
+        def __getitem__(self, key):
+            return ids[key].copy()
+
+    store = SimpleNamespace(ids=ZarrLike(), n_chunks=3, path="s.zarr",
+                            chunk_range=lambda i: (3 * i, min(len(ids), 3 * i + 3)))
+    source = SimpleNamespace(locate=lambda row: ("f.parquet", row))
+    first = ids[1].item()
+    with pytest.raises(InputError, match=f"^3 id\\(s\\) occur more than once, e.g. id {first!r} at f.parquet row 1 "
+                                         "and f.parquet row 3"):
+        check_duplicate_ids(store, source, strict=True)
+    assert check_duplicate_ids(store, source, strict=False) == 3
+    assert check_duplicate_ids(SimpleNamespace(ids=np.unique(ids)), source, strict=True) == 0
