@@ -133,51 +133,68 @@ _PAGE_HEADER = {1: None, 2: None, 3: None, 5: _DATA_V1, 7: _DICT, 8: _DATA_V2}
 # -- levels and dictionary indices (RLE / bit-packed hybrid) ----------------------------------------------
 
 @numba.njit(cache=True, nogil=True)
+def _run_header(data, pos):  # pragma: no cover - compiled
+    """The ULEB128 header of the next run at pos: (header, position after it), or (-1, pos) past the end."""
+    header = 0
+    shift = 0
+    while True:
+        if pos >= data.size:
+            return -1, pos
+        b = data[pos]
+        pos += 1
+        header |= np.int64(b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return header, pos
+
+
+@numba.njit(cache=True, nogil=True)
+def _bits(data, bitpos, mask):  # pragma: no cover - compiled
+    """The value at bit position bitpos (LSB first), up to 32 bits wide."""
+    byte = bitpos >> 3
+    word = np.int64(0)
+    for k in range(min(5, data.size - byte)):
+        word |= np.int64(data[byte + k]) << (8 * k)
+    return (word >> (bitpos & 7)) & mask
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_value(data, pos, byte_width):  # pragma: no cover - compiled
+    v = np.int64(0)
+    for k in range(byte_width):
+        v |= np.int64(data[pos + k]) << (8 * k)
+    return v
+
+
+@numba.njit(cache=True, nogil=True)
 def _levels_ok(data, bit_width, n, max_def, d, first):  # pragma: no cover - compiled
     """Check n levels of the hybrid encoding in data. max_def >= 0: every level must equal it (no nulls).
     max_def < 0: repetition levels, 0 exactly where a list starts, i.e. at values first + k*d."""
     pos = 0
     i = 0
     byte_width = (bit_width + 7) // 8
-    mask = (1 << bit_width) - 1
+    mask = (np.int64(1) << bit_width) - 1
     while i < n:
-        header = 0
-        shift = 0
-        while True:
-            if pos >= data.size:
-                return False
-            b = data[pos]
-            pos += 1
-            header |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                break
+        header, pos = _run_header(data, pos)
+        if header < 0:
+            return False
         if header & 1:  # bit-packed: groups of 8 values
             count = (header >> 1) * 8
             if pos + (header >> 1) * bit_width > data.size:
                 return False
-            bitpos = pos * 8
             for j in range(min(count, n - i)):
-                byte = bitpos >> 3
-                word = 0
-                for k in range(min(3, data.size - byte)):
-                    word |= np.int64(data[byte + k]) << (8 * k)
-                v = (word >> (bitpos & 7)) & mask
-                bitpos += bit_width
+                v = _bits(data, pos * 8 + j * bit_width, mask)
                 if max_def >= 0:
                     if v != max_def:
                         return False
                 elif (v == 0) != ((first + i + j) % d == 0):
                     return False
             pos += (header >> 1) * bit_width
-            i += count
         else:  # one value repeated
             count = header >> 1
             if count == 0 or pos + byte_width > data.size:
                 return False
-            v = 0
-            for k in range(byte_width):
-                v |= np.int64(data[pos + k]) << (8 * k)
+            v = _run_value(data, pos, byte_width)
             pos += byte_width
             run = min(count, n - i)
             if max_def >= 0:
@@ -189,10 +206,9 @@ def _levels_ok(data, bit_width, n, max_def, d, first):  # pragma: no cover - com
                         return False
             else:  # no list may start inside the run
                 start = first + i
-                nxt = ((start + d - 1) // d) * d
-                if nxt < start + run:
+                if ((start + d - 1) // d) * d < start + run:
                     return False
-            i += count
+        i += count
     return True
 
 
@@ -205,47 +221,30 @@ def _gather_dict(data, bit_width, n, dictionary, out):  # pragma: no cover - com
     mask = (np.int64(1) << bit_width) - 1
     size = dictionary.size
     while i < n:
-        header = 0
-        shift = 0
-        while True:
-            if pos >= data.size:
-                return False
-            b = data[pos]
-            pos += 1
-            header |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                break
+        header, pos = _run_header(data, pos)
+        if header < 0:
+            return False
         if header & 1:
             count = (header >> 1) * 8
             if pos + (header >> 1) * bit_width > data.size:
                 return False
-            bitpos = pos * 8
             for j in range(min(count, n - i)):
-                byte = bitpos >> 3
-                word = np.int64(0)
-                for k in range(min(5, data.size - byte)):
-                    word |= np.int64(data[byte + k]) << (8 * k)
-                v = (word >> (bitpos & 7)) & mask
-                bitpos += bit_width
+                v = _bits(data, pos * 8 + j * bit_width, mask)
                 if v >= size:
                     return False
                 out[i + j] = dictionary[v]
             pos += (header >> 1) * bit_width
-            i += count
         else:
             count = header >> 1
             if count == 0 or pos + byte_width > data.size:
                 return False
-            v = np.int64(0)
-            for k in range(byte_width):
-                v |= np.int64(data[pos + k]) << (8 * k)
+            v = _run_value(data, pos, byte_width)
             pos += byte_width
             if v >= size:
                 return False
             for j in range(min(count, n - i)):
                 out[i + j] = dictionary[v]
-            i += count
+        i += count
     return True
 
 
@@ -258,23 +257,22 @@ def leaf_column(pf: Any, column: str) -> int | None:
     if len(leaves) != 1:
         return None
     c = schema.column(leaves[0])
-    if c.physical_type not in _VALUE_DTYPES or c.max_repetition_level != 1:
+    if c.physical_type not in _VALUE_DTYPES or c.max_repetition_level != 1 or c.max_definition_level < 1:
         return None
     return leaves[0]
 
 
 class _File:
     def __init__(self, path: str):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
+        self.f = open(path, "rb", buffering=0)
+        self.size = os.fstat(self.f.fileno()).st_size
 
     def read(self, offset: int, n: int) -> bytes:
-        n = min(n, self.size - offset)
-        data = os.pread(self.fd, n, offset) if n > 0 else b""
-        return data
+        self.f.seek(offset)
+        return self.f.read(max(0, min(n, self.size - offset)))
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.f.close()
 
 
 def _decompress(codec: str | None, data: Any, size: int) -> np.ndarray:
@@ -370,14 +368,13 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
             raw = _decompress(codec, f.read(body_at, csize), usize)
             off = 0
             levels = []
-            for bw, level_max, enc in ((rep_bw, max_rep, h.get(4)), (def_bw, max_def, h.get(3))):
-                if level_max == 0:
-                    continue
+            for enc in (h.get(4), h.get(3)):  # repetition, then definition levels, each with its byte length
                 if enc != _RLE or off + 4 > raw.size:
                     raise Unsupported("level encoding")
                 (length,) = struct.unpack_from("<i", raw, off)
                 levels.append(raw[off + 4:off + 4 + length])
                 off += 4 + length
+            rep, dfn = levels
             values = raw[off:]
             encoding = h.get(2)
         elif ptype == _DATA_PAGE_V2:
@@ -389,18 +386,16 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
             body = np.frombuffer(f.read(body_at, csize), np.uint8)
             if body.size != csize:
                 raise Unsupported("truncated page")
-            levels = [body[:rl]] if max_rep else []
-            levels += [body[rl:rl + dl]] if max_def else []
+            rep, dfn = body[:rl], body[rl:rl + dl]
             compressed = h.get(7, True)
             values = (_decompress(codec, body[rl + dl:].tobytes(), usize - rl - dl) if compressed and codec
                       else body[rl + dl:])
             encoding = h.get(4)
         else:
             continue  # index pages: nothing for us
-        rep, dfn = levels if len(levels) == 2 else (levels[0], None) if max_rep else (None, levels[0])
         if not _levels_ok(rep, rep_bw, n, -1, d, seen):
             raise Unsupported("repetition levels: not every list has d values")
-        if dfn is not None and not _levels_ok(dfn, def_bw, n, max_def, d, 0):
+        if not _levels_ok(dfn, def_bw, n, max_def, d, 0):
             raise Unsupported("definition levels: nulls")
         lo_in, hi_in = max(want_lo - seen, 0), min(want_hi - seen, n)
         if lo_in < hi_in:
