@@ -341,12 +341,7 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
     while seen < want_hi or (seen == want_hi and seen < total):
         if pos >= end:
             raise Unsupported("row group has fewer values than rows x d")
-        head = f.read(pos, 256)
-        try:
-            header, hlen = _struct(head, 0, _PAGE_HEADER)
-        except Unsupported:
-            head = f.read(pos, 1 << 16)
-            header, hlen = _struct(head, 0, _PAGE_HEADER)
+        header, hlen = _page_header(f, pos)
         ptype, usize, csize = header.get(1), header.get(2), header.get(3)
         if usize is None or csize is None or csize < 0 or usize < 0:
             raise Unsupported("page header without sizes")
@@ -402,6 +397,16 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
             dst = out[seen + lo_in - want_lo:seen + hi_in - want_lo]
             _decode_values(values, encoding, n, dtype, dictionary, lo_in, hi_in, dst)
         seen += n
+
+
+def _page_header(f: _File, pos: int) -> tuple[dict, int]:
+    """The page header at pos and its length; headers are short unless they carry large statistics."""
+    for size in (256, 1 << 16):
+        try:
+            return _struct(f.read(pos, size), 0, _PAGE_HEADER)
+        except (Unsupported, IndexError):  # ran past the bytes read
+            continue
+    raise Unsupported("no readable page header")
 
 
 def _decode_values(values: np.ndarray, encoding: int, n: int, dtype: np.dtype, dictionary: Any, lo: int, hi: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -15,6 +16,8 @@ from ..config import SourceConfig
 from ..errors import InputError
 from . import Shard, expand_paths, file_stamp
 from ._parquet_pages import Unsupported, leaf_column, read_rows
+
+log = logging.getLogger(__name__)
 
 FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
 # Read list-of-float columns with the page reader of _parquet_pages where it applies (PQGPU_PARQUET_PAGES=0: off).
@@ -146,6 +149,9 @@ def _read_vectors_fast(shard: Shard, column: str, lo: int, hi: int) -> np.ndarra
         if leaf is not None:
             try:
                 return read_rows(shard.path, _open(shard.path, shard.stamp), leaf, shard.extra, lo, hi, shard.d)
-            except (Unsupported, OSError):
-                pass
+            except Unsupported as exc:
+                log.debug("%s rows %d..%d: read with pyarrow (%s)", shard.path, lo, hi - 1, exc)
+            except Exception as exc:  # noqa: BLE001 - pyarrow reads it instead, and words any error
+                log.warning("%s rows %d..%d: the page reader failed (%r); reading with pyarrow", shard.path, lo,
+                            hi - 1, exc)
     return None
