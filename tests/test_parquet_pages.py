@@ -234,3 +234,21 @@ def test_corrupted_bytes_give_the_same_result_or_error_as_pyarrow(tmp_path, monk
         else:
             assert np.array_equal(fast[0].view(np.uint32), slow[0].view(np.uint32)) and np.array_equal(fast[1], slow[1])
     assert errors  # some flips must hit structure, or the test exercised nothing but values
+
+
+@pytest.mark.parametrize("levels", [None, 4])  # plain pages, and dictionary pages (the dictionary is re-read)
+def test_later_reads_of_a_large_row_group_start_at_the_page_they_need(tmp_path, monkeypatch, levels):
+    import pqgpu.sources._parquet_pages as pages
+
+    x = _vectors(2000, 8, levels=levels)
+    path = _write(tmp_path / "a.parquet", x, row_group_size=2000, data_page_size=1024)
+    checks = []
+    real = pages._levels_ok
+    monkeypatch.setattr(pages, "_levels_ok", lambda *a: checks.append(1) or real(*a))
+    first = _fast(path, 0, 1900, 8)
+    pages_to_1900 = len(checks)
+    checks.clear()
+    again = _fast(path, 1800, 1900, 8)
+    assert 0 < len(checks) < pages_to_1900 / 4  # resumed near row 1800, not from the row group's start
+    assert np.array_equal(first, x[:1900]) and np.array_equal(again, x[1800:1900])
+    assert np.array_equal(_fast(path, 5, 7, 8), x[5:7])

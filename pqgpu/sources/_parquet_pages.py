@@ -10,14 +10,18 @@ into the (rows, d) output.
 Anything this reader does not know — another encoding, LZ4 (hadoop) framing, float16, nested lists, a null,
 a list of another length, a truncated page — raises `Unsupported`, and the caller reads the row groups with
 pyarrow instead, which gives the exact error. Levels are checked from the first page of each row group, so a
-row's position never depends on pages that were skipped. tests/test_parquet_pages.py compares this reader
+row's position never depends on pages that were skipped; the pages found good are remembered per process, so
+the next chunk of a large row group starts at its own page. Memory is one page at a time plus the output:
+pyarrow reads a whole row group for any slice of it (3 GiB for a default 1M-row group of 768-d float32). tests/test_parquet_pages.py compares this reader
 with pyarrow on every layout it accepts and on those it must refuse.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
+from collections import OrderedDict
 from typing import Any
 
 import numba
@@ -265,7 +269,9 @@ def leaf_column(pf: Any, column: str) -> int | None:
 class _File:
     def __init__(self, path: str):
         self.f = open(path, "rb", buffering=0)
-        self.size = os.fstat(self.f.fileno()).st_size
+        st = os.fstat(self.f.fileno())
+        self.size = st.st_size
+        self.key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
     def read(self, offset: int, n: int) -> bytes:
         self.f.seek(offset)
@@ -317,6 +323,13 @@ def read_rows(path: str, pf: Any, leaf: int, row_group_offsets: Any, lo: int, hi
     return out
 
 
+# Data pages known good: their levels, and those of every page before them in the row group, were checked.
+# (file, size, mtime, column chunk offset) -> sorted [(values before the page, page position)], so the next
+# chunks of a large row group start at the page they need instead of re-checking the row group from its start.
+_CHECKED: OrderedDict = OrderedDict()
+_CHECKED_ROW_GROUPS = 256
+
+
 def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep: int, d: int, rows: int, a: int,
                     b: int, out: np.ndarray) -> None:
     """Values of rows [a, b) of one row group of `rows` rows into out (flat, (b - a) * d)."""
@@ -335,12 +348,23 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
     want_lo, want_hi = a * d, b * d  # value range wanted, counted from the row group's first value
     seen = 0  # values (= levels, no nulls) before the current page
     dictionary = None
+    key = (f.key, pos)
+    checked = _CHECKED.setdefault(key, [])
+    _CHECKED.move_to_end(key)
+    if len(_CHECKED) > _CHECKED_ROW_GROUPS:
+        _CHECKED.popitem(last=False)
+    i = bisect.bisect_right(checked, (want_lo, end)) - 1
+    if i >= 0:
+        if has_dict:
+            dictionary = _dictionary_page(f, pos, codec, dtype)
+        seen, pos = checked[i]
     rep_bw, def_bw = _bit_width(max_rep), _bit_width(max_def)
     # read past want_hi until a page shows the next list starting exactly there (or the row group ends),
     # so the last wanted row is known to have exactly d values
     while seen < want_hi or (seen == want_hi and seen < total):
         if pos >= end:
             raise Unsupported("row group has fewer values than rows x d")
+        page_at = pos
         header, hlen = _page_header(f, pos)
         ptype, usize, csize = header.get(1), header.get(2), header.get(3)
         if usize is None or csize is None or csize < 0 or usize < 0:
@@ -348,14 +372,7 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
         body_at = pos + hlen
         pos = body_at + csize
         if ptype == _DICTIONARY_PAGE:
-            dh = header.get(7) or {}
-            if dh.get(2) not in (_PLAIN, _PLAIN_DICTIONARY):
-                raise Unsupported("dictionary page encoding")
-            raw = _decompress(codec, f.read(body_at, csize), usize)
-            nd = dh.get(1, 0)
-            if raw.size < nd * dtype.itemsize:
-                raise Unsupported("short dictionary page")
-            dictionary = raw[:nd * dtype.itemsize].view(dtype)
+            dictionary = _dictionary_page(f, page_at, codec, dtype, (header, hlen))
             continue
         if ptype == _DATA_PAGE:
             h = header.get(5) or {}
@@ -392,11 +409,28 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
             raise Unsupported("repetition levels: not every list has d values")
         if not _levels_ok(dfn, def_bw, n, max_def, d, 0):
             raise Unsupported("definition levels: nulls")
+        if not checked or checked[-1][0] < seen:
+            checked.append((seen, page_at))
         lo_in, hi_in = max(want_lo - seen, 0), min(want_hi - seen, n)
         if lo_in < hi_in:
             dst = out[seen + lo_in - want_lo:seen + hi_in - want_lo]
             _decode_values(values, encoding, n, dtype, dictionary, lo_in, hi_in, dst)
         seen += n
+
+
+def _dictionary_page(f: _File, pos: int, codec: str | None, dtype: np.dtype, parsed: Any = None) -> np.ndarray:
+    header, hlen = parsed or _page_header(f, pos)
+    dh = header.get(7)
+    if header.get(1) != _DICTIONARY_PAGE or not dh or dh.get(2) not in (_PLAIN, _PLAIN_DICTIONARY):
+        raise Unsupported("dictionary page")
+    usize, csize = header.get(2), header.get(3)
+    if usize is None or csize is None or csize < 0 or usize < 0:
+        raise Unsupported("page header without sizes")
+    raw = _decompress(codec, f.read(pos + hlen, csize), usize)
+    nd = dh.get(1, 0)
+    if raw.size < nd * dtype.itemsize:
+        raise Unsupported("short dictionary page")
+    return raw[:nd * dtype.itemsize].view(dtype)
 
 
 def _page_header(f: _File, pos: int) -> tuple[dict, int]:
