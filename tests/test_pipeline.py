@@ -180,3 +180,21 @@ cluster: {{n_workers: 1}}
     assert "1-recall@10" in out and "mse" in out
     result = __import__("json").loads((tmp_path / "codes.eval.json").read_text())
     assert 0.5 <= result["1-recall@10"] <= 1.0 and result["mse"] > 0
+
+
+def test_training_sample_reads_are_bounded_by_the_window(tmp_path, monkeypatch):
+    """A sparse sample must not read the whole span between its first and last row of a shard at once."""
+    import pqgpu.sources as sources
+    from pqgpu.sources import open_source
+    from pqgpu.sources.parquet import ParquetReader
+
+    make_sample(tmp_path / "data", 6000, 8, shards=4, fmt="parquet")
+    source = open_source(make_config(tmp_path, "parquet", M=2).source)
+    spans = []
+    real = ParquetReader.read
+    monkeypatch.setattr(ParquetReader, "read", lambda self, cfg, shard, lo, hi: spans.append(hi - lo) or
+                        real(self, cfg, shard, lo, hi))
+    monkeypatch.setattr(sources, "SAMPLE_WINDOW_ROWS", 500)
+    x, rows = source.sample(300, seed=3)
+    assert max(spans) <= 500 and len(spans) >= 6000 // 500 - 1
+    np.testing.assert_array_equal(x, source_rows("parquet", 6000, 8)[rows])

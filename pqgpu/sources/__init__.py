@@ -18,6 +18,8 @@ from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
+SAMPLE_WINDOW_ROWS = 32768  # the most rows one read of Source.sample() asks for
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -174,9 +176,9 @@ class Source:
         for s, shard in enumerate(self.shards):
             lo_g, hi_g = self.offsets[s], self.offsets[s] + shard.n_rows
             sel = rows[(rows >= lo_g) & (rows < hi_g)] - lo_g
-            # read in spans of at most 65536 rows so memory stays bounded by the sample, not the shard
-            for a in range(0, len(sel), 65536):
-                part = sel[a:a + 65536]
+            # one read per window of SAMPLE_WINDOW_ROWS shard rows that holds sampled rows, from its first to
+            # its last sampled row: memory is bounded by the window, however far apart the samples lie
+            for part in np.split(sel, np.flatnonzero(np.diff(sel // SAMPLE_WINDOW_ROWS)) + 1) if sel.size else []:
                 x, _ = reader.read(self.cfg, shard, int(part[0]), int(part[-1]) + 1)
                 out.append(np.asarray(x[part - part[0]]))
         if not out:
