@@ -68,6 +68,10 @@ LAYOUTS = {
     "tiny-pages": dict(data_page_size=700, write_batch_size=7),  # lists split across pages
     "tiny-pages-v2": dict(data_page_size=700, write_batch_size=7, data_page_version="2.0"),
     "float64": dict(dtype=np.float64),
+    "float16": dict(dtype=np.float16),
+    "float16-dictionary-v2": dict(dtype=np.float16, levels=4, data_page_version="2.0"),
+    "float16-byte-stream-split": dict(dtype=np.float16, use_dictionary=False,
+                                      column_encoding={"embedding.list.element": "BYTE_STREAM_SPLIT"}),
     "list": dict(list_type="list"),
     "large-list": dict(list_type="large"),
     "not-nullable": dict(nullable=False),
@@ -125,11 +129,6 @@ def _empty_list(path):
     pq.write_table(pa.table({"embedding": pa.array(rows, pa.list_(pa.float32()))}), path)
 
 
-def _float16(path):
-    x = _vectors(50, 4, np.float16)
-    pq.write_table(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4)}), path)
-
-
 @pytest.mark.parametrize("make", [_null_list, _null_value, _ragged_same_total, _long_row_same_total, _empty_list])
 def test_fast_reader_refuses_what_it_cannot_read_exactly(tmp_path, make):
     path = tmp_path / "a.parquet"
@@ -146,11 +145,6 @@ def test_a_long_list_is_found_even_when_the_rows_that_make_up_the_count_are_not_
     pf = pq.ParquetFile(tmp_path / "a.parquet")
     with pytest.raises(Unsupported):
         read_rows(str(tmp_path / "a.parquet"), pf, leaf_column(pf, "embedding"), np.array([0, 50]), 0, 15, 8)
-
-
-def test_float16_is_left_to_pyarrow(tmp_path):
-    _float16(tmp_path / "a.parquet")
-    assert leaf_column(pq.ParquetFile(tmp_path / "a.parquet"), "embedding") is None
 
 
 @pytest.mark.parametrize("make, message", [

@@ -7,7 +7,7 @@ another 15 % (benchmarks/RESULTS.md). Here the pages of the leaf column are read
 with pyarrow's codecs, their levels only *checked* (numba, no arrays built) and the values copied straight
 into the (rows, d) output.
 
-Anything this reader does not know — another encoding, LZ4 (hadoop) framing, float16, nested lists, a null,
+Anything this reader does not know — another encoding, LZ4 (hadoop) framing, nested lists, a null,
 a list of another length, a truncated page — raises `Unsupported`, and the caller reads the row groups with
 pyarrow instead, which gives the exact error. Levels are checked from the first page of each row group, so a
 row's position never depends on pages that were skipped; the pages found good are remembered per process, so
@@ -41,6 +41,14 @@ _PLAIN, _PLAIN_DICTIONARY, _RLE, _RLE_DICTIONARY, _BYTE_STREAM_SPLIT = 0, 2, 3, 
 _CODECS = {"UNCOMPRESSED": None, "SNAPPY": "snappy", "GZIP": "gzip", "BROTLI": "brotli", "ZSTD": "zstd",
            "LZ4_RAW": "lz4_raw"}
 _VALUE_DTYPES = {"FLOAT": np.dtype("<f4"), "DOUBLE": np.dtype("<f8")}
+
+
+def _value_dtype(column: Any) -> np.dtype | None:
+    """numpy dtype of a leaf's values: float32, float64, or float16 (FIXED_LEN_BYTE_ARRAY(2), logical Float16)."""
+    if column.physical_type == "FIXED_LEN_BYTE_ARRAY":
+        is_half = column.length == 2 and str(getattr(column.logical_type, "type", "")).upper() == "FLOAT16"
+        return np.dtype("<f2") if is_half else None
+    return _VALUE_DTYPES.get(column.physical_type)
 
 
 # -- Thrift compact protocol: just enough to read a PageHeader --------------------------------------------
@@ -261,7 +269,7 @@ def leaf_column(pf: Any, column: str) -> int | None:
     if len(leaves) != 1:
         return None
     c = schema.column(leaves[0])
-    if c.physical_type not in _VALUE_DTYPES or c.max_repetition_level != 1 or c.max_definition_level < 1:
+    if _value_dtype(c) is None or c.max_repetition_level != 1 or c.max_definition_level < 1:
         return None
     return leaves[0]
 
@@ -303,7 +311,7 @@ def read_rows(path: str, pf: Any, leaf: int, row_group_offsets: Any, lo: int, hi
     """Vectors of rows [lo, hi) of the file (global to the file), as (hi - lo, d) float32 or float64."""
     md = pf.metadata
     col = pf.schema.column(leaf)
-    dtype = _VALUE_DTYPES[col.physical_type]
+    dtype = _value_dtype(col)
     max_def, max_rep = col.max_definition_level, col.max_repetition_level
     out = np.empty((hi - lo, d), dtype)
     flat = out.reshape(-1)
@@ -453,10 +461,11 @@ def _decode_values(values: np.ndarray, encoding: int, n: int, dtype: np.dtype, d
     elif encoding in (_PLAIN_DICTIONARY, _RLE_DICTIONARY):
         if dictionary is None or values.size < 1:
             raise Unsupported("dictionary page missing")
-        tmp = np.empty(n, dtype)
-        if not _gather_dict(values[1:], int(values[0]), n, dictionary, tmp):
+        bits = np.dtype(f"<u{size}")  # gather the values' bits: numba has no float16
+        tmp = np.empty(n, bits)
+        if not _gather_dict(values[1:], int(values[0]), n, dictionary.view(bits), tmp):
             raise Unsupported("bad dictionary indices")
-        dst[:] = tmp[lo:hi]
+        dst.view(bits)[:] = tmp[lo:hi]
     elif encoding == _BYTE_STREAM_SPLIT:
         if values.size < n * size:
             raise Unsupported("short data page")
