@@ -246,3 +246,17 @@ def test_later_reads_of_a_large_row_group_start_at_the_page_they_need(tmp_path, 
     assert 0 < len(checks) < pages_to_1900 / 4  # resumed near row 1800, not from the row group's start
     assert np.array_equal(first, x[:1900]) and np.array_equal(again, x[1800:1900])
     assert np.array_equal(_fast(path, 5, 7, 8), x[5:7])
+
+
+def test_pyarrow_path_streams_slices_of_large_row_groups(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    x = _vectors(2000, 8)
+    _write(tmp_path / "d" / "a.parquet", x, row_group_size=2000, compression="lz4")  # lz4: the pyarrow path
+    monkeypatch.setattr(P, "STREAM_BATCH_ROWS", 64)
+    whole = []
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda *a, **k: whole.append(1))  # must not be used
+    source = open_source(SourceConfig(format="parquet", path=str(tmp_path / "d"), id_column="id"))
+    for c in _chunks(source, 300):
+        got, ids = source.read_chunk(c)
+        assert np.array_equal(got, x[c.start:c.stop]) and np.array_equal(ids, np.arange(c.start, c.stop) * 3 + 7)
+    assert not whole

@@ -118,11 +118,10 @@ class ParquetReader:
         if not columns:
             return x, None
         try:
-            table = pf.read_row_groups(groups, columns=columns, use_threads=False)
+            table = _read_slice(pf, groups, columns, lo - offsets[first], hi - lo)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1} (row groups {groups[0]}..{groups[-1]}): "
                              f"{exc}. The file may be truncated or corrupt.") from None
-        table = table.slice(lo - offsets[first], hi - lo)
         if x is None:
             x = vectors_from_arrow(table.column(cfg.vector_column), shard.path, lo)
         ids = None
@@ -134,6 +133,27 @@ class ParquetReader:
             ids = col.to_numpy()
             ids = ids.astype(np.int64, copy=False) if ids.dtype.kind in "iu" else ids.astype(str)
         return x, ids
+
+
+STREAM_BATCH_ROWS = 8192
+
+
+def _read_slice(pf: pq.ParquetFile, groups: list[int], columns: list[str], skip: int, take: int) -> pa.Table:
+    """Rows [skip, skip + take) of the given row groups. Row groups much larger than the slice (pyarrow's
+    default is 1Mi rows: 3 GiB of 768-d float32) are streamed in batches, so memory stays near the slice."""
+    total = sum(pf.metadata.row_group(g).num_rows for g in groups)
+    if total <= 2 * take + STREAM_BATCH_ROWS:
+        return pf.read_row_groups(groups, columns=columns, use_threads=False).slice(skip, take)
+    batches, pos = [], 0
+    for batch in pf.iter_batches(batch_size=STREAM_BATCH_ROWS, row_groups=groups, columns=columns, use_threads=False):
+        end = pos + batch.num_rows
+        if end > skip:
+            a = max(skip - pos, 0)
+            batches.append(batch.slice(a, min(end, skip + take) - pos - a))
+        pos = end
+        if pos >= skip + take:
+            break
+    return pa.Table.from_batches(batches)
 
 
 @functools.lru_cache(maxsize=64)
