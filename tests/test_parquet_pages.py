@@ -260,3 +260,16 @@ def test_pyarrow_path_streams_slices_of_large_row_groups(tmp_path, monkeypatch):
         got, ids = source.read_chunk(c)
         assert np.array_equal(got, x[c.start:c.stop]) and np.array_equal(ids, np.arange(c.start, c.stop) * 3 + 7)
     assert not whole
+
+
+def test_threads_reading_one_row_group_get_the_right_rows(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = _vectors(3000, 8, levels=4)
+    path = _write(tmp_path / "a.parquet", x, row_group_size=3000, data_page_size=512)
+    ranges = [(lo, min(3000, lo + 137)) for lo in range(0, 3000, 137)] * 3
+    np.random.default_rng(0).shuffle(ranges)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda r: _fast(path, r[0], r[1], 8), ranges))
+    for (lo, hi), g in zip(ranges, got):
+        assert np.array_equal(g, x[lo:hi])

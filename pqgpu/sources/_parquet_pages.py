@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -334,8 +335,10 @@ def read_rows(path: str, pf: Any, leaf: int, row_group_offsets: Any, lo: int, hi
 # Data pages known good: their levels, and those of every page before them in the row group, were checked.
 # (file, size, mtime, column chunk offset) -> sorted [(values before the page, page position)], so the next
 # chunks of a large row group start at the page they need instead of re-checking the row group from its start.
+# A Dask worker may run several reading threads: one lock keeps each list sorted and the LRU order whole.
 _CHECKED: OrderedDict = OrderedDict()
 _CHECKED_ROW_GROUPS = 256
+_CHECKED_LOCK = threading.Lock()
 
 
 def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep: int, d: int, rows: int, a: int,
@@ -357,15 +360,17 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
     seen = 0  # values (= levels, no nulls) before the current page
     dictionary = None
     key = (f.key, pos)
-    checked = _CHECKED.setdefault(key, [])
-    _CHECKED.move_to_end(key)
-    if len(_CHECKED) > _CHECKED_ROW_GROUPS:
-        _CHECKED.popitem(last=False)
-    i = bisect.bisect_right(checked, (want_lo, end)) - 1
-    if i >= 0:
+    with _CHECKED_LOCK:
+        checked = _CHECKED.setdefault(key, [])
+        _CHECKED.move_to_end(key)
+        if len(_CHECKED) > _CHECKED_ROW_GROUPS:
+            _CHECKED.popitem(last=False)
+        i = bisect.bisect_right(checked, (want_lo, end)) - 1
+        resume = checked[i] if i >= 0 else None
+    if resume:
         if has_dict:
             dictionary = _dictionary_page(f, pos, codec, dtype)
-        seen, pos = checked[i]
+        seen, pos = resume
     rep_bw, def_bw = _bit_width(max_rep), _bit_width(max_def)
     # read past want_hi until a page shows the next list starting exactly there (or the row group ends),
     # so the last wanted row is known to have exactly d values
@@ -417,8 +422,10 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
             raise Unsupported("repetition levels: not every list has d values")
         if not _levels_ok(dfn, def_bw, n, max_def, d, 0):
             raise Unsupported("definition levels: nulls")
-        if not checked or checked[-1][0] < seen:
-            checked.append((seen, page_at))
+        with _CHECKED_LOCK:  # usually an append; in order also when another thread got further first
+            j = bisect.bisect_left(checked, (seen, page_at))
+            if j == len(checked) or checked[j] != (seen, page_at):
+                checked.insert(j, (seen, page_at))
         lo_in, hi_in = max(want_lo - seen, 0), min(want_hi - seen, n)
         if lo_in < hi_in:
             dst = out[seen + lo_in - want_lo:seen + hi_in - want_lo]
