@@ -11,9 +11,10 @@ Anything this reader does not know — another encoding, LZ4 (hadoop) framing, n
 a list of another length, a truncated page — raises `Unsupported`, and the caller reads the row groups with
 pyarrow instead, which gives the exact error. Levels are checked from the first page of each row group, so a
 row's position never depends on pages that were skipped; the pages found good are remembered per process, so
-the next chunk of a large row group starts at its own page. Memory is one page at a time plus the output:
-pyarrow reads a whole row group for any slice of it (3 GiB for a default 1M-row group of 768-d float32). tests/test_parquet_pages.py compares this reader
-with pyarrow on every layout it accepts and on those it must refuse.
+the next chunk of a large row group starts at its own page. Memory is one page at a time plus the output
+(pyarrow's read_row_groups holds a whole row group: 3 GiB for a default 1Mi-row group of 768-d float32).
+tests/test_parquet_pages.py compares this reader with pyarrow on every layout it accepts and on those it must
+refuse.
 """
 
 from __future__ import annotations
@@ -309,7 +310,7 @@ def _bit_width(max_level: int) -> int:
 
 
 def read_rows(path: str, pf: Any, leaf: int, row_group_offsets: Any, lo: int, hi: int, d: int) -> np.ndarray:
-    """Vectors of rows [lo, hi) of the file (global to the file), as (hi - lo, d) float32 or float64."""
+    """Vectors of rows [lo, hi) of the file (counted from its first row), (hi - lo, d) in the column's dtype."""
     md = pf.metadata
     col = pf.schema.column(leaf)
     dtype = _value_dtype(col)
@@ -329,6 +330,8 @@ def read_rows(path: str, pf: Any, leaf: int, row_group_offsets: Any, lo: int, hi
             g += 1
     finally:
         f.close()
+    if g == first or int(row_group_offsets[g]) < hi:
+        raise Unsupported("rows past the last row group")
     return out
 
 
