@@ -41,7 +41,7 @@ class Unsupported(Exception):
 _DATA_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 2, 3
 _PLAIN, _PLAIN_DICTIONARY, _RLE, _RLE_DICTIONARY, _BYTE_STREAM_SPLIT = 0, 2, 3, 8, 9
 _CODECS = {"UNCOMPRESSED": None, "SNAPPY": "snappy", "GZIP": "gzip", "BROTLI": "brotli", "ZSTD": "zstd",
-           "LZ4_RAW": "lz4_raw"}
+           "LZ4_RAW": "lz4_raw", "LZ4": "lz4_raw"}
 _VALUE_DTYPES = {"FLOAT": np.dtype("<f4"), "DOUBLE": np.dtype("<f8")}
 
 
