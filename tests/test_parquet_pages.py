@@ -300,3 +300,27 @@ def test_files_from_other_writers(tmp_path, writer):
     for path in paths:
         for lo, hi in [(0, 5000), (1499, 1502), (3000, 4999)]:
             assert np.array_equal(_fast(path, lo, hi, 24), x[lo:hi]), (path.name, lo, hi)
+
+
+def test_chunks_over_several_shards_are_read_into_one_array(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    xs = [_vectors(300, 8, seed=s) for s in range(3)]
+    for s, x in enumerate(xs):
+        _write(tmp_path / "d" / f"s{s}.parquet", x, row_group_size=128)
+    source = open_source(SourceConfig(format="parquet", path=str(tmp_path / "d"), id_column="id"))
+    outs = []
+    real = P.read_rows
+    monkeypatch.setattr(P, "read_rows", lambda *a: outs.append(a[-1]) or real(*a))
+    x, ids = source.read_chunk(_chunks(source, 900)[0])
+    assert np.array_equal(x, np.concatenate(xs)) and len(ids) == 900
+    assert len(outs) == 3 and all(o is not None and np.shares_memory(o, x) for o in outs)
+
+
+def test_chunk_over_shards_of_different_dtypes(tmp_path):
+    (tmp_path / "d").mkdir()
+    a, b = _vectors(50, 4), _vectors(70, 4, np.float64, seed=1)
+    np.save(tmp_path / "d" / "shard-0.npy", a)
+    np.save(tmp_path / "d" / "shard-1.npy", b)
+    source = open_source(SourceConfig(format="npy", path=str(tmp_path / "d" / "shard-*.npy"), id_column=None))
+    x, ids = source.read_chunk(_chunks(source, 1000)[0])
+    assert x.dtype == np.float64 and np.array_equal(x, np.concatenate([a, b])) and np.array_equal(ids, np.arange(120))

@@ -192,8 +192,8 @@ def test_training_sample_reads_are_bounded_by_the_window(tmp_path, monkeypatch):
     source = open_source(make_config(tmp_path, "parquet", M=2).source)
     spans = []
     real = ParquetReader.read
-    monkeypatch.setattr(ParquetReader, "read", lambda self, cfg, shard, lo, hi: spans.append(hi - lo) or
-                        real(self, cfg, shard, lo, hi))
+    monkeypatch.setattr(ParquetReader, "read", lambda self, cfg, shard, lo, hi, **kw: spans.append(hi - lo) or
+                        real(self, cfg, shard, lo, hi, **kw))
     monkeypatch.setattr(sources, "SAMPLE_WINDOW_ROWS", 500)
     x, rows = source.sample(300, seed=3)
     assert max(spans) <= 500 and len(spans) >= 6000 // 500 - 1

@@ -86,9 +86,12 @@ def plan_chunks(shard_rows: Sequence[int], chunk_rows: int) -> list[Chunk]:
 class ShardReader(Protocol):
     def list_shards(self, cfg: SourceConfig) -> list[Shard]: ...
 
-    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]: ...
+    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]: ...
 
     def id_dtype(self, cfg: SourceConfig, shard: Shard) -> Any: ...
+
+    def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any: ...
 
 
 def _reader(fmt: str) -> ShardReader:
@@ -127,10 +130,13 @@ class Source:
                 "vector_column": self.cfg.vector_column, "n": self.n, "d": self.d,
                 "files": [[os.path.basename(s.path), s.n_rows, *s.stamp] for s in self.shards]}
 
-    def read_piece(self, piece: Piece, global_start: int) -> tuple[np.ndarray, np.ndarray]:
+    def read_piece(self, piece: Piece, global_start: int,
+                   out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors and ids of one piece. With `out` ((rows, d), the shard's vector dtype) the reader may fill
+        it and return it instead of a new array."""
         shard = self.shards[piece.shard]
         reader = _reader(self.cfg.format)
-        x, ids = reader.read(self.cfg, shard, piece.lo, piece.hi)
+        x, ids = reader.read(self.cfg, shard, piece.lo, piece.hi, out=out)
         if x.ndim != 2 or x.shape[0] != piece.hi - piece.lo:
             raise InputError(f"{shard.path}: expected {piece.hi - piece.lo} rows at rows {piece.lo}..{piece.hi}, "
                              f"got array of shape {x.shape}.")
@@ -141,18 +147,26 @@ class Source:
         return x, ids
 
     def read_chunk(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors (rows, d) in their stored float dtype and ids (rows,) of one chunk."""
+        """Vectors (rows, d) in their stored float dtype and ids (rows,) of one chunk. A chunk over several
+        shards of one dtype is read straight into one array (no concatenation copy)."""
+        if len(chunk.pieces) == 1:
+            return self.read_piece(chunk.pieces[0], chunk.start)
+        reader = _reader(self.cfg.format)
+        dtypes = {np.dtype(reader.vector_dtype(self.cfg, self.shards[p.shard])) for p in chunk.pieces}
+        out = np.empty((chunk.rows, self.d), dtypes.pop()) if len(dtypes) == 1 else None
         xs, ids = [], []
         start = chunk.start
         for p in chunk.pieces:
-            x, i = self.read_piece(p, start)
+            part = None if out is None else out[start - chunk.start:start - chunk.start + p.hi - p.lo]
+            x, i = self.read_piece(p, start, part)
+            if part is not None and x is not part:
+                part[...] = x
             xs.append(x)
             ids.append(i)
             start += p.hi - p.lo
-        if len(xs) == 1:
-            return xs[0], ids[0]
-        dtype = np.result_type(*[x.dtype for x in xs])
-        return np.concatenate(xs).astype(dtype, copy=False), np.concatenate(ids)
+        if out is not None:
+            return out, np.concatenate(ids)
+        return np.concatenate(xs).astype(np.result_type(*[x.dtype for x in xs]), copy=False), np.concatenate(ids)
 
     def locate(self, row: int) -> tuple[str, int]:
         """(file path, row within file) of a global row: for error messages."""

@@ -309,13 +309,16 @@ def _bit_width(max_level: int) -> int:
     return int(max_level).bit_length()
 
 
-def read_rows(path: str, pf: Any, leaf: int, row_group_offsets: Any, lo: int, hi: int, d: int) -> np.ndarray:
-    """Vectors of rows [lo, hi) of the file (counted from its first row), (hi - lo, d) in the column's dtype."""
+def read_rows(path: str, pf: Any, leaf: int, row_group_offsets: Any, lo: int, hi: int, d: int,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Vectors of rows [lo, hi) of the file (counted from its first row), (hi - lo, d) in the column's dtype;
+    written into `out` when it is a C-contiguous array of that shape and dtype."""
     md = pf.metadata
     col = pf.schema.column(leaf)
     dtype = _value_dtype(col)
     max_def, max_rep = col.max_definition_level, col.max_repetition_level
-    out = np.empty((hi - lo, d), dtype)
+    if out is None or out.shape != (hi - lo, d) or out.dtype != dtype or not out.flags.c_contiguous:
+        out = np.empty((hi - lo, d), dtype)
     flat = out.reshape(-1)
     first = int(np.searchsorted(row_group_offsets, lo, side="right")) - 1
     f = _File(path)

@@ -61,10 +61,18 @@ class NpyReader:
             return np.int64
         return np.int64 if _load(*shard.extra).dtype.kind in "iu" else str
 
-    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
+        return _load(shard.path, shard.stamp[:2]).dtype
+
+    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         a = _load(shard.path, shard.stamp[:2])
         try:
-            x = np.array(a[lo:hi])
+            if out is not None and out.dtype == a.dtype and out.shape == (hi - lo, a.shape[1]):
+                out[...] = a[lo:hi]
+                x = out
+            else:
+                x = np.array(a[lo:hi])
         except (ValueError, OSError) as exc:
             raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1}: {exc}. The file may be truncated.") from None
         ids = None

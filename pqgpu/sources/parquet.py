@@ -107,13 +107,18 @@ class ParquetReader:
         t = _open(shard.path, shard.stamp).schema_arrow.field(cfg.id_column).type
         return np.int64 if pa.types.is_integer(t) else str
 
-    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
+        field = _open(shard.path, shard.stamp).schema_arrow.field(cfg.vector_column)
+        return _vector_type(field, shard.path)[1].to_pandas_dtype()
+
+    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         pf = _open(shard.path, shard.stamp)
         offsets = shard.extra
         first = int(np.searchsorted(offsets, lo, side="right")) - 1
         last = int(np.searchsorted(offsets, hi, side="left")) - 1
         groups = list(range(first, max(first, last) + 1))
-        x = _read_vectors_fast(shard, cfg.vector_column, lo, hi)
+        x = _read_vectors_fast(shard, cfg.vector_column, lo, hi, out)
         columns = ([cfg.vector_column] if x is None else []) + ([cfg.id_column] if cfg.id_column else [])
         if not columns:
             return x, None
@@ -161,14 +166,15 @@ def _leaf(path: str, stamp: tuple, column: str) -> int | None:
     return None if "://" in path else leaf_column(_open(path, stamp), column)
 
 
-def _read_vectors_fast(shard: Shard, column: str, lo: int, hi: int) -> np.ndarray | None:
+def _read_vectors_fast(shard: Shard, column: str, lo: int, hi: int, out: np.ndarray | None) -> np.ndarray | None:
     """Vectors through the page reader of _parquet_pages, or None where its fast path does not apply (then
     pyarrow reads them, and names any error)."""
     if FAST_PAGES and shard.d:
         leaf = _leaf(shard.path, shard.stamp, column)
         if leaf is not None:
             try:
-                return read_rows(shard.path, _open(shard.path, shard.stamp), leaf, shard.extra, lo, hi, shard.d)
+                return read_rows(shard.path, _open(shard.path, shard.stamp), leaf, shard.extra, lo, hi, shard.d,
+                                 out)
             except Unsupported as exc:
                 log.debug("%s rows %d..%d: read with pyarrow (%s)", shard.path, lo, hi - 1, exc)
             except Exception as exc:  # noqa: BLE001 - pyarrow reads it instead, and words any error

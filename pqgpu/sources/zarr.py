@@ -53,7 +53,12 @@ class ZarrReader:
         kind = _array(shard.path, cfg.id_column, "id_column").dtype.kind
         return np.int64 if kind in "iu" else str
 
-    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
+        return _array(shard.path, cfg.vector_column, "vector_column").dtype
+
+    def read(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """`out` is not used: Zarr decodes into arrays of its own."""
         try:
             x = np.asarray(_array(shard.path, cfg.vector_column, "vector_column")[lo:hi])
             ids = None
