@@ -159,9 +159,10 @@ class Source:
         for p in chunk.pieces:
             part = None if out is None else out[start - chunk.start:start - chunk.start + p.hi - p.lo]
             x, i = self.read_piece(p, start, part)
-            if part is not None and x is not part:
+            if part is None:
+                xs.append(x)
+            elif x is not part:
                 part[...] = x
-            xs.append(x)
             ids.append(i)
             start += p.hi - p.lo
         if out is not None:
