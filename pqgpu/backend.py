@@ -245,3 +245,13 @@ def encode_blocks(x: np.ndarray, centroids: np.ndarray, nbits: int, device: Nump
     finish(0)
     finish(1)
     return out
+
+
+def sync(backend: str = "gpu") -> None:
+    """Wait until all work queued on the current CUDA device has finished (timing GPU work needs it);
+    a no-op for "cpu"."""
+    if backend == "cpu":
+        return
+    import cupy
+
+    cupy.cuda.Device().synchronize()
