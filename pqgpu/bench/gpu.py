@@ -137,7 +137,7 @@ def _try_import(module: str, timeout: float) -> str:
 
 def step_versions(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
     import platform
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import pqgpu
 
@@ -161,16 +161,22 @@ def step_versions(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
         rec.set(nvidia_smi="nvidia-smi not found on PATH")
     ok, reason = gpu_state()
     rec.set(gpu=reason, gpu_usable=ok)
-    timeout = float(p.get("import_timeout", 20))
-    with ThreadPoolExecutor(8) as pool:
-        imports = dict(zip(EXPECTED, pool.map(lambda m: _try_import(m, timeout), EXPECTED)))
+    # versions first (metadata only, fast), then each import in its own process, the table rewritten as
+    # they finish: a crashing import cannot take the others with it, and a timeout keeps what was learned
+    table = rec.data["tables"].setdefault("packages", [])
     for module, dist in EXPECTED.items():
         version, where = _dist_info(dist)
-        rec.data["tables"].setdefault("packages", []).append(
-            {"module": module, "imports": imports[module], "version": version, "location": where})
+        table.append({"module": module, "imports": "not checked", "version": version, "location": where})
     rec.save()
-    failed = [m for m, r in imports.items() if not r.startswith("yes")]
+    timeout = float(p.get("import_timeout", 15))
+    with ThreadPoolExecutor(min(16, 2 * (os.cpu_count() or 1))) as pool:
+        futures = {pool.submit(_try_import, m, timeout): i for i, m in enumerate(EXPECTED)}
+        for fut in as_completed(futures):
+            table[futures[fut]]["imports"] = fut.result()
+            rec.save()
+    failed = [r["module"] for r in table if not r["imports"].startswith("yes")]
     rec.set(imports_failed=", ".join(failed) or "none")
+    print("imports failed:", ", ".join(failed) or "none", flush=True)
     rec.status("ok")
 
 
@@ -233,22 +239,22 @@ def routes() -> tuple[list[str], Callable[..., Any]]:
 
     if hasattr(backend, "gpu_encode_routes") and hasattr(backend, "device_encode"):
         return list(backend.gpu_encode_routes()), backend.device_encode
+    return ["arrayapi"], arrayapi_route
 
-    def arrayapi(x_dev: Any, centroids_dev: Any, nbits: int, route: str = "arrayapi") -> Any:
-        from .. import kernels
 
-        prepared = kernels.prepare_centroids(centroids_dev)
-        return kernels.pack_codes(kernels.assign(x_dev, centroids_dev, prepared=prepared, block_bytes=1 << 30), nbits)
+def arrayapi_route(x_dev: Any, centroids_dev: Any, nbits: int, route: str = "arrayapi") -> Any:
+    """Device packed codes from the array-API kernels, for backends without device_encode."""
+    from .. import kernels
 
-    return ["arrayapi"], arrayapi
+    prepared = kernels.prepare_centroids(centroids_dev)
+    return kernels.pack_codes(kernels.assign(x_dev, centroids_dev, prepared=prepared, block_bytes=1 << 30), nbits)
 
 
 def step_parity(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
-    import pqgpu
-
     from ..backend import namespace, to_device, to_host
     from ..codebook import Codebook
     from ..kernels import unpack_codes
+    from ..opq import train_opq
     from ..sample import sample_vectors
     from .encode import make_problem
 
@@ -268,7 +274,8 @@ def step_parity(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
         rows = max(64, n // 5) if nbits == 16 else n
         if opq:
             x = sample_vectors(rows, d, seed=nbits + 100)
-            cb = pqgpu.train(x[: max(2048, rows // 2)], M, nbits, niter=4, opq=True, backend="cpu")
+            # any learned rotation will do here: a few OPQ rounds, not faiss's 50
+            cb = train_opq(x[: max(2048, rows // 2)], M, nbits, niter=4, opq_iter=4, backend="cpu")
         else:
             x, c = make_problem(rows, d, d // M, nbits, seed=nbits)
             cb = Codebook(d, M, nbits, c)
@@ -348,7 +355,7 @@ def step_encode_grid(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
     except ImportError as exc:
         torch = None
         rec.note(f"PyTorch baseline skipped: torch does not import ({exc})")
-    n = int(p.get("encode_n", 4096 if quick else 1 << 20))
+    n = int(p.get("encode_n", 4096 if quick else 1 << 19))
     runs = int(p.get("encode_runs", 3))
     dims = [int(v) for v in str(p.get("encode_d", "128,768,1024")).split(",")]
     dsubs = [int(v) for v in str(p.get("encode_dsub", "4,8,16")).split(",")]
@@ -357,10 +364,12 @@ def step_encode_grid(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
     base = sample_vectors(min(n, 65536), max(dims), seed=5)
     x_host = np.ascontiguousarray(np.tile(base, (-(-n // base.shape[0]), 1))[:n])
     xp = namespace("gpu")
+    on_device = {d: (to_device(np.ascontiguousarray(x_host[:, :d]), xp),
+                     torch.from_numpy(np.ascontiguousarray(x_host[:, :d])).cuda() if torch else None) for d in dims}
+    del x_host
     for nbits in (8, 4):
         for d in dims:
-            xd = to_device(np.ascontiguousarray(x_host[:, :d]), xp)
-            xt = torch.from_numpy(np.ascontiguousarray(x_host[:, :d])).cuda() if torch else None
+            xd, xt = on_device[d]
             for dsub in dsubs:
                 if d % dsub:
                     continue
@@ -392,9 +401,6 @@ def step_encode_grid(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
                     del ct
                 rec.row("encode", row)
                 sync("gpu")
-            del xd, xt
-            if torch is not None:
-                torch.cuda.empty_cache()
     rec.set(free_device_memory_gib=round(free_device_memory() / 2**30, 1))
     rec.status("ok")
 
@@ -439,11 +445,11 @@ def step_train(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
         cb = pqgpu.train(x, M, 8, niter=niter, backend=backend)
         secs = time.perf_counter() - t0
         rec.row("train", {"what": "PQ", "backend": backend, "seconds": secs, "mse": reconstruction_mse(cb, held)})
-    from ..opq import OPQ_ITER, train_opq
+    from ..opq import train_opq
 
     on = int(p.get("opq_n", 3000 if quick else 20000))
     od, oM = (32, 4) if quick else (128, 16)
-    opq_iter = int(p.get("opq_iter", 3 if quick else OPQ_ITER))
+    opq_iter = int(p.get("opq_iter", 3 if quick else 20))  # faiss's default is 50; 20 keeps the step in time
     rec.set(opq_iter=opq_iter)
     xo, ho = sample_vectors(on, od, seed=12), sample_vectors(5000, od, seed=12, start=10**9)
     for backend in ("gpu", "cpu"):
@@ -580,7 +586,7 @@ def step_pipeline(rec: Recorder, p: dict[str, Any], quick: bool, workdir: str) -
     from ..store import open_store
 
     ok, reason = gpu_state()
-    n = int(p.get("pipeline_n", 20000 if quick else 4_000_000))
+    n = int(p.get("pipeline_n", 20000 if quick else 3_000_000))
     d, M = (64, 8) if quick else (int(p.get("pipeline_d", 768)), int(p.get("pipeline_M", 96)))
     cores = os.cpu_count() or 1
     workers = int(p.get("cpu_workers", min(2, cores) if quick else cores))
