@@ -352,9 +352,9 @@ def step_encode_grid(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         rec.set(torch=torch.__version__, torch_tf32="off")
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, or CUDA libraries that fail to load
         torch = None
-        rec.note(f"PyTorch baseline skipped: torch does not import ({exc})")
+        rec.note(f"PyTorch baseline skipped: torch does not import ({type(exc).__name__}: {exc})")
     n = int(p.get("encode_n", 4096 if quick else 1 << 19))
     runs = int(p.get("encode_runs", 3))
     dims = [int(v) for v in str(p.get("encode_d", "128,768,1024")).split(",")]
@@ -389,16 +389,19 @@ def step_encode_grid(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
                     except Exception as exc:  # one route failing must not hide the others' figures
                         row[name] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
                 if torch is not None:
-                    enc = torch_encoder(nbits)
-                    ct = torch.from_numpy(c).cuda()
-                    t = timeit(lambda: enc(xt, ct), runs=runs, warmup=1, sync=torch.cuda.synchronize)
-                    row["torch_bmm"] = t.rate(n)
-                    if ref is not None:
-                        row["torch_rows_equal"] = float((enc(xt[:65536], ct).cpu().numpy() == ref).all(axis=1).mean())
-                    for name in names:
-                        if isinstance(row.get(name), float):
-                            row[f"{name}_vs_torch"] = row[name] / row["torch_bmm"]
-                    del ct
+                    try:
+                        enc = torch_encoder(nbits)
+                        ct = torch.from_numpy(c).cuda()
+                        t = timeit(lambda: enc(xt, ct), runs=runs, warmup=1, sync=torch.cuda.synchronize)
+                        row["torch_bmm"] = t.rate(n)
+                        if ref is not None:
+                            row["torch_rows_equal"] = float((enc(xt[:65536], ct).cpu().numpy() == ref).all(axis=1).mean())
+                        for name in names:
+                            if isinstance(row.get(name), float):
+                                row[f"{name}_vs_torch"] = row[name] / row["torch_bmm"]
+                        del ct
+                    except Exception as exc:
+                        row["torch_bmm"] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
                 rec.row("encode", row)
                 sync("gpu")
     rec.set(free_device_memory_gib=round(free_device_memory() / 2**30, 1))
@@ -629,7 +632,7 @@ def step_pipeline(rec: Recorder, p: dict[str, Any], quick: bool, workdir: str) -
             secs = time.perf_counter() - t0
         rec.row("pipeline", {"what": name, "seconds": secs, "rows_per_s": n / secs,
                              "peak_host_rss_mib": round(rss.peak / 2**20),
-                             "peak_device_mib": dev.result() if cfg.encode.backend == "gpu" else "-"})
+                             "peak_device_mib_above_start": dev.result() if cfg.encode.backend == "gpu" else "-"})
 
     if ok:
         try:
@@ -661,7 +664,7 @@ def step_pipeline(rec: Recorder, p: dict[str, Any], quick: bool, workdir: str) -
             rows = sum(client.gather(client.map(_read_rows, [src] * len(chunks), chunks, pure=False)))
             secs = time.perf_counter() - t0
         rec.row("pipeline", {"what": f"read only ({workers} workers)", "seconds": secs, "rows_per_s": rows / secs,
-                             "peak_host_rss_mib": round(rss.peak / 2**20), "peak_device_mib": "-"})
+                             "peak_host_rss_mib": round(rss.peak / 2**20), "peak_device_mib_above_start": "-"})
         run_encode(f"cpu encode ({workers} workers)", cfg, client)
     table = {r["what"].split(" ")[0]: r for r in rec.data["tables"]["pipeline"]}
     if ok:
