@@ -160,3 +160,22 @@ def test_gpu_steps_run_their_gpu_paths(host_as_gpu, tmp_path):
     assert rec.data["status"] == "ok"
     assert rec.data["summary"]["rows_equal_gpu_cpu"] == 1.0
     assert [r["backend"] for r in rec.data["tables"]["search"]] == ["cpu", "gpu"]
+
+
+def test_a_failing_gpu_part_fails_the_step_but_keeps_the_cpu_figures(host_as_gpu, tmp_path, monkeypatch):
+    import importlib
+
+    search_module = importlib.import_module("pqgpu.search")
+    real = search_module.search_codes
+
+    def gpu_breaks(*args, backend="auto", **kw):
+        if backend == "gpu":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, backend=backend, **kw)
+
+    monkeypatch.setattr(search_module, "search_codes", gpu_breaks)
+    rec = host_as_gpu.Recorder(tmp_path / "search.json")
+    host_as_gpu.step_search(rec, {"search_n": 2000, "search_nq": 3, "search_runs": 1}, quick=True)
+    assert rec.data["status"] == "failed: search on gpu: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert [r["backend"] for r in rec.data["tables"]["search"]] == ["cpu"]
+    assert json.loads((tmp_path / "search.json").read_text())["status"] == rec.data["status"]

@@ -11,6 +11,7 @@ timed region. Only pqgpu.backend touches CuPy; PyTorch is imported here as the b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -61,6 +63,21 @@ class Recorder:
     def status(self, text: str) -> None:
         self.data["status"] = text
         self.save()
+
+    @contextlib.contextmanager
+    def gpu_part(self, what: str) -> Iterator[None]:
+        """A GPU measurement whose failure is recorded (and fails the step at the end) while the step's
+        other measurements still run."""
+        try:
+            yield
+        except Exception as exc:
+            traceback.print_exc()
+            self.data.setdefault("gpu_failures", []).append(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
+            self.save()
+
+    def finish(self, ok_status: str = "ok") -> None:
+        failures = self.data.get("gpu_failures")
+        self.status(f"failed: {'; '.join(failures)}"[:1000] if failures else ok_status)
 
 
 def _fmt(v: Any) -> str:
@@ -283,11 +300,13 @@ def step_parity(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
         ref = cb.to_faiss().compute_codes(np.ascontiguousarray(xr))  # faiss OPQ applies x @ A^T the same way
         results = {"cpu": cb.encode(x, backend="cpu")}
         if ok:
-            results["gpu"] = cb.encode(x, backend="gpu")
+            with rec.gpu_part(f"nbits {nbits}{' OPQ' if opq else ''} Codebook.encode(backend='gpu')"):
+                results["gpu"] = cb.encode(x, backend="gpu")
             xp = namespace("gpu")
             xd, cd = to_device(np.ascontiguousarray(xr), xp), to_device(cb.centroids, xp)
             for name in names:
-                results[f"route_{name}"] = np.asarray(to_host(device_encode(xd, cd, nbits, route=name)))
+                with rec.gpu_part(f"nbits {nbits}{' OPQ' if opq else ''} route {name}"):
+                    results[f"route_{name}"] = np.asarray(to_host(device_encode(xd, cd, nbits, route=name)))
         row: dict[str, Any] = {"nbits": nbits, "opq": opq, "n": rows, "d": d, "M": M}
         ref_sub = np.asarray(unpack_codes(ref, M, nbits))
         for key, codes in results.items():
@@ -300,13 +319,13 @@ def step_parity(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
             if examples:
                 rec.data.setdefault("differing", []).append({"nbits": nbits, "opq": opq, "route": key,
                                                              "rows": diff_rows, "examples": examples})
-        if ok:
+        if "gpu" in results:
             row["gpu_rows_equal_cpu"] = f"{int((results['gpu'] == results['cpu']).all(axis=1).sum())}/{rows}"
-        else:
+        elif not ok:
             row["gpu"] = SKIPPED
         rec.row("parity", row)
     rec.set(non_tie_differences=mismatches)
-    rec.status("ok" if mismatches == 0 else f"mismatch: {mismatches} differing sub-codes are not float32 ties")
+    rec.finish("ok" if mismatches == 0 else f"mismatch: {mismatches} differing sub-codes are not float32 ties")
 
 
 # ------------------------------------------------------------------------------------- (d) encode grid
@@ -405,7 +424,9 @@ def step_encode_grid(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
                 rec.row("encode", row)
                 sync("gpu")
     rec.set(free_device_memory_gib=round(free_device_memory() / 2**30, 1))
-    rec.status("ok")
+    failed = [f"{r['nbits']}/{r['d']}/{r['dsub']} {k}" for r in rec.data["tables"].get("encode", [])
+              for k, v in r.items() if isinstance(v, str) and v.startswith("failed")]
+    rec.status(f"failed: {', '.join(failed)}"[:1000] if failed else "ok")
 
 
 # ------------------------------------------------------------------------------------------ (e) training
@@ -437,17 +458,19 @@ def step_train(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
              f"the CPU trains on the same {n:,} x {d} input, nothing scaled. One timed run each; MSE on "
              f"{held.shape[0]:,} held-out rows.")
     if ok:
-        pqgpu.train(x[:4096, :64], 8, 8, niter=1, backend="gpu")  # CUDA context, cuBLAS and kernel warm-up
+        with rec.gpu_part("GPU warm-up"):
+            pqgpu.train(x[:4096, :64], 8, 8, niter=1, backend="gpu")  # CUDA context, cuBLAS and kernels
     else:
         rec.note("GPU rows: " + no_gpu(reason))
     for backend in ("gpu", "cpu"):
         if backend == "gpu" and not ok:
             rec.row("train", {"what": "PQ", "backend": "gpu", "result": SKIPPED})
             continue
-        t0 = time.perf_counter()
-        cb = pqgpu.train(x, M, 8, niter=niter, backend=backend)
-        secs = time.perf_counter() - t0
-        rec.row("train", {"what": "PQ", "backend": backend, "seconds": secs, "mse": reconstruction_mse(cb, held)})
+        with rec.gpu_part(f"PQ training on {backend}") if backend == "gpu" else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            cb = pqgpu.train(x, M, 8, niter=niter, backend=backend)
+            secs = time.perf_counter() - t0
+            rec.row("train", {"what": "PQ", "backend": backend, "seconds": secs, "mse": reconstruction_mse(cb, held)})
     from ..opq import train_opq
 
     on = int(p.get("opq_n", 3000 if quick else 20000))
@@ -459,17 +482,18 @@ def step_train(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
         if backend == "gpu" and not ok:
             rec.row("train", {"what": f"OPQ {on}x{od} M={oM}", "backend": "gpu", "result": SKIPPED})
             continue
-        t0 = time.perf_counter()
-        cb = train_opq(xo, oM, 8, niter=10, opq_iter=opq_iter, backend=backend)
-        rec.row("train", {"what": f"OPQ {on}x{od} M={oM}", "backend": backend,
-                          "seconds": time.perf_counter() - t0, "mse": reconstruction_mse(cb, ho)})
+        with rec.gpu_part(f"OPQ training on {backend}") if backend == "gpu" else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            cb = train_opq(xo, oM, 8, niter=10, opq_iter=opq_iter, backend=backend)
+            rec.row("train", {"what": f"OPQ {on}x{od} M={oM}", "backend": backend,
+                              "seconds": time.perf_counter() - t0, "mse": reconstruction_mse(cb, ho)})
     rows = {(r["what"], r["backend"]): r for r in rec.data["tables"]["train"]}
     for what in ("PQ", f"OPQ {on}x{od} M={oM}"):
         g, c = rows.get((what, "gpu"), {}), rows.get((what, "cpu"), {})
         if "mse" in g and "mse" in c:
             rec.set(**{f"{what.split()[0]}_gpu_speedup": c["seconds"] / g["seconds"],
                        f"{what.split()[0]}_mse_gpu_vs_cpu": g["mse"] / c["mse"] - 1})
-    rec.status("ok")
+    rec.finish()
 
 
 # --------------------------------------------------------------------------------------------- (f) search
@@ -500,16 +524,17 @@ def step_search(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
         if backend == "gpu" and not ok:
             rec.row("search", {"backend": "gpu", "result": SKIPPED})
             continue
-        t = timed(lambda: found.__setitem__(backend, search_codes(q, cb, chunks, k, backend=backend)),
-                  int(p.get("search_runs", 2)), gpu=backend == "gpu")
-        rec.row("search", {"backend": backend, "seconds": t.median, "codes_per_s": n / t.median,
-                           "queries_per_s": nq / t.median})
+        with rec.gpu_part("search on gpu") if backend == "gpu" else contextlib.nullcontext():
+            t = timed(lambda: found.__setitem__(backend, search_codes(q, cb, chunks, k, backend=backend)),
+                      int(p.get("search_runs", 2)), gpu=backend == "gpu")
+            rec.row("search", {"backend": backend, "seconds": t.median, "codes_per_s": n / t.median,
+                               "queries_per_s": nq / t.median})
     if "gpu" in found:
         (dc, rc), (dg, rg) = found["cpu"], found["gpu"]
         rec.set(rows_equal_gpu_cpu=float((rc == rg).mean()),
                 max_abs_distance_diff=float(np.abs(dc - dg).max()),
                 gpu_speedup=rec.data["tables"]["search"][0]["seconds"] / rec.data["tables"]["search"][1]["seconds"])
-    rec.status("ok")
+    rec.finish()
 
 
 # ------------------------------------------------------------------------------------------- (g) pipeline
@@ -621,9 +646,17 @@ def step_pipeline(rec: Recorder, p: dict[str, Any], quick: bool, workdir: str) -
             "encode": {"output": str(root / f"{name}.zarr"), "chunk_rows": chunk_rows, "backend": backend},
             "cluster": cluster})
 
-    t0 = time.perf_counter()
-    train(cfg_for("train", "gpu" if ok else "cpu", {"kind": "local"}))
-    rec.set(train_s=round(time.perf_counter() - t0, 2), train_backend="gpu" if ok else "cpu")
+    trained = None
+    if ok:
+        with rec.gpu_part("pipeline training on gpu (the encode rows use a CPU-trained quantizer instead)"):
+            t0 = time.perf_counter()
+            train(cfg_for("train", "gpu", {"kind": "local"}))
+            trained = "gpu"
+    if trained is None:
+        t0 = time.perf_counter()
+        train(cfg_for("train", "cpu", {"kind": "local"}))
+        trained = "cpu"
+    rec.set(train_s=round(time.perf_counter() - t0, 2), train_backend=trained)
 
     def run_encode(name: str, cfg: Any, client: Any) -> None:
         with PeakRSS() as rss, PeakDeviceMemory() as dev:
@@ -645,7 +678,7 @@ def step_pipeline(rec: Recorder, p: dict[str, Any], quick: bool, workdir: str) -
                      "dask LocalCluster with one worker using the GPU instead of local-cuda")
         cfg = cfg_for("gpu", "gpu", cluster)
         t0 = time.perf_counter()
-        with dask_client(cfg.cluster) as client:
+        with rec.gpu_part(f"{kind} encode"), dask_client(cfg.cluster) as client:
             client.run(_warm_worker, "gpu", source, chunks[0])
             rec.set(gpu_cluster=kind, gpu_cluster_start_s=round(time.perf_counter() - t0, 2),
                     gpu_workers=len(client.scheduler_info()["workers"]))
@@ -667,14 +700,14 @@ def step_pipeline(rec: Recorder, p: dict[str, Any], quick: bool, workdir: str) -
                              "peak_host_rss_mib": round(rss.peak / 2**20), "peak_device_mib_above_start": "-"})
         run_encode(f"cpu encode ({workers} workers)", cfg, client)
     table = {r["what"].split(" ")[0]: r for r in rec.data["tables"]["pipeline"]}
-    if ok:
-        g = rec.data["tables"]["pipeline"][0]
+    g = next((r for r in rec.data["tables"]["pipeline"] if "(gpu)" in r["what"]), {})
+    if "rows_per_s" in g:
         rec.set(gpu_vs_read_only=g["rows_per_s"] / table["read"]["rows_per_s"],
                 gpu_vs_cpu_pipeline=g["rows_per_s"] / table["cpu"]["rows_per_s"])
         cpu_codes, gpu_codes = open_store(root / "cpu.zarr").codes, open_store(root / "gpu.zarr").codes
         m = min(n, 262144)
         rec.set(rows_equal_gpu_cpu_first_rows=f"{int((cpu_codes[:m] == gpu_codes[:m]).all(axis=1).sum())}/{m}")
-    rec.status("ok")
+    rec.finish()
 
 
 # ---------------------------------------------------------------------------------------------------- main
