@@ -85,6 +85,7 @@ for data in target.glob("*.data"):
                 shutil.move(str(item), str(target / item.name))
     shutil.rmtree(data)
 PY
+    "$PY" -m compileall -q -j 0 "$site" >> "$log" 2>&1 || true  # as pip does: imports need not compile
   fi
   echo "kit installed into $site ($(ls "$WHL"/*.whl | wc -l) wheels)" >> "$log"
 }

@@ -73,6 +73,9 @@ echo; echo "== pqgpu demo (\$(( \$(date +%s) - $T0 )) s)"
 "$VPY" -m pqgpu.cli demo --out "$WORK/demo"
 echo; echo "== gpu_check.sh --offline --quick (\$(( \$(date +%s) - $T0 )) s)"
 PYTHON="$VPY" PYTHONPATH= bash benchmarks/gpu_check.sh --offline "$WORK/results" --quick
+echo; echo "== the same without pip (wheels unpacked), versions step only (\$(( \$(date +%s) - $T0 )) s)"
+GPU_CHECK_INSTALLER=unzip PYTHON="$VPY" PYTHONPATH= bash benchmarks/gpu_check.sh --offline "$WORK/results-nopip" \
+  --quick --steps versions
 EOF
 step "offline part"
 if unshare -n true 2> /dev/null; then
@@ -106,8 +109,12 @@ missing = [m for m in ("dask", "distributed", "zarr", "numcodecs", "faiss", "arr
            if not imports[m].startswith("yes")]
 print("  files:", ", ".join(files), f"; {res['elapsed_s']} s")
 print("  kit modules that do not import:", ", ".join(m for m, r in imports.items() if not r.startswith("yes")) or "none")
-if bad or missing:
-    raise SystemExit(f"FAILED: steps {bad}, modules {missing}")
+nopip = json.loads((out.parent / "results-nopip" / "results.json").read_text())["steps"][0]
+nopip_imports = {r["module"]: r["imports"] for r in nopip["tables"]["packages"]}
+differ = [m for m in imports if imports[m].startswith("yes") != nopip_imports[m].startswith("yes")]
+print("  without pip (unpacked wheels): the same modules import" if not differ else f"  without pip: {differ} differ")
+if bad or missing or differ:
+    raise SystemExit(f"FAILED: steps {bad}, modules {missing}, differing without pip {differ}")
 PY
 echo
 echo "offline kit proven in $(( $(date +%s) - T0 )) s"

@@ -185,7 +185,7 @@ def step_versions(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
         version, where = _dist_info(dist)
         table.append({"module": module, "imports": "not checked", "version": version, "location": where})
     rec.save()
-    timeout = float(p.get("import_timeout", 15))
+    timeout = float(p.get("import_timeout", 45 if quick else 15))
     with ThreadPoolExecutor(min(16, 2 * (os.cpu_count() or 1))) as pool:
         futures = {pool.submit(_try_import, m, timeout): i for i, m in enumerate(EXPECTED)}
         for fut in as_completed(futures):
