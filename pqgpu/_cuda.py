@@ -13,7 +13,7 @@ Two kernels, both tiny and readable:
    broadcast: all threads read the same address) is reused for several rows. Distances stay in registers: the
    exact ||x - c||^2, subtracting then square-accumulating over dsub in dsub order (what faiss computes for
    dsub < 16; no ||c||^2 - 2 x.c cancellation near ties). Scanning k upwards with a strict `<` keeps the
-   lowest index on ties, like faiss. The argmin goes to a uint16 scratch laid out (M, n): the threads of a
+   lowest index on ties (faiss's scalar loop does too; its SIMD path for dsub 2, 4, 8 may keep another). The argmin goes to a uint16 scratch laid out (M, n): the threads of a
    block write consecutive rows, so the stores coalesce.
 2. `pack` (one thread per row): reads the row's M sub-codes (coalesced across threads thanks to the (M, n)
    layout) and packs them LSB-first, consecutively, into code_size bytes: faiss's layout for nbits 1..16,
@@ -21,13 +21,15 @@ Two kernels, both tiny and readable:
 Memory per row is d*4 bytes in, 2*M bytes scratch and code_size out, against the array-API route's
 (M, rows, ksub) float32 distance tensor (~100 KB per row at d=768, M=96, nbits=8).
 
-Design for an H200, not measured here (no GPU in CI): d=768, M=96, nbits=8 needs 768*256 subtract+FMA pairs
-per vector, ~400k FP32 instructions, so the SM array's ~33T FP32 lanes/s bound it near 80M vectors/s; the
-20M/s target leaves room for the compare/select per centroid and for occupancy. Rows per thread (32 floats of
-x in registers at most) and 128 threads per block are the knobs of `launch_plan`. Unmeasured risks: whether
-LLVM fully unrolls the dsub/rows loops (else the local arrays live in L1-backed local memory: correct, slower),
-and the device may contract subtract-square-add into FMA, which can flip only near-ties (as faiss's SIMD order
-can): the codes contract allows that.
+Design for an H200 (compiled to sm_90 PTX and ptxas-checked here, not timed: no GPU in CI). At dsub=8,
+ksub=256 the inner loop per centroid is 8 shared loads, 4 rows x (8 subtract + 8 FMA + compare + 2 selects)
+and 4 loop instructions: ~22 issued instructions per (row, centroid), all in 72 registers with no spills or
+local memory (tests/test_cuda_kernel.py checks this for several shapes). d=768, M=96, nbits=8 is then ~540k
+instructions per vector; the H200's ~33T lane-instructions/s bound that near 60M vectors/s, so the 20M/s
+target needs about a third of peak issue rate. Knobs: `launch_plan` (at most 32 floats of x in registers per
+thread, 128 threads per block, 32 KB centroid tiles). NVVM contracts subtract-square-add into FMA on the
+device (the simulator rounds the product first): codes can then differ from the simulator or faiss only at
+float32 near-ties, which the faiss-compatibility contract allows (faiss's own SIMD order differs too).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, int64
 
 SHARED_FLOATS = 8192  # 32 KB of shared memory for one centroid tile
 MAX_DSUB = SHARED_FLOATS  # one centroid must fit in a tile
@@ -84,7 +86,7 @@ def _assign_kernel(dsub: int, ksub: int, threads: int, rows_per_thread: int, til
     """The argmin kernel specialised for one shape: the closure constants are compile-time constants for
     numba, so loop bounds are known and the small arrays can live in registers."""
     DSUB, KSUB, T, R, TK = dsub, ksub, threads, rows_per_thread, tile_k
-    TILE = TK * DSUB
+    TILE, XS = TK * DSUB, R * DSUB  # array shapes must be compile-time constants
 
     @cuda.jit
     def assign(x, centroids, codes):
@@ -94,7 +96,7 @@ def _assign_kernel(dsub: int, ksub: int, threads: int, rows_per_thread: int, til
         tid = cuda.threadIdx.x
         first = cuda.blockIdx.x * (T * R) + tid  # this thread's rows: first, first + T, ...
         tile = cuda.shared.array(TILE, float32)
-        xs = cuda.local.array(R * DSUB, float32)
+        xs = cuda.local.array(XS, float32)
         c = cuda.local.array(DSUB, float32)
         best = cuda.local.array(R, float32)
         arg = cuda.local.array(R, int32)
@@ -105,7 +107,7 @@ def _assign_kernel(dsub: int, ksub: int, threads: int, rows_per_thread: int, til
             best[r] = math.inf
             arg[r] = 0
         for k0 in range(0, KSUB, TK):
-            kn = min(TK, KSUB - k0)
+            kn = KSUB - k0 if KSUB - k0 < TK else TK  # (not min(): numba's CUDA min overload rejects 2 ints)
             cuda.syncthreads()  # every thread is done with the previous tile
             for i in range(tid, kn * DSUB, T):
                 tile[i] = centroids[m, k0 * DSUB + i]
@@ -140,7 +142,7 @@ def _pack_kernel() -> Any:
             filled = 0
             b = 0
             for m in range(codes.shape[0]):
-                acc |= int(codes[m, i]) << filled
+                acc |= int64(codes[m, i]) << filled
                 filled += nbits
                 while filled >= 8:
                     out[i, b] = acc & 255
@@ -151,6 +153,19 @@ def _pack_kernel() -> Any:
                 out[i, b] = acc & 255
 
     return pack
+
+
+def compile_ptx(dsub: int, ksub: int, plan: LaunchPlan | None = None, cc: tuple[int, int] = (9, 0)) -> tuple[str, str]:
+    """PTX of the assign and pack kernels for compute capability `cc`, without a GPU (needs NVVM, i.e. a CUDA
+    toolkit or numba-cuda's NVVM wheel): lets tests check that the kernels compile for the device, which the
+    simulator cannot, and that the per-thread arrays stay in registers (no .local memory)."""
+    from numba import uint8, uint16, void
+
+    plan = plan or launch_plan(dsub, ksub)
+    assign = _assign_kernel(dsub, ksub, *plan).py_func
+    a, _ = cuda.compile_ptx(assign, void(float32[:, ::1], float32[:, ::1], uint16[:, ::1]), cc=cc)
+    p, _ = cuda.compile_ptx(_pack_kernel().py_func, void(uint16[:, ::1], int64, uint8[:, ::1]), cc=cc)
+    return a, p
 
 
 def _view(a: Any) -> Any:

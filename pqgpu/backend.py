@@ -246,8 +246,8 @@ def gpu_route_choices() -> dict[tuple, dict[str, Any]]:
     return {k: dict(v) for k, v in _route_choices.items()}
 
 
-def _is_numpy(a: Any) -> bool:
-    return isinstance(a, np.ndarray) or type(a).__module__.startswith("numpy")
+def _is_cupy(a: Any) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
 
 
 def device_encode(x: Any, centroids: Any, nbits: int, *, route: str = "auto", prepared: Any = None,
@@ -257,7 +257,7 @@ def device_encode(x: Any, centroids: Any, nbits: int, *, route: str = "auto", pr
 
     route: "arrayapi" (kernels.assign, ||c||^2 - 2 x.c over (M, rows, ksub) distance blocks of at most
     block_bytes, then pack_codes), "fused" (the numba.cuda kernel, exact ||x - c||^2), or "auto": the
-    array-API route for NumPy arrays; for device arrays the env PQGPU_GPU_ROUTE if set, else the route measured
+    array-API route for host arrays (NumPy, array_api_strict); for CuPy arrays the env PQGPU_GPU_ROUTE if set, else the route measured
     fastest for this (device, d, M, nbits) on first use (see choose_gpu_route). A route that is asked for and
     unusable raises BackendUnavailable; there is no fallback.
     prepared: kernels.prepare_centroids(centroids), reused by the array-API route (the fused route ignores it).
@@ -265,7 +265,7 @@ def device_encode(x: Any, centroids: Any, nbits: int, *, route: str = "auto", pr
     from . import kernels
 
     if route == "auto":
-        route = "arrayapi" if _is_numpy(x) else choose_gpu_route(centroids, nbits, prepared=prepared)
+        route = choose_gpu_route(centroids, nbits, prepared=prepared) if _is_cupy(x) else "arrayapi"
     M, ksub, _ = centroids.shape
     if route == "arrayapi":
         from array_api_compat import array_namespace
@@ -285,7 +285,7 @@ def device_encode(x: Any, centroids: Any, nbits: int, *, route: str = "auto", pr
     from . import _cuda
 
     n = x.shape[0]
-    if _is_numpy(x):
+    if not _is_cupy(x):  # host arrays: the simulator, or numba's own copies to the device
         xc = np.ascontiguousarray(x, dtype=np.float32)
         cc = np.ascontiguousarray(centroids, dtype=np.float32)
         codes, out = np.empty((M, n), np.uint16), np.empty((n, kernels.code_size(M, nbits)), np.uint8)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pqgpu import backend
+from pqgpu import backend, kernels
 from pqgpu.backend import (BackendUnavailable, NumpyDevice, device_encode, encode_blocks, gpu_encode_routes,
                            gpu_status, pick_route, route_override)
 from pqgpu.errors import ConfigError
@@ -85,6 +85,10 @@ def test_device_encode_on_numpy_uses_the_array_api_route_and_matches_faiss():
                        pq.compute_codes(x.astype(np.float16).astype(np.float32)), x.astype(np.float16), c, 6)
     out = encode_blocks(x, c, 6, NumpyDevice(), block_rows=77, route="arrayapi")
     assert np.array_equal(out, np.asarray(device_encode(x, c, 6, route="arrayapi")))
+    strict = pytest.importorskip("array_api_strict")
+    packed = device_encode(strict.asarray(x), strict.asarray(c), 6)  # auto: no GPU route for host arrays
+    assert np.array_equal(np.asarray(kernels.unpack_codes(packed, 6, 6)),
+                          np.asarray(kernels.unpack_codes(np.asarray(device_encode(x, c, 6)), 6, 6)))
 
 
 def test_fused_planner_fits_more_rows_than_the_distance_tensor_route():
@@ -97,6 +101,52 @@ def test_fused_planner_fits_more_rows_than_the_distance_tensor_route():
     with pytest.raises(BackendUnavailable):
         backend.plan_block_rows(2**30, d, M, 1 << 16)
     assert backend.plan_block_rows(2**30, d, M, 1 << 16, route="fused") >= 64
+
+
+def nvvm_or_skip():
+    """The kernels compile to PTX wherever numba.cuda finds NVVM (a CUDA toolkit), GPU or not."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("compiling PTX needs numba's real CUDA target, not the simulator")
+    try:
+        from numba.cuda.cudadrv import nvvm
+
+        ok = nvvm.is_available()
+    except Exception as exc:  # numba without a CUDA target
+        pytest.skip(f"numba.cuda unusable: {exc}")
+    if not ok:
+        pytest.skip("no NVVM (CUDA toolkit) found by numba.cuda: cannot compile PTX here")
+    from pqgpu import _cuda
+
+    return _cuda
+
+
+@pytest.mark.parametrize("dsub, nbits", [(8, 8), (4, 8), (16, 8), (2, 4), (1, 4), (8, 16), (3, 10), (32, 8)])
+def test_kernels_compile_for_the_h200_with_everything_in_registers(dsub, nbits, tmp_path):
+    """What the simulator cannot show: numba's CUDA target accepts the kernels (e.g. no min() of two ints, no
+    computed local-array shapes), and the per-thread arrays are promoted to registers (no .local memory). With
+    ptxas at hand also: no spills."""
+    import shutil
+
+    _cuda = nvvm_or_skip()
+    assign, pack = _cuda.compile_ptx(dsub, 1 << nbits, cc=(9, 0))
+    assert ".entry" in assign and ".entry" in pack
+    assert ".local" not in assign and ".local" not in pack
+    assert "fma.rn.f32" in assign and "ld.shared.f32" in assign
+    try:
+        from numba.cuda.cuda_paths import get_cuda_home
+
+        home = get_cuda_home()
+    except Exception:  # numba-cuda keeps its toolkit lookup elsewhere
+        home = os.environ.get("CUDA_HOME")
+    ptxas = shutil.which("ptxas") or (home and shutil.which("ptxas", path=os.path.join(home, "bin")))
+    if ptxas:
+        for name, text in (("assign", assign), ("pack", pack)):
+            src = tmp_path / f"{name}.ptx"
+            src.write_text(text)
+            info = subprocess.run([ptxas, "-v", "-arch=sm_90", str(src), "-o", os.devnull],
+                                  capture_output=True, text=True, timeout=120)
+            assert info.returncode == 0, info.stderr
+            assert "0 bytes spill stores" in info.stderr, info.stderr
 
 
 # ---------------------------------------------------------------------------------------------- on a GPU
