@@ -144,6 +144,9 @@ class NumpyDevice:
     def pinned_like(self, shape: tuple, dtype: Any) -> np.ndarray:
         return np.empty(shape, dtype)
 
+    def is_pinned(self, host: np.ndarray) -> bool:
+        return False
+
     def upload(self, host: np.ndarray, stream: Any) -> Any:
         return host.copy()
 
@@ -179,6 +182,14 @@ class CupyDevice(NumpyDevice):
         mem = self.cupy.cuda.alloc_pinned_memory(max(n, 1))
         return np.frombuffer(mem, dtype, int(np.prod(shape))).reshape(shape)
 
+    def is_pinned(self, host: np.ndarray) -> bool:
+        """Whether host lies in page-locked memory (e.g. from pinned_like), so copies from it are async."""
+        try:
+            attrs = self.cupy.cuda.runtime.pointerGetAttributes(host.ctypes.data)
+        except Exception:  # pageable memory on CUDA versions that report it as an error
+            return False
+        return int(getattr(attrs, "type", 0)) == 1  # cudaMemoryTypeHost
+
     def upload(self, host: np.ndarray, stream: Any) -> Any:
         dev = self.cupy.empty(host.shape, host.dtype)
         dev.set(host, stream=stream)  # async when `host` is pinned
@@ -195,6 +206,14 @@ class CupyDevice(NumpyDevice):
 
     def free_bytes(self) -> int:
         return free_device_memory()
+
+
+def pinned_copy(x: np.ndarray) -> np.ndarray:
+    """x copied into page-locked host memory of the current CUDA device (CuPy's pinned pool): encode_blocks
+    then uploads from it without a staging copy, so that copy can run outside a worker's turn on the GPU."""
+    out = cupy_device().pinned_like(x.shape, x.dtype)
+    out[...] = x
+    return out
 
 
 # --- device encode routes: the array-API reference and the fused numba.cuda kernel -----------------------
@@ -390,7 +409,9 @@ def encode_blocks(x: np.ndarray, centroids: np.ndarray, nbits: int, device: Nump
     rot_t = None if rotation is None else xp.asarray(np.ascontiguousarray(rotation.T, dtype=np.float32))
     block_bytes = block_rows * M * ksub * 4
     streams = [device.stream(), device.stream()]
-    staging = [device.pinned_like((block_rows, d), x.dtype) for _ in streams]
+    # x already page-locked (the pipeline pins chunks outside its GPU turn): blocks are uploaded straight from it
+    direct = device.is_pinned(x)
+    staging = [None if direct else device.pinned_like((block_rows, d), x.dtype) for _ in streams]
     results = [device.pinned_like((block_rows, cs), np.uint8) for _ in streams]
     pending: list[tuple[int, int, int] | None] = [None, None]  # (slot, start, stop) awaiting download
 
@@ -407,10 +428,14 @@ def encode_blocks(x: np.ndarray, centroids: np.ndarray, nbits: int, device: Nump
         finish(slot)  # the buffers of this slot are free again
         stop = min(n, start + block_rows)
         rows = stop - start
-        staging[slot][:rows] = x[start:stop]
+        if direct:
+            src = x[start:stop]
+        else:
+            src = staging[slot][:rows]
+            src[...] = x[start:stop]
         stream = streams[slot]
         with stream:
-            xd = device.upload(staging[slot][:rows], stream)
+            xd = device.upload(src, stream)
             xf = xp.astype(xd, xp.float32)
             if rot_t is not None:
                 xf = xp.matmul(xf, rot_t)
