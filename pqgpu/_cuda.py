@@ -13,8 +13,9 @@ Two kernels, both tiny and readable:
    broadcast: all threads read the same address) is reused for several rows. Distances stay in registers: the
    exact ||x - c||^2, subtracting then square-accumulating over dsub in dsub order (what faiss computes for
    dsub < 16; no ||c||^2 - 2 x.c cancellation near ties). Scanning k upwards with a strict `<` keeps the
-   lowest index on ties (faiss's scalar loop does too; its SIMD path for dsub 2, 4, 8 may keep another). The argmin goes to a uint16 scratch laid out (M, n): the threads of a
-   block write consecutive rows, so the stores coalesce.
+   lowest index on ties (faiss's scalar loop does too; its SIMD path for dsub 2, 4, 8 may keep another).
+   The argmin goes to a uint16 scratch laid out (M, n): a block's threads write consecutive rows, so the
+   stores coalesce.
 2. `pack` (one thread per row): reads the row's M sub-codes (coalesced across threads thanks to the (M, n)
    layout) and packs them LSB-first, consecutively, into code_size bytes: faiss's layout for nbits 1..16,
    including sub-codes that straddle bytes.

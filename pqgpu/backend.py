@@ -261,7 +261,8 @@ def pick_route(rates: dict[str, float]) -> str:
 
 def gpu_route_choices() -> dict[tuple, dict[str, Any]]:
     """What `route="auto"` chose in this process, per (device, d, M, nbits): route, measured rows/s per route,
-    and how it was chosen ("measured" or "env"). For the GPU check to record."""
+    how it was chosen ("measured" or "env") and, when measured, routes that failed to run ("failed": reason).
+    For the GPU check to record."""
     return {k: dict(v) for k, v in _route_choices.items()}
 
 
@@ -276,16 +277,19 @@ def device_encode(x: Any, centroids: Any, nbits: int, *, route: str = "auto", pr
 
     route: "arrayapi" (kernels.assign, ||c||^2 - 2 x.c over (M, rows, ksub) distance blocks of at most
     block_bytes, then pack_codes), "fused" (the numba.cuda kernel, exact ||x - c||^2), or "auto": the
-    array-API route for host arrays (NumPy, array_api_strict); for CuPy arrays the env PQGPU_GPU_ROUTE if set, else the route measured
-    fastest for this (device, d, M, nbits) on first use (see choose_gpu_route). A route that is asked for and
-    unusable raises BackendUnavailable; there is no fallback.
+    array-API route for host arrays (NumPy, array_api_strict); for CuPy arrays the env PQGPU_GPU_ROUTE if set,
+    else the route measured fastest for this (device, d, M, nbits) on first use (see choose_gpu_route).
+    A route that is asked for and unusable raises BackendUnavailable; there is no fallback.
     prepared: kernels.prepare_centroids(centroids), reused by the array-API route (the fused route ignores it).
     """
     from . import kernels
 
+    M, ksub, dsub = centroids.shape
+    if x.ndim != 2 or x.shape[1] != M * dsub or ksub != 1 << nbits:
+        raise ValueError(f"device_encode: x {tuple(x.shape)} and centroids {tuple(centroids.shape)} do not fit "
+                         f"nbits={nbits}: expected x (n, {M * dsub}) and centroids (M, {1 << nbits}, dsub)")
     if route == "auto":
         route = choose_gpu_route(centroids, nbits, prepared=prepared) if _is_cupy(x) else "arrayapi"
-    M, ksub, _ = centroids.shape
     if route == "arrayapi":
         from array_api_compat import array_namespace
 

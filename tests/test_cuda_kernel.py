@@ -71,6 +71,10 @@ def test_routes_listed_and_fused_never_falls_back(monkeypatch):
         device_encode(x, c, 2, route="fused")
     with pytest.raises(ConfigError, match="expected one of auto, arrayapi, fused. Got 'triton'"):
         device_encode(x, c, 2, route="triton")
+    with pytest.raises(ValueError, match=r"x \(10, 6\) and centroids \(2, 4, 4\) do not fit nbits=2"):
+        device_encode(x[:, :6], c, 2, route="fused")
+    with pytest.raises(ValueError, match="do not fit nbits=3"):
+        device_encode(x, c, 3)
 
 
 def test_device_encode_on_numpy_uses_the_array_api_route_and_matches_faiss():
