@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason=f"needs a CUDA GPU: {GPU_REASON}")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_fused_kernel_under_the_cuda_simulator():
     """Runs tests/cudasim_fused.py with NUMBA_ENABLE_CUDASIM=1, which must be set before numba.cuda is
     imported and so cannot be switched on inside this test process."""
@@ -151,6 +153,66 @@ def test_kernels_compile_for_the_h200_with_everything_in_registers(dsub, nbits, 
                                   capture_output=True, text=True, timeout=120)
             assert info.returncode == 0, info.stderr
             assert "0 bytes spill stores" in info.stderr, info.stderr
+
+
+class FakeCupy:
+    """Just what choose_gpu_route touches, so its measuring, caching and logging run without a GPU."""
+
+    def __init__(self):
+        class Device:
+            id = 0
+
+        class Stream:
+            def synchronize(self):
+                pass
+
+        class Rng:
+            def standard_normal(self, shape, dtype):
+                return np.zeros(shape, dtype)
+
+        self.float32 = np.float32
+        self.cuda = type("cuda", (), {"Device": Device, "get_current_stream": staticmethod(Stream)})
+        self.random = type("random", (), {"default_rng": staticmethod(lambda seed: Rng())})
+
+
+@pytest.mark.parametrize("env, fused_fails, expected", [(None, False, "fused"), ("arrayapi", False, "arrayapi"),
+                                                        (None, True, "arrayapi")])
+def test_choose_gpu_route_measures_once_logs_and_records(monkeypatch, caplog, env, fused_fails, expected):
+    calls = []
+
+    def fake_encode(x, centroids, nbits, *, route, prepared=None):
+        calls.append((route, x.shape))
+        if route == "fused" and fused_fails:
+            raise RuntimeError("NVVM not found")
+        time.sleep(0.004 if route == "arrayapi" else 0.001)
+
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy())
+    monkeypatch.setattr(backend, "fused_status", lambda: (True, "test"))
+    monkeypatch.setattr(backend, "device_encode", fake_encode)
+    monkeypatch.setattr(backend, "_route_choices", {})
+    if env:
+        monkeypatch.setenv(backend.ROUTE_ENV, env)
+    else:
+        monkeypatch.delenv(backend.ROUTE_ENV, raising=False)
+    c = np.zeros((96, 256, 8), np.float32)
+    with caplog.at_level(logging.INFO, logger="pqgpu.backend"):
+        assert backend.choose_gpu_route(c, 8) == expected
+        assert backend.choose_gpu_route(c, 8) == expected  # cached: measured once per process and shape
+    [(key, choice)] = backend.gpu_route_choices().items()
+    assert key == (0, 768, 96, 8) and choice["route"] == expected
+    if env:
+        assert choice["how"] == "env" and not calls and "forced by PQGPU_GPU_ROUTE" in caplog.text
+        return
+    assert choice["how"] == "measured"
+    rows = (1 << 32) // (768 * 256)
+    assert {shape for _, shape in calls} == {(rows, 768)}
+    if fused_fails:
+        assert set(choice["rates"]) == {"arrayapi"} and "NVVM not found" in choice["failed"]["fused"]
+        assert "route fused fails on this machine" in caplog.text
+    else:
+        assert [r for r, _ in calls] == ["arrayapi"] * 4 + ["fused"] * 4  # warm-up + 3 timed runs each
+        assert choice["rates"]["fused"] > choice["rates"]["arrayapi"] > 0
+        assert f"measured on {rows} rows: arrayapi" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- on a GPU
