@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -94,6 +95,38 @@ def free_device_memory() -> int:
     free, _total = cupy.cuda.runtime.memGetInfo()
     pool = cupy.get_default_memory_pool()
     return int(free + pool.free_bytes())
+
+
+# --- device enumeration and selection (callers never touch CuPy themselves) --------------------------------
+
+def device_count() -> int:
+    """Number of visible CUDA devices; 0 when the GPU backend is unusable (see `gpu_status`)."""
+    if not gpu_status()[0]:
+        return 0
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
+@contextlib.contextmanager
+def on_device(device_id: int) -> Iterator[None]:
+    """Make CUDA device `device_id` current for this thread inside the block (the previous one after it)."""
+    resolve_backend("gpu")
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        yield
+
+
+def device_info(device_id: int = 0) -> dict[str, Any]:
+    """Name of CUDA device `device_id`, the driver's CUDA version and the CuPy version (for reports)."""
+    resolve_backend("gpu")
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"]
+    return {"gpu_name": name.decode() if isinstance(name, bytes) else name,
+            "cuda_driver": cupy.cuda.runtime.driverGetVersion(), "cupy": cupy.__version__}
 
 
 # --- device memory planning and overlapped host->device encoding ------------------------------------------
@@ -452,9 +485,9 @@ def encode_blocks(x: np.ndarray, centroids: np.ndarray, nbits: int, device: Nump
 
 
 def sync(backend: str = "gpu") -> None:
-    """Wait until all work queued on the current CUDA device has finished (timing GPU work needs it);
-    a no-op for "cpu"."""
-    if backend == "cpu":
+    """Synchronize the current CUDA device (wait for all its queued work); no-op for "cpu" (and for "auto"
+    without a GPU). Benchmarks call it inside the timed region so asynchronous GPU work is counted."""
+    if resolve_backend(backend) == "cpu":
         return
     import cupy
 

@@ -63,7 +63,7 @@ def train(cfg: Config, *, backend: str | None = None) -> Codebook:
 
         cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
     else:
-        from .codebook import train as train_pq
+        from .training import train as train_pq
 
         cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
     log.info("trained M=%d nbits=%d%s on %s in %.2f s; RSS %.0f MiB", q.M, q.nbits, " with OPQ" if q.opq else "",
