@@ -531,7 +531,7 @@ def step_search(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
     from .encode import make_problem
 
     ok, reason = gpu_state()
-    n = int(p.get("search_n", 20000 if quick else 2_000_000))
+    n = int(p.get("search_n", 20000 if quick else 1_000_000))
     nq, k = int(p.get("search_nq", 100)), int(p.get("search_k", 10))
     d, M = (64, 8) if quick else (768, 96)
     _, c = make_problem(16, d, d // M, 8, seed=3)
