@@ -116,7 +116,7 @@ def _sample_part(args: tuple[str, int, int, int, int, int]) -> None:
 def sample_parallel(n: int, d: int, *, seed: int, workdir: str | os.PathLike, start: int = 0,
                     min_rows: int = 200_000) -> np.ndarray:
     """Seeded sample vectors (n, d) made by all cores (part i is sample_vectors(..., start=start + lo_i)):
-    one process makes ~60k rows x 768 a second, too slow for the 1M-row steps."""
+    one process made ~15k rows x 768 a second on a shared core here, too slow for the 1M-row steps."""
     cores = os.cpu_count() or 1
     if n < min_rows or cores == 1:
         return sample_vectors(n, d, seed=seed, start=start)
