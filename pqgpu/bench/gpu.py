@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..sample import sample_vectors
 from . import PeakRSS, timeit
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,34 @@ def timed(fn: Callable[[], Any], runs: int, gpu: bool) -> Any:
     from ..backend import sync
 
     return timeit(fn, runs=runs, warmup=1, sync=(lambda: sync("gpu")) if gpu else None)
+
+
+def _sample_part(args: tuple[str, int, int, int, int, int]) -> None:
+    path, lo, hi, d, seed, start = args
+    out = np.load(path, mmap_mode="r+")
+    out[lo:hi] = sample_vectors(hi - lo, d, seed=seed, start=start + lo)
+    out.flush()
+
+
+def sample_parallel(n: int, d: int, *, seed: int, workdir: str | os.PathLike, start: int = 0,
+                    min_rows: int = 200_000) -> np.ndarray:
+    """Seeded sample vectors (n, d) made by all cores (part i is sample_vectors(..., start=start + lo_i)):
+    one process made ~15k rows x 768 a second on a shared core here, too slow for the 1M-row steps."""
+    cores = os.cpu_count() or 1
+    if n < min_rows or cores == 1:
+        return sample_vectors(n, d, seed=seed, start=start)
+    import multiprocessing
+
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    path = str(Path(workdir) / f"sample-{seed}-{start}-{n}x{d}.npy")
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d)).flush()
+    bounds = np.linspace(0, n, min(16, cores) * 2 + 1).astype(np.int64)
+    parts = [(path, int(a), int(b), d, seed, start) for a, b in zip(bounds[:-1], bounds[1:])]
+    with multiprocessing.get_context("spawn").Pool(min(16, cores)) as pool:
+        pool.map(_sample_part, parts)
+    x = np.array(np.load(path, mmap_mode="r"))
+    os.unlink(path)
+    return x
 
 
 # ------------------------------------------------------------------------------------------- (a) versions
@@ -272,7 +302,6 @@ def step_parity(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
     from ..codebook import Codebook
     from ..kernels import unpack_codes
     from ..opq import train_opq
-    from ..sample import sample_vectors
     from .encode import make_problem
 
     try:
@@ -360,7 +389,6 @@ def step_encode_grid(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
         rec.status(no_gpu(reason))
         return
     from ..backend import free_device_memory, namespace, sync, to_device, to_host
-    from ..sample import sample_vectors
     from .encode import make_problem
 
     names, device_encode = routes()
@@ -438,7 +466,6 @@ def reconstruction_mse(cb: Any, x: np.ndarray) -> float:
 def step_train(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
     import pqgpu
 
-    from ..sample import sample_vectors
 
     ok, reason = gpu_state()
     n = int(p.get("train_n", 4000 if quick else 1_000_000))
@@ -451,7 +478,7 @@ def step_train(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
     except ImportError:
         pass
     t0 = time.perf_counter()
-    x = sample_vectors(n, d, seed=11)
+    x = sample_parallel(n, d, seed=11, workdir=p.get("_workdir") or tempfile.mkdtemp(prefix="pqgpu-train-"))
     held = sample_vectors(min(20000, n), d, seed=11, start=10**9)
     rec.set(n=n, d=d, M=M, nbits=8, niter=niter, data_s=round(time.perf_counter() - t0, 2))
     rec.note(f"k-means samples at most 256 rows per centroid (65,536 for nbits 8), as faiss, on both routes: "
@@ -500,12 +527,11 @@ def step_train(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
 
 def step_search(rec: Recorder, p: dict[str, Any], quick: bool) -> None:
     from ..codebook import Codebook
-    from ..sample import sample_vectors
     from ..search import search_codes
     from .encode import make_problem
 
     ok, reason = gpu_state()
-    n = int(p.get("search_n", 20000 if quick else 2_000_000))
+    n = int(p.get("search_n", 20000 if quick else 1_000_000))
     nq, k = int(p.get("search_nq", 100)), int(p.get("search_k", 10))
     d, M = (64, 8) if quick else (768, 96)
     _, c = make_problem(16, d, d // M, 8, seed=3)
@@ -728,9 +754,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("distributed").setLevel(logging.WARNING)
     rec = Recorder(args.result)
     params = json.loads(args.params)
+    params["_workdir"] = args.workdir or tempfile.mkdtemp(prefix=f"pqgpu-{args.step}-")
     try:
         if args.step == "pipeline":
-            step_pipeline(rec, params, args.quick, args.workdir or os.path.join(os.getcwd(), "pqgpu-pipeline"))
+            step_pipeline(rec, params, args.quick, params["_workdir"])
         else:
             STEPS[args.step](rec, params, args.quick)
     except BaseException as exc:
