@@ -329,12 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    import distributed  # noqa: F401  (its import installs INFO-level handlers; quieten them after)
+    from .logs import configure
 
-    for noisy in ("distributed", "numba", "asyncio", "fsspec", "bokeh"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    configure(debug=args.debug, quiet=args.quiet)
     try:
         return int(args.func(args) or 0)
     except PqgpuError as exc:

@@ -9,6 +9,7 @@ from typing import Iterator
 
 from .config import ClusterConfig
 from .errors import BackendUnavailable, PqgpuError
+from .logs import worker_plugin
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
                                processes=True, memory_limit=cfg.memory_limit, dashboard_address=None,
                                silence_logs=logging.WARNING)
     client = Client(cluster)
+    plugin = worker_plugin()  # these workers log to our terminal: keep expected errors to one paragraph there
+    if plugin is not None:
+        client.register_plugin(plugin)
     log.info("Dask %s cluster: %d worker(s)", cfg.kind, len(client.scheduler_info()["workers"]))
     try:
         yield client

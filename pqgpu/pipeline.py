@@ -89,8 +89,19 @@ class EncodeReport:
 
 
 def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, backend: str,
-                  threads: int | None) -> tuple[int, int, float, float]:
-    """Dask task: read one chunk, encode it, write it, mark it done. Returns (index, rows, t_read, t_encode)."""
+                  threads: int | None) -> tuple[int, int, float, float] | PqgpuError:
+    """Dask task: read one chunk, encode it, write it, mark it done. Returns (index, rows, t_read, t_encode),
+    or the error for an expected failure (bad row, unreadable file): returned, not raised, because Dask logs
+    every failed task at ERROR with a traceback in the worker, ahead of our one paragraph. (The error keeps
+    its traceback: Dask pickles it along, and --debug shows it.)"""
+    try:
+        return _encode_chunk_inner(source, chunk, store_path, codebook, backend, threads)
+    except PqgpuError as exc:
+        return exc
+
+
+def _encode_chunk_inner(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, backend: str,
+                        threads: int | None) -> tuple[int, int, float, float]:
     if threads:
         _set_kernel_threads(threads)
     t0 = time.perf_counter()
@@ -198,7 +209,10 @@ def _run_tasks(client: Any, source: Source, todo: list[Chunk], out: str, codeboo
             if fut.status == "error":
                 exc = fut.exception()
                 raise exc
-            _, rows, tr, te = fut.result()
+            result = fut.result()
+            if isinstance(result, PqgpuError):
+                raise result
+            _, rows, tr, te = result
             t_read += tr
             t_enc += te
             meter.add(rows)
