@@ -9,7 +9,7 @@ from typing import Iterator
 
 from .config import ClusterConfig
 from .errors import BackendUnavailable, PqgpuError
-from .logs import worker_plugin
+from .logs import quiet_teardown, worker_plugin
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,13 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
     if plugin is not None:
         client.register_plugin(plugin)
     log.info("Dask %s cluster: %d worker(s)", cfg.kind, len(client.scheduler_info()["workers"]))
+    failed = False
     try:
         yield client
+    except (PqgpuError, KeyboardInterrupt):
+        failed = True
+        raise
     finally:
-        client.close()
-        cluster.close()
+        with quiet_teardown(failed):
+            client.close()
+            cluster.close()

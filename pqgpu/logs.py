@@ -7,9 +7,12 @@ Dask workers are separate processes: `worker_plugin()` carries the same filter i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import warnings
+from typing import Iterator
 
 from .errors import PqgpuError
 
@@ -49,6 +52,9 @@ def configure(*, debug: bool = False, quiet: bool = False) -> None:
         handler._pqgpu = True  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
+    elif isinstance(handler, logging.StreamHandler):
+        # main() called again (tests): write where stderr is now; not setStream, which flushes the old stream
+        handler.stream = sys.stderr
     root.setLevel(logging.WARNING)
     logging.getLogger("pqgpu").setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     os.environ.setdefault(_DASK_LOG_ENV, "warning")
@@ -56,6 +62,8 @@ def configure(*, debug: bool = False, quiet: bool = False) -> None:
         logging.getLogger("distributed").setLevel(logging.WARNING)
     for h in (*root.handlers, *logging.getLogger("distributed").handlers):
         _set_filter(h, _filter_expected)
+    if not debug:  # our clusters serve no dashboard, so which port its idle HTTP server got does not matter
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
 
 
 def _set_filter(handler: logging.Handler, on: bool) -> None:
@@ -79,3 +87,20 @@ def worker_plugin():
     from ._worker_logs import QuietExpectedErrors
 
     return QuietExpectedErrors()
+
+
+@contextlib.contextmanager
+def quiet_teardown(after_expected_error: bool) -> Iterator[None]:
+    """Around closing a local cluster: after an expected error, Dask's warnings about the tasks it cuts
+    short (workers killed mid-task) only repeat that error, so they stay out of the terminal (not with
+    --debug, nor for library users who did not configure logging through `configure`)."""
+    if not (after_expected_error and _filter_expected):
+        yield
+        return
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
