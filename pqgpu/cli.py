@@ -259,7 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     (out / "demo.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
     cfg = load_config(out / "demo.yaml")
-    report = run(cfg, overwrite=True)
+    # fresh sample data: a quantizer left by an earlier demo (maybe another --d) does not fit it
+    report = run(cfg, overwrite=True, retrain=True)
     info = open_store(cfg.encode.output).info()
     print()
     print(f"codes:        {info['path']}  ({info['n']:,} rows x {info['code_size']} bytes)")
