@@ -198,8 +198,9 @@ def test_bad_row_in_an_encode_task_is_one_paragraph(world, tmp_path, kind, what)
     message = [line for line in lines if line.startswith("error: ")]
     assert len(message) == 1 and message[0] == lines[-1], err  # our paragraph, once, last
     assert f"{bad}/shard-0002.parquet" in message[0] and "row 500" in message[0] and what in message[0], err
-    # the only other lines are pqgpu's own progress
-    assert all(re.match(r"\S+ \S+ INFO pqgpu\.", line) for line in lines[:-1]), err
+    # the only other lines are pqgpu's own progress (and Dask's notes on a loaded machine, at WARNING)
+    load_notes = r".*WARNING.*(Event loop was unresponsive|full garbage collections)"
+    assert all(re.match(r"\S+ \S+ INFO pqgpu\.", line) or re.match(load_notes, line) for line in lines[:-1]), err
 
 
 def test_debug_shows_the_traceback(world, tmp_path):
