@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .codebook import Codebook, train
+from .codebook import Codebook
+from .training import train
 from .errors import BackendUnavailable, ConfigError, InputError, PqgpuError, StoreError
 from .search import evaluate, search
 

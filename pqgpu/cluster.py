@@ -22,6 +22,14 @@ def default_workers(n_cpus: int | None = None) -> tuple[int, int]:
     return max(1, n_cpus), 1
 
 
+def cuda_worker_threads(n_cpus: int, n_gpus: int) -> int:
+    """Threads per GPU worker for local-cuda: the cores shared out among the GPUs, at least 2. While one
+    thread's chunk is on the GPU the others read and decode Parquet and write codes; the encodes themselves take
+    turns on the GPU (pipeline._encode_chunk), so device memory is one planned encode per GPU and host memory
+    about threads x one chunk."""
+    return max(2, n_cpus // max(1, n_gpus))
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
     from distributed import Client, LocalCluster
@@ -43,7 +51,12 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         except ImportError:
             raise BackendUnavailable("cluster.kind 'local-cuda' needs dask-cuda: `pip install 'pqgpu[gpu]'` or the "
                                      "conda environment in environment.yml.") from None
-        cluster = LocalCUDACluster(memory_limit=cfg.memory_limit, threads_per_worker=cfg.threads_per_worker or 1,
+        n_gpus = _visible_gpus()
+        threads = cfg.threads_per_worker or cuda_worker_threads(default_workers()[0], n_gpus)
+        log.info("local-cuda plan: %d GPU worker(s) x %d thread(s)%s: chunks are read, decoded and written in "
+                 "parallel, encoded one at a time per GPU", n_gpus, threads,
+                 "" if cfg.threads_per_worker else " (cores / GPUs, at least 2)")
+        cluster = LocalCUDACluster(memory_limit=cfg.memory_limit, threads_per_worker=threads,
                                    dashboard_address=None)
     else:
         workers, threads = default_workers()
@@ -65,3 +78,13 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         with quiet_teardown(failed):
             client.close()
             cluster.close()
+
+
+def _visible_gpus() -> int:
+    try:
+        from dask_cuda.utils import get_n_gpus
+
+        return max(1, int(get_n_gpus()))
+    except Exception:  # an older dask-cuda: count CUDA_VISIBLE_DEVICES, else assume one
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        return max(1, len([v for v in visible.split(",") if v.strip()]))

@@ -3,6 +3,16 @@
 Files use faiss's own binary format, written and read here without faiss:
 ProductQuantizer = d, M, nbits (uint64 each), then the centroid vector (uint64 length + float32 data),
 exactly what `faiss.write_ProductQuantizer` writes and `faiss.read_ProductQuantizer` reads.
+
+An OPQ rotation is stored beside it in ``<path>.opq``, in faiss's VectorTransform file format (what
+`faiss.write_VectorTransform` writes for an OPQMatrix: faiss saves it as a generic LinearTransform,
+fourcc "LTra"):
+
+    b"LTra" | have_bias: uint8 | A: uint64 count + count float32 | b: uint64 count + count float32
+    | d_in: int32 | d_out: int32 | is_trained: uint8
+
+all little-endian, A row-major (d_out, d_in), applied as y = A x.
+Training lives in training.py (PQ) and opq.py (OPQ); this module only holds and stores the result.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .backend import namespace, resolve_backend, to_device
+from .backend import resolve_backend
 from .errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -159,8 +169,6 @@ class Codebook:
         atomic_write_bytes(path, header + np.ascontiguousarray(self.centroids, dtype="<f4").tobytes())
         opq_path = Path(str(path) + ".opq")
         if self.rotation is not None:
-            from .opq import opq_matrix_bytes
-
             atomic_write_bytes(opq_path, opq_matrix_bytes(self.rotation))
         else:  # a rotation left from an earlier OPQ quantizer at this path would be loaded with these centroids
             opq_path.unlink(missing_ok=True)
@@ -184,8 +192,6 @@ class Codebook:
         rotation = None
         opq_path = Path(str(path) + ".opq")
         if opq_path.exists():
-            from .opq import read_opq_matrix
-
             rotation = read_opq_matrix(opq_path)
         return cls(int(d), int(M), int(nbits), centroids.astype(np.float32), rotation)
 
@@ -216,53 +222,72 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def train(x: Any, M: int, nbits: int = 8, *, niter: int = 25, seed: int = 1234,
-          backend: str = "auto", opq: bool = False, devices: list[int] | None = None) -> Codebook:
-    """Train a PQ codebook on x (n, d) float16/32/64 (computed in float32). Needs n >= 2**nbits rows.
+# -- OPQ rotation file (faiss VectorTransform) ----------------------------------------------------------
 
-    opq=True also learns an OPQ rotation (faiss OPQMatrix defaults); see pqgpu.opq.train_opq.
-    On the GPU, the sub-quantizers are split over `devices` (default: every visible GPU; restrict with
-    CUDA_VISIBLE_DEVICES or this list).
-    """
-    if opq:
-        from .opq import train_opq
-
-        return train_opq(x, M, nbits, niter=niter, seed=seed, backend=backend)
-    from .kmeans import train_subquantizers
-
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise InputError(f"training vectors: expected a 2-D array (rows, d). Got shape {x.shape} instead.")
-    n, d = x.shape
-    check_params(d, M, nbits)
-    if niter < 1:
-        raise ConfigError(f"niter: expected a positive integer. Got {niter} instead.")
-    if n < (1 << nbits):
-        raise InputError(f"training needs at least 2**nbits = {1 << nbits} rows for nbits={nbits}; got {n}. "
-                         f"Provide more rows (faiss recommends >= {39 * (1 << nbits)}) or lower nbits.")
-    x = as_float32_matrix(x, "training vectors")
-    if resolve_backend(backend) == "cpu":
-        centroids = train_subquantizers(x, M, 1 << nbits, niter=niter, seed=seed)
-    else:
-        centroids = _train_gpu(x, M, 1 << nbits, niter, seed, devices)
-    return Codebook(d, M, nbits, centroids)
+_LTRA = b"LTra"
+_LINEAR_FOURCCS = (b"LTra", b"rrot")  # both are a plain LinearTransform on disk after the fourcc
 
 
-def _train_gpu(x: np.ndarray, M: int, ksub: int, niter: int, seed: int, devices: list[int] | None) -> np.ndarray:
-    """Sub-quantizers spread over the GPUs, one thread per device."""
-    import cupy
+def opq_matrix_bytes(rotation: Any) -> bytes:
+    """faiss VectorTransform bytes for an OPQMatrix holding `rotation` (d_out, d_in) float32 (y = A x)."""
+    a = np.ascontiguousarray(np.asarray(rotation), dtype="<f4")
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise InputError(f"OPQ rotation: expected a 2-D (d_out, d_in) matrix. Got shape {a.shape} instead.")
+    d_out, d_in = a.shape
+    return b"".join([
+        _LTRA,
+        struct.pack("<B", 0),  # have_bias: OPQ is a pure rotation
+        struct.pack("<Q", a.size), a.tobytes(),
+        struct.pack("<Q", 0),  # empty bias vector
+        struct.pack("<iiB", d_in, d_out, 1),
+    ])
 
-    from .backend import free_device_memory
-    from .kmeans import ArrayEngine, train_split, train_subquantizers
 
-    xp = namespace("gpu")
-    devices = list(range(cupy.cuda.runtime.getDeviceCount())) if devices is None else list(devices)
+def parse_opq_matrix(raw: bytes, where: str = "<bytes>") -> np.ndarray:
+    """Inverse of opq_matrix_bytes; also accepts faiss's own files (LTra / rrot). Returns float32 (d_out, d_in)."""
+    def bad(why: str) -> InputError:
+        return InputError(f"OPQ file {where} is not a faiss OPQMatrix/LinearTransform file: {why}. "
+                          "Write it with faiss.write_VectorTransform or retrain with `quantizer.opq: true`.")
 
-    def train_group(i: int, cols: np.ndarray, m: int) -> np.ndarray:
-        with cupy.cuda.Device(devices[i]):
-            # distance and one-hot blocks sized from this device's free memory (a quarter per block)
-            block = max(64 << 20, free_device_memory() // 4)
-            return train_subquantizers(to_device(cols, xp), m, ksub, niter=niter, seed=seed,
-                                       engine=ArrayEngine(block_bytes=block))
+    if len(raw) < 4 + 1 + 8 + 8 + 9:
+        raise bad(f"only {len(raw)} bytes")
+    fourcc = raw[:4]
+    if fourcc not in _LINEAR_FOURCCS:
+        raise bad(f"fourcc {fourcc!r} (expected {_LTRA!r}; PCA/ITQ and other transforms are not a rotation)")
+    pos = 4
+    (have_bias,) = struct.unpack_from("<B", raw, pos)
+    pos += 1
+    (na,) = struct.unpack_from("<Q", raw, pos)
+    pos += 8
+    if pos + 4 * na + 8 > len(raw):
+        raise bad(f"matrix of {na} floats does not fit in {len(raw)} bytes")
+    a = np.frombuffer(raw, dtype="<f4", count=na, offset=pos)
+    pos += 4 * na
+    (nb,) = struct.unpack_from("<Q", raw, pos)
+    pos += 8
+    if pos + 4 * nb + 9 != len(raw):
+        raise bad(f"unexpected length {len(raw)} for a {na}-float matrix and a {nb}-float bias")
+    b = np.frombuffer(raw, dtype="<f4", count=nb, offset=pos)
+    pos += 4 * nb
+    d_in, d_out, is_trained = struct.unpack_from("<iiB", raw, pos)
+    if d_in <= 0 or d_out <= 0 or na != d_in * d_out:
+        raise bad(f"d_in={d_in}, d_out={d_out} do not match a matrix of {na} floats")
+    if not is_trained:
+        raise bad("the transform is not trained")
+    if have_bias and nb and np.any(b != 0):
+        raise bad("it has a non-zero bias, which a PQ rotation cannot represent")
+    return a.reshape(d_out, d_in).astype(np.float32)
 
-    return train_split(x, M, ksub, len(devices), train_group)
+
+def read_opq_matrix(path: str | os.PathLike) -> np.ndarray:
+    """Read `<quantizer>.opq` (ours or faiss.write_VectorTransform's). Returns float32 (d, d)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"Cannot read OPQ file {path}: {exc.strerror}.") from None
+    a = parse_opq_matrix(raw, str(path))
+    if a.shape[0] != a.shape[1]:
+        raise InputError(f"OPQ file {path} maps d_in={a.shape[1]} to d_out={a.shape[0]}; pqgpu supports only "
+                         "square OPQ rotations (faiss OPQ with d_out == d).")
+    return a

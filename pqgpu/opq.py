@@ -1,26 +1,16 @@
-"""OPQ: a learned orthogonal rotation applied before PQ (Ge et al. 2013), trained and stored like faiss.
+"""OPQ: a learned orthogonal rotation applied before PQ (Ge et al. 2013), trained like faiss.
 
 Training follows faiss's `OPQMatrix::train`: centre the sample, start from a random orthogonal matrix, then alternate
 (a) a few PQ k-means iterations on the rotated sample (warm-started from the previous round's centroids)
 and (b) the orthogonal Procrustes update A = U V^T from the SVD of recons^T x. The final PQ is trained
 from scratch on the rotated training set with the full `niter`, as faiss's IndexPreTransform does.
-
-The rotation is stored in faiss's VectorTransform file format (what `faiss.write_VectorTransform` writes
-for an OPQMatrix: faiss saves it as a generic LinearTransform, fourcc "LTra"):
-
-    b"LTra" | have_bias: uint8 | A: uint64 count + count float32 | b: uint64 count + count float32
-    | d_in: int32 | d_out: int32 | is_trained: uint8
-
-all little-endian, A row-major (d_out, d_in), applied as y = A x.
+The result is a `Codebook` with a rotation; its file format (``<quantizer>.opq``) lives in codebook.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import struct
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,77 +32,6 @@ MAX_TRAIN_POINTS = 256 * 256
 # faiss trains the inner PQ of OPQMatrix with 8 bits whatever the final nbits (pq_default(d, M, 8)).
 # We use min(nbits, 8): the same as faiss for nbits >= 8, and the real objective for smaller codes.
 MAX_INNER_NBITS = 8
-
-_LTRA = b"LTra"
-_LINEAR_FOURCCS = (b"LTra", b"rrot")  # both are a plain LinearTransform on disk after the fourcc
-
-
-# -- file format ----------------------------------------------------------------------------------------
-
-def opq_matrix_bytes(rotation: Any) -> bytes:
-    """faiss VectorTransform bytes for an OPQMatrix holding `rotation` (d_out, d_in) float32 (y = A x)."""
-    a = np.ascontiguousarray(np.asarray(rotation), dtype="<f4")
-    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise InputError(f"OPQ rotation: expected a 2-D (d_out, d_in) matrix. Got shape {a.shape} instead.")
-    d_out, d_in = a.shape
-    return b"".join([
-        _LTRA,
-        struct.pack("<B", 0),  # have_bias: OPQ is a pure rotation
-        struct.pack("<Q", a.size), a.tobytes(),
-        struct.pack("<Q", 0),  # empty bias vector
-        struct.pack("<iiB", d_in, d_out, 1),
-    ])
-
-
-def parse_opq_matrix(raw: bytes, where: str = "<bytes>") -> np.ndarray:
-    """Inverse of opq_matrix_bytes; also accepts faiss's own files (LTra / rrot). Returns float32 (d_out, d_in)."""
-    def bad(why: str) -> InputError:
-        return InputError(f"OPQ file {where} is not a faiss OPQMatrix/LinearTransform file: {why}. "
-                          "Write it with faiss.write_VectorTransform or retrain with `quantizer.opq: true`.")
-
-    if len(raw) < 4 + 1 + 8 + 8 + 9:
-        raise bad(f"only {len(raw)} bytes")
-    fourcc = raw[:4]
-    if fourcc not in _LINEAR_FOURCCS:
-        raise bad(f"fourcc {fourcc!r} (expected {_LTRA!r}; PCA/ITQ and other transforms are not a rotation)")
-    pos = 4
-    (have_bias,) = struct.unpack_from("<B", raw, pos)
-    pos += 1
-    (na,) = struct.unpack_from("<Q", raw, pos)
-    pos += 8
-    if pos + 4 * na + 8 > len(raw):
-        raise bad(f"matrix of {na} floats does not fit in {len(raw)} bytes")
-    a = np.frombuffer(raw, dtype="<f4", count=na, offset=pos)
-    pos += 4 * na
-    (nb,) = struct.unpack_from("<Q", raw, pos)
-    pos += 8
-    if pos + 4 * nb + 9 != len(raw):
-        raise bad(f"unexpected length {len(raw)} for a {na}-float matrix and a {nb}-float bias")
-    b = np.frombuffer(raw, dtype="<f4", count=nb, offset=pos)
-    pos += 4 * nb
-    d_in, d_out, is_trained = struct.unpack_from("<iiB", raw, pos)
-    if d_in <= 0 or d_out <= 0 or na != d_in * d_out:
-        raise bad(f"d_in={d_in}, d_out={d_out} do not match a matrix of {na} floats")
-    if not is_trained:
-        raise bad("the transform is not trained")
-    if have_bias and nb and np.any(b != 0):
-        raise bad("it has a non-zero bias, which a PQ rotation cannot represent")
-    return a.reshape(d_out, d_in).astype(np.float32)
-
-
-def read_opq_matrix(path: str | os.PathLike) -> np.ndarray:
-    """Read `<quantizer>.opq` (ours or faiss.write_VectorTransform's). Returns float32 (d, d)."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"Cannot read OPQ file {path}: {exc.strerror}.") from None
-    a = parse_opq_matrix(raw, str(path))
-    if a.shape[0] != a.shape[1]:
-        raise InputError(f"OPQ file {path} maps d_in={a.shape[1]} to d_out={a.shape[0]}; pqgpu supports only "
-                         "square OPQ rotations (faiss OPQ with d_out == d).")
-    return a
-
 
 # -- training -------------------------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +63,7 @@ def train(cfg: Config, *, backend: str | None = None) -> Codebook:
 
         cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
     else:
-        from .codebook import train as train_pq
+        from .training import train as train_pq
 
         cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
     log.info("trained M=%d nbits=%d%s on %s in %.2f s; RSS %.0f MiB", q.M, q.nbits, " with OPQ" if q.opq else "",
@@ -134,11 +136,22 @@ def _encode_chunk_inner(source: Source, chunk: Chunk, store_path: str, codebook:
     x, ids = source.read_chunk(chunk)
     t1 = time.perf_counter()
     x = check_vectors(source, x, chunk.start, codebook.d)
-    codes = codebook.encode(x, backend, checked=True)
-    t2 = time.perf_counter()
+    if backend == "gpu":
+        from .backend import pinned_copy
+
+        x = pinned_copy(x)  # a host copy done here, in parallel, not during the GPU turn below
+    # one encode at a time per GPU worker process (device memory is planned for one); the worker's other
+    # threads read, decode and write chunks meanwhile (cluster.cuda_worker_threads)
+    with _GPU_TURN if backend == "gpu" else contextlib.nullcontext():
+        t_enc = time.perf_counter()
+        codes = codebook.encode(x, backend, checked=True)
+        t2 = time.perf_counter()
     fault_point("before-write", chunk.index)
     write_chunk(store_path, chunk.index, chunk.start, codes, ids)
-    return chunk.index, chunk.rows, t1 - t0, t2 - t1
+    return chunk.index, chunk.rows, t1 - t0, t2 - t_enc
+
+
+_GPU_TURN = threading.Lock()
 
 
 def _set_kernel_threads(threads: int) -> None:

@@ -166,3 +166,34 @@ def test_gpu_training_on_all_visible_devices():
     x = synthetic(20000, 64, seed=1)
     cb = pqgpu.train(x, 16, 8, niter=5, backend="gpu", devices=list(range(cupy.cuda.runtime.getDeviceCount())))
     assert cb.centroids.shape == (16, 256, 4)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the answers on a machine without a usable GPU")
+def test_device_helpers_without_a_gpu():
+    from pqgpu.backend import device_count, device_info, on_device, sync
+
+    assert device_count() == 0
+    sync("cpu")  # no-op
+    sync("auto")  # resolves to the CPU here: no-op
+    for call in (lambda: sync("gpu"), lambda: sync(), lambda: device_info(0), lambda: on_device(0).__enter__()):
+        with pytest.raises(BackendUnavailable, match="backend 'gpu' was requested"):
+            call()
+
+
+@gpu
+@pytest.mark.gpu
+def test_device_helpers_on_the_gpu():
+    import cupy
+
+    from pqgpu.backend import device_count, device_info, on_device, sync
+
+    n = device_count()
+    assert n == cupy.cuda.runtime.getDeviceCount() >= 1
+    with on_device(n - 1):
+        assert cupy.cuda.Device().id == n - 1
+        a = cupy.arange(1 << 20, dtype=cupy.float32)
+        b = a * 2
+        sync()
+        assert float(b[-1].get()) == 2 * ((1 << 20) - 1)
+    info = device_info(0)
+    assert info["gpu_name"] and info["cuda_driver"] > 0 and info["cupy"] == cupy.__version__

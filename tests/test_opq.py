@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import pqgpu
-from pqgpu.codebook import Codebook
-from pqgpu.opq import opq_matrix_bytes, opq_rotation, parse_opq_matrix, procrustes, read_opq_matrix, train_opq
+from pqgpu.codebook import Codebook, opq_matrix_bytes, parse_opq_matrix, read_opq_matrix
+from pqgpu.opq import opq_rotation, procrustes, train_opq
 from pqgpu.search import recall_metrics
 
 from .helpers import NAMESPACES, assert_codes_match, synthetic

@@ -183,16 +183,16 @@ def test_nulls_skipped_and_strict(pg_server, db, tmp_path, caplog):
 @pytest.mark.parametrize("id_type", ["bigint", "text"])
 def test_tiny_blocks_and_chunks_match(pg_server, db, tmp_path, monkeypatch, id_type):
     """Rows split across network chunks, many row groups per shard, a shard of NULLs only: same data."""
-    from pqgpu.sources import postgres as P
+    from pqgpu.sources.postgres import export as P
 
     table = _table()
     ids, x = _vectors(120)
     srt = sorted(ids.tolist(), key=str if id_type == "text" else int)  # the server's id order
     nulls = set(srt[:10]) | {srt[50], srt[51], srt[119]}  # the first shard is all NULLs
     _create(db, table, ids, x, "vector", nulls=nulls, id_type=id_type)
-    copy_into = P._copy_into
-    monkeypatch.setattr(P, "_copy_into", lambda c, s, p: copy_into(c, s, p, chunk_bytes=97))
-    monkeypatch.setattr(P, "_block_rows", lambda d, limit: 7)
+    copy_into = P.copy_into
+    monkeypatch.setattr(P, "copy_into", lambda c, s, p: copy_into(c, s, p, chunk_bytes=97))
+    monkeypatch.setattr(P, "block_rows", lambda d, limit: 7)
     res = export_postgres(_cfg(pg_server, tmp_path, table, rows_per_shard=10))
     assert res.null_vectors == len(nulls) and res.rows == 120 - len(nulls)
     assert len(res.files) == 11 and os.path.basename(res.files[0]) == "part-000000.parquet"

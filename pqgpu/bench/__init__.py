@@ -90,17 +90,12 @@ def environment() -> dict[str, Any]:
         env["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     except ImportError:
         env["faiss"] = "not installed"
-    from ..backend import gpu_status
+    from ..backend import device_info, gpu_status
 
     ok, reason = gpu_status()
     env["gpu"] = reason
     if ok:
-        import cupy
-
-        props = cupy.cuda.runtime.getDeviceProperties(0)
-        env["gpu_name"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        env["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
-        env["cupy"] = cupy.__version__
+        env.update(device_info(0))
     return env
 
 

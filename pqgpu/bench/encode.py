@@ -59,14 +59,13 @@ def bench_point(n: int, d: int, dsub: int, nbits: int, runs: int) -> dict[str, A
     row["vs_best_faiss"] = row["pqgpu_cpu"] / max(row["faiss_compute_codes"], row["faiss_knn"])
     row["rows_equal_faiss"] = float((cb.encode(x, backend="cpu") == pq.compute_codes(x)).all(axis=1).mean())
     if gpu_status()[0]:
-        import cupy
-
         from .. import kernels
+        from ..backend import namespace, sync, to_device
 
-        xg = cupy.asarray(x)
-        cg = cupy.asarray(c)
+        xp = namespace("gpu")
+        xg = to_device(x, xp)
+        cg = to_device(c, xp)
         prepared = kernels.prepare_centroids(cg)
-        sync = cupy.cuda.Stream.null.synchronize
         t_gpu = timeit(lambda: kernels.pack_codes(kernels.assign(xg, cg, prepared=prepared, block_bytes=1 << 30), nbits),
                        runs=runs, sync=sync)
         row["pqgpu_gpu_resident"] = t_gpu.rate(n)

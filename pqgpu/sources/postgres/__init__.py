@@ -1,0 +1,20 @@
+"""PostgreSQL <-> pqgpu: export a table (or query) to Parquet shards, and write PQ codes back.
+
+One topic per module:
+
+- `connect`: psycopg import, connections, error translation, DSN redaction (`redact_dsn`);
+- `copy_decode`: the binary COPY wire format of the supported vector and id types, decoded with NumPy;
+- `shards`: the background thread that writes decoded blocks as Parquet shards;
+- `manifest`: the export's resume record (``_manifest.json``);
+- `export`: `export_postgres`, table or query -> Parquet shards, resumable;
+- `writeback`: `write_codes_postgres`, code store -> a bytea column, matched by id.
+
+psycopg 3 is imported lazily (``pip install 'pqgpu[postgres]'``).
+"""
+
+from .connect import redact_dsn
+from .export import ExportResult, export_postgres
+from .manifest import MANIFEST_NAME
+from .writeback import write_codes_postgres
+
+__all__ = ["ExportResult", "export_postgres", "write_codes_postgres", "redact_dsn", "MANIFEST_NAME"]

@@ -1,0 +1,168 @@
+"""Write PQ codes back into PostgreSQL: one bytea column of the source table, matched by id.
+
+`write_codes_postgres` reads the code store (``codes`` uint8 (n, code_size), ``ids`` (n,)) in batches;
+each batch is one ``COPY`` into a temporary table + ``UPDATE ... FROM`` that touches only rows whose code
+differs, so running it twice gives the same table and rewrites nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ...config import PostgresConfig
+from ...errors import ConfigError, InputError, StoreError
+from .connect import column_types, connect, import_psycopg, run_pg, split_table
+from .copy_decode import BINARY_SIGNATURE, ID_KINDS
+
+log = logging.getLogger(__name__)
+
+
+def _iter_store(store_path: str, batch_rows: int) -> Iterator[tuple[np.ndarray, Any]]:
+    import zarr
+
+    try:
+        g = zarr.open_group(store_path, mode="r")
+        codes, ids = g["codes"], g["ids"]
+    except Exception as exc:  # zarr raises various errors for missing/invalid stores
+        raise StoreError(f"{store_path}: cannot open the code store ({type(exc).__name__}: {exc}). Give the "
+                         "encode.output of a finished `pqgpu encode`.") from None
+    if len(codes.shape) != 2 or codes.dtype != np.uint8 or len(ids.shape) != 1 or ids.shape[0] != codes.shape[0]:
+        raise StoreError(f"{store_path}: expected codes uint8 (n, code_size) and ids (n,); found codes "
+                         f"{codes.dtype} {codes.shape} and ids {ids.dtype} {ids.shape}.")
+    if "done" in g:
+        done = np.asarray(g["done"][...], dtype=bool)
+        if not done.all():
+            raise StoreError(f"{store_path}: {int((~done).sum())} of {done.size} chunks are not encoded yet. "
+                             "Finish `pqgpu encode` first, then write the codes.")
+    n = codes.shape[0]
+    for s in range(0, n, batch_rows):
+        e = min(n, s + batch_rows)
+        yield np.ascontiguousarray(codes[s:e]), np.asarray(ids[s:e])
+
+
+def write_codes_postgres(pg: PostgresConfig, store_path: str, *, batch_rows: int | None = None,
+                         progress: Callable[[int], None] | None = None) -> int:
+    """Write each store row's code into ``pg.codes_column`` (bytea) of ``pg.table``, matched by id.
+
+    The column is added when missing. Each batch of `batch_rows` (default ``pg.batch_rows``) is one
+    transaction: COPY into a temporary table, then one ``UPDATE ... FROM`` that touches only rows whose
+    code differs, so a re-run (or a resume after an interruption) is idempotent and cheap. Returns the
+    number of table rows that hold the store's codes (ids found in the table); store ids missing from the
+    table are counted and reported with a warning. `progress(n)` is called after each batch with its size.
+    """
+    if pg.query:
+        raise ConfigError("write-codes-postgres needs postgres.table (the table that receives the codes); "
+                          "it cannot write into the result of postgres.query. Set postgres.table and remove "
+                          "postgres.query.")
+    if not pg.table:
+        raise ConfigError("postgres.table is not set. Name the table that receives the codes.")
+    batch = int(batch_rows if batch_rows is not None else pg.batch_rows)
+    if batch <= 0:
+        raise ConfigError(f"postgres.batch_rows: expected a positive integer. Got {batch}.")
+    psycopg = import_psycopg()
+    from psycopg import sql
+
+    dsn = pg.resolved_dsn()
+    table = sql.Identifier(*split_table(pg.table))
+    idc, codec_ = sql.Identifier(pg.id_column), sql.Identifier(pg.codes_column)
+    what = f"table {pg.table!r}"
+    batches = _iter_store(store_path, batch)  # opens and checks the store before connecting
+    first = next(batches, None)
+    conn = connect(dsn, autocommit=False)
+    updated = missing = 0
+    t0 = time.perf_counter()
+    try:
+        def prepare():
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} bytea").format(table, codec_))
+                types = column_types(cur, sql.SQL("SELECT {}, {} FROM {} LIMIT 0").format(idc, codec_, table))
+            conn.commit()
+            return types
+
+        id_pg, code_pg = run_pg(prepare, dsn, f"preparing {what}")
+        if code_pg != "bytea":
+            raise InputError(f"{what}: column {pg.codes_column!r} exists with type {code_pg}; the codes need a "
+                             "bytea column. Choose another postgres.codes_column or drop that column.")
+        if id_pg not in ID_KINDS:
+            raise InputError(f"{what}: id column {pg.id_column!r} has unsupported type {id_pg}.")
+        text_ids = ID_KINDS[id_pg] is None
+        tmp = sql.Identifier("_pqgpu_codes")
+
+        def setup_tmp():
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (id {}, code bytea)").format(
+                    tmp, sql.SQL("text" if text_ids else "int8")))
+            conn.commit()
+
+        run_pg(setup_tmp, dsn, "creating a temporary table")
+        # Rows that already hold the same code are left alone: a re-run rewrites nothing (no table bloat).
+        update = sql.SQL("UPDATE {t} AS t SET {c} = s.code FROM {tmp} AS s "
+                         "WHERE t.{id} = s.id AND t.{c} IS DISTINCT FROM s.code").format(
+            t=table, c=codec_, tmp=tmp, id=idc)
+        matched = sql.SQL("SELECT count(*) FROM {tmp} AS s WHERE EXISTS (SELECT 1 FROM {t} AS t WHERE t.{id} = s.id)"
+                          ).format(t=table, tmp=tmp, id=idc)
+
+        def do_batch(codes: np.ndarray, ids: np.ndarray) -> int:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("TRUNCATE {}").format(tmp))
+                with cur.copy(sql.SQL("COPY {} (id, code) FROM STDIN (FORMAT BINARY)").format(tmp)) as cp:
+                    if text_ids:
+                        cp.set_types(["text", "bytea"])
+                        for i, c in zip(ids.tolist(), codes):
+                            cp.write_row((str(i), c.tobytes()))
+                    else:
+                        cp.write(_binary_copy_int_bytea(ids, codes))
+                cur.execute(sql.SQL("ANALYZE {}").format(tmp))
+                cur.execute(update)
+                changed = cur.rowcount
+                cur.execute(matched)
+                n = int(cur.fetchone()[0])
+            conn.commit()
+            log.debug("batch of %d codes: %d rows matched, %d changed", len(ids), n, changed)
+            return n
+
+        batch_iter = batches if first is None else _chain(first, batches)
+        for codes, ids in batch_iter:
+            if ids.dtype.kind not in "iu" and not text_ids:
+                raise InputError(f"{store_path}: the store has {ids.dtype} ids but {what}.{pg.id_column} is "
+                                 f"{id_pg}; they cannot be matched.")
+            if ids.dtype.kind in "iu" and text_ids:
+                ids = ids.astype(str)
+            n = run_pg(lambda: do_batch(codes, ids), dsn, f"writing codes into {what}")
+            updated += n
+            missing += len(ids) - n
+            if progress is not None:
+                progress(len(ids))
+    finally:
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            pass
+        conn.close()
+    if missing:
+        log.warning("%s: %d id(s) of the store were not found in the table; their codes were not written",
+                    what, missing)
+    log.info("Wrote %d codes into %s.%s in %.1f s", updated, pg.table, pg.codes_column, time.perf_counter() - t0)
+    return updated
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _binary_copy_int_bytea(ids: np.ndarray, codes: np.ndarray) -> bytes:
+    """Binary COPY stream of rows (int8 id, bytea code), built with one structured array."""
+    n, cs = codes.shape
+    dt = np.dtype([("nf", ">i2"), ("l1", ">i4"), ("id", ">i8"), ("l2", ">i4"), ("code", "u1", (cs,))])
+    rec = np.empty(n, dtype=dt)
+    rec["nf"] = 2
+    rec["l1"] = 8
+    rec["id"] = ids
+    rec["l2"] = cs
+    rec["code"] = codes
+    return BINARY_SIGNATURE + b"\x00" * 8 + rec.tobytes() + b"\xff\xff"
