@@ -21,7 +21,42 @@ EXIT_BUG = 1  # anything unexpected
 def _config(args: argparse.Namespace):
     from .config import load_config
 
-    return load_config(args.config, args.set or [])
+    return load_config(args.config, args.set or [], updates=_shorthand(args))
+
+
+def _shorthand(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Config values from the common-case arguments (source paths, --out, --M, ...). The config file gives
+    way to them, and --set to nothing: file < these < --set."""
+    from .errors import ConfigError
+
+    updates: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            updates.setdefault(section, {})[key] = value
+
+    paths = getattr(args, "source", None) or []
+    if paths:
+        from .sources import infer_format
+
+        fmt = args.format or infer_format(paths)
+        if fmt is None:
+            raise ConfigError(f"Cannot tell the format of {' '.join(paths[:3])}{' ...' if len(paths) > 3 else ''} "
+                              "from its extension (.parquet, .npy, .zarr), or a directory holds several kinds. "
+                              "Pass --format parquet, --format npy or --format zarr.")
+        put("source", "path", paths[0] if len(paths) == 1 else list(paths))
+        put("source", "format", fmt)
+    elif getattr(args, "format", None):
+        put("source", "format", args.format)
+    put("source", "id_column", getattr(args, "id_column", None))
+    put("source", "vector_column", getattr(args, "vector_column", None))
+    out = getattr(args, "out", None)
+    if out is not None:
+        put("quantizer", "path", str(Path(out) / "pq.faiss"))
+        put("encode", "output", str(Path(out) / "codes.zarr"))
+    put("quantizer", "M", getattr(args, "M", None))
+    put("quantizer", "nbits", getattr(args, "nbits", None))
+    return updates
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
@@ -58,7 +93,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run
 
-    _print_report(run(_config(args), overwrite=args.overwrite, strict_ids=args.strict_ids))
+    _print_report(run(_config(args), overwrite=args.overwrite, strict_ids=args.strict_ids, retrain=args.retrain))
     return 0
 
 
@@ -224,7 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     (out / "demo.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
     cfg = load_config(out / "demo.yaml")
-    report = run(cfg, overwrite=True)
+    # fresh sample data: a quantizer left by an earlier demo (maybe another --d) does not fit it
+    report = run(cfg, overwrite=True, retrain=True)
     info = open_store(cfg.encode.output).info()
     print()
     print(f"codes:        {info['path']}  ({info['n']:,} rows x {info['code_size']} bytes)")
@@ -250,8 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-c", "--config", required=True, help="YAML config (see configs/default.yaml)")
+        sp.add_argument("-c", "--config", help="YAML config (see configs/default.yaml); optional: without it, "
+                        "defaults plus --set and the arguments below")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. quantizer.M=32")
+
+    def with_shorthand(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("common settings without a config file (they override -c; --set overrides them)")
+        g.add_argument("source", nargs="*", metavar="SOURCE",
+                       help="vector files, directories or globs (source.path), e.g. data/shards/*.parquet")
+        g.add_argument("--format", choices=["parquet", "zarr", "npy"],
+                       help="source.format (default: from the extension of SOURCE)")
+        g.add_argument("--id-column", help="source.id_column (default: row numbers are the ids)")
+        g.add_argument("--vector-column", help="source.vector_column (default: embedding)")
+        g.add_argument("--out", metavar="DIR", help="write DIR/pq.faiss (quantizer.path) and DIR/codes.zarr "
+                       "(encode.output)")
+        g.add_argument("--M", type=int, help="quantizer.M, sub-quantizers per vector (d %% M == 0)")
+        g.add_argument("--nbits", type=int, help="quantizer.nbits, bits per sub-code (1..16)")
 
     sp = sub.add_parser("demo", help="sample data -> train -> encode -> evaluate, on this machine")
     sp.add_argument("--out", default="pqgpu-demo")
@@ -272,13 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, helptext in (("train", cmd_train, "train and write quantizer.path"),
                                  ("encode", cmd_encode, "encode chunks not yet done into encode.output"),
-                                 ("run", cmd_run, "train if quantizer.path is missing, then encode")):
+                                 ("run", cmd_run, "train if quantizer.path is missing (or --retrain), then encode")):
         sp = sub.add_parser(name, help=helptext)
         with_config(sp)
+        with_shorthand(sp)
         if name != "train":
             sp.add_argument("--overwrite", action="store_true",
                             help="replace an existing store with a fresh one (e.g. made with another codebook)")
             sp.add_argument("--strict-ids", action="store_true", help="duplicate ids are an error, not a warning")
+        if name == "run":
+            sp.add_argument("--retrain", action="store_true",
+                            help="train a new quantizer even when quantizer.path exists, replacing it (with "
+                            "--overwrite when encode.output exists)")
         sp.set_defaults(func=func)
 
     sp = sub.add_parser("info", help="describe a code store")
@@ -329,12 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    import distributed  # noqa: F401  (its import installs INFO-level handlers; quieten them after)
+    from .logs import configure
 
-    for noisy in ("distributed", "numba", "asyncio", "fsspec", "bokeh"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    configure(debug=args.debug, quiet=args.quiet)
     try:
         return int(args.func(args) or 0)
     except PqgpuError as exc:

@@ -9,6 +9,7 @@ from typing import Iterator
 
 from .config import ClusterConfig
 from .errors import BackendUnavailable, PqgpuError
+from .logs import quiet_teardown, worker_plugin
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,20 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
                                processes=True, memory_limit=cfg.memory_limit, dashboard_address=None,
                                silence_logs=logging.WARNING)
     client = Client(cluster)
+    plugin = worker_plugin()  # these workers log to our terminal: keep expected errors to one paragraph there
+    if plugin is not None:
+        client.register_plugin(plugin)
     log.info("Dask %s cluster: %d worker(s)", cfg.kind, len(client.scheduler_info()["workers"]))
+    failed = False
     try:
         yield client
+    except (PqgpuError, KeyboardInterrupt):
+        failed = True
+        raise
     finally:
-        client.close()
-        cluster.close()
+        with quiet_teardown(failed):
+            client.close()
+            cluster.close()
 
 
 def _visible_gpus() -> int:

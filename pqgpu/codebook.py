@@ -167,8 +167,11 @@ class Codebook:
         path = Path(path)
         header = struct.pack("<QQQQ", self.d, self.M, self.nbits, self.centroids.size)
         atomic_write_bytes(path, header + np.ascontiguousarray(self.centroids, dtype="<f4").tobytes())
+        opq_path = Path(str(path) + ".opq")
         if self.rotation is not None:
-            atomic_write_bytes(Path(str(path) + ".opq"), opq_matrix_bytes(self.rotation))
+            atomic_write_bytes(opq_path, opq_matrix_bytes(self.rotation))
+        else:  # a rotation left from an earlier OPQ quantizer at this path would be loaded with these centroids
+            opq_path.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Codebook":

@@ -19,7 +19,7 @@ from .errors import ConfigError
 @dataclass(frozen=True)
 class SourceConfig:
     format: str = "npy"  # parquet | zarr | npy
-    path: str = "data/shards"
+    path: str | list[str] = "data/shards"  # glob, directory, file or URL; or a list of them
     id_column: str | None = None
     vector_column: str = "embedding"
 
@@ -108,6 +108,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(parsed, str):
             return _coerce(parsed, tp, where)
     for t in allowed:
+        if t == "list[str]" and isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            return list(value)
         if t == "bool" and isinstance(value, bool):
             return value
         if t == "int" and isinstance(value, int) and not isinstance(value, bool):
@@ -157,13 +159,20 @@ def _check(cfg: Config) -> None:
                           "e.g. tcp://10.0.0.5:8786.")
 
 
-def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a validated Config from a nested mapping plus `section.key=value` overrides."""
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (), *,
+                     updates: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Build a validated Config from a nested mapping, then `updates` ({section: {key: value}}, typed values
+    such as the CLI's shorthand arguments), then `section.key=value` overrides (strings, as from --set)."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
     sections = {f.name: f.type for f in fields(Config)}
     unknown = sorted(set(data) - set(sections))
     if unknown:
         raise ConfigError(f"Unknown config section(s) {', '.join(unknown)}. Valid sections: {', '.join(sections)}.")
+    for section, values in (updates or {}).items():
+        sec = data.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"Config section '{section}' must be a mapping.")
+        sec.update(values)
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -182,8 +191,9 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[s
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config file (or only defaults when path is None) and apply overrides."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
+                updates: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read a YAML config file (or only defaults when path is None), then apply updates and overrides."""
     data: Any = {}
     if path is not None:
         p = Path(path)
@@ -196,7 +206,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {p} must contain a mapping of sections (source, quantizer, ...).")
     try:
-        return config_from_dict(data, overrides)
+        return config_from_dict(data, overrides, updates=updates)
     except ConfigError as exc:
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None

@@ -15,8 +15,8 @@ import numpy as np
 
 from .backend import resolve_backend
 from .codebook import Codebook, as_float32_matrix
-from .config import Config
-from .errors import InputError, PqgpuError, StoreError
+from .config import Config, QuantizerConfig
+from .errors import ConfigError, InputError, PqgpuError, StoreError
 from .sources import Chunk, Source, open_source, plan_chunks
 from ._faults import fault_point
 from .store import exclusive_lock, prepare_store, write_chunk
@@ -73,6 +73,32 @@ def train(cfg: Config, *, backend: str | None = None) -> Codebook:
     return cb
 
 
+def _params(M: int, nbits: int, opq: bool) -> str:
+    return f"M={M}, nbits={nbits}, opq={'true' if opq else 'false'}"
+
+
+def check_quantizer_matches(codebook: Codebook, q: QuantizerConfig, where: str, *, store: bool = False) -> None:
+    """ConfigError when a quantizer (file, or a store's codebook when store=True) has another M, nbits or
+    OPQ setting than the config: using it would silently give codes of another shape than asked for."""
+    have = (codebook.M, codebook.nbits, codebook.rotation is not None)
+    want = (q.M, q.nbits, q.opq)
+    if have == want:
+        return
+    if store:
+        raise ConfigError(
+            f"The code store {where} was made with a quantizer of {_params(*have)}, but the config asks for "
+            f"{_params(*want)}; its figures would describe another quantizer than the one configured. Either "
+            "encode again with this config (`pqgpu run --retrain --overwrite`, which replaces quantizer.path and "
+            "the store), or set encode.output (and quantizer.path) to the ones made with these settings.")
+    files = f"{where} (with {where}.opq)" if have[2] else str(where)
+    raise ConfigError(
+        f"The quantizer {files} has {_params(*have)}, but the config asks for {_params(*want)}; pqgpu will not "
+        "use a quantizer that disagrees with the config, and nothing was written. Either retrain it "
+        f"explicitly with `pqgpu run --retrain` (or `pqgpu train`), which replaces {where}"
+        f"{' and its .opq file' if have[2] or want[2] else ''} (add --overwrite to replace a store made with "
+        "the old one), or set quantizer.path to another file to keep this one.")
+
+
 def _name_bad_sample_row(source: Source, x: np.ndarray, rows: np.ndarray) -> None:
     bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
     path, local = source.locate(int(rows[bad]))
@@ -91,8 +117,19 @@ class EncodeReport:
 
 
 def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, backend: str,
-                  threads: int | None) -> tuple[int, int, float, float]:
-    """Dask task: read one chunk, encode it, write it, mark it done. Returns (index, rows, t_read, t_encode)."""
+                  threads: int | None) -> tuple[int, int, float, float] | PqgpuError:
+    """Dask task: read one chunk, encode it, write it, mark it done. Returns (index, rows, t_read, t_encode),
+    or the error for an expected failure (bad row, unreadable file): returned, not raised, because Dask logs
+    every failed task at ERROR with a traceback in the worker, ahead of our one paragraph. (The error keeps
+    its traceback: Dask pickles it along, and --debug shows it.)"""
+    try:
+        return _encode_chunk_inner(source, chunk, store_path, codebook, backend, threads)
+    except PqgpuError as exc:
+        return exc
+
+
+def _encode_chunk_inner(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, backend: str,
+                        threads: int | None) -> tuple[int, int, float, float]:
     if threads:
         _set_kernel_threads(threads)
     t0 = time.perf_counter()
@@ -158,6 +195,7 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
         raise PqgpuError(f"No quantizer at {qpath}. Train one first with `pqgpu train -c CONFIG` "
                          "(or use `pqgpu run`, which trains when it is missing).")
     codebook = Codebook.load(qpath)
+    check_quantizer_matches(codebook, cfg.quantizer, str(qpath))
     source = open_source(cfg.source)
     if source.d != codebook.d:
         raise InputError(f"The source vectors have d={source.d} but the quantizer {qpath} expects d={codebook.d}. "
@@ -211,7 +249,10 @@ def _run_tasks(client: Any, source: Source, todo: list[Chunk], out: str, codeboo
             if fut.status == "error":
                 exc = fut.exception()
                 raise exc
-            _, rows, tr, te = fut.result()
+            result = fut.result()
+            if isinstance(result, PqgpuError):
+                raise result
+            _, rows, tr, te = result
             t_read += tr
             t_enc += te
             meter.add(rows)
@@ -267,12 +308,20 @@ def _rows_with_id(store: Any, value: Any, limit: int) -> list[int]:
 
 
 def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: Any = None,
-        strict_ids: bool = False) -> EncodeReport:
-    """Train when quantizer.path is missing, then encode."""
-    if not Path(cfg.quantizer.path).exists():
+        strict_ids: bool = False, retrain: bool = False) -> EncodeReport:
+    """Train when quantizer.path is missing (or retrain=True), then encode. An existing quantizer must have
+    the config's M, nbits and OPQ setting (ConfigError otherwise, before anything is written)."""
+    qpath = Path(cfg.quantizer.path)
+    out = cfg.encode.output
+    if retrain and Path(out).exists() and not overwrite:
+        raise StoreError(f"--retrain replaces the quantizer {qpath}, so the existing code store {out}, made with "
+                         "the current one, could not be resumed with it. Add --overwrite to replace the store too, "
+                         "or set encode.output to a new store. Nothing was changed.")
+    if retrain or not qpath.exists():
         train(cfg)
     else:
-        log.info("using the existing quantizer %s", cfg.quantizer.path)
+        check_quantizer_matches(Codebook.load(qpath), cfg.quantizer, str(qpath))
+        log.info("using the existing quantizer %s", qpath)
     return encode(cfg, overwrite=overwrite, client=client, progress=progress, strict_ids=strict_ids)
 
 
@@ -280,8 +329,11 @@ def evaluate_config(cfg: Config, queries: Any, *, ground_truth: Any = None,
                     ks: tuple[int, ...] = (1, 10, 100)) -> dict[str, Any]:
     """Recall@k and reconstruction MSE of the store encode.output against its source (read chunk by chunk)."""
     from .search import evaluate
+    from .store import open_store
 
+    store = open_store(cfg.encode.output)
+    check_quantizer_matches(store.codebook(), cfg.quantizer, cfg.encode.output, store=True)
     source = open_source(cfg.source)
     blocks = (x for _, x, _ in source.iter_chunks(cfg.encode.chunk_rows))
-    return evaluate(cfg.encode.output, queries, base_chunks=blocks, ground_truth=ground_truth, ks=ks,
+    return evaluate(store, queries, base_chunks=blocks, ground_truth=ground_truth, ks=ks,
                     backend=cfg.encode.backend)

@@ -33,13 +33,26 @@ def versions() -> dict[str, str]:
     from . import __version__
 
     out = {"pqgpu": __version__, "numpy": numpy.__version__, "zarr": zarr.__version__}
-    try:
-        import faiss
-
-        out["faiss"] = faiss.__version__
-    except ImportError:
-        pass
+    faiss_version = _faiss_version()
+    if faiss_version:
+        out["faiss"] = faiss_version
     return out
+
+
+def _faiss_version() -> str | None:
+    """faiss's version from the installed package's metadata: importing faiss only to read it costs a second
+    and logs its loader's messages."""
+    import sys
+    from importlib import metadata
+
+    if "faiss" in sys.modules:
+        return getattr(sys.modules["faiss"], "__version__", None)
+    for dist in ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 @dataclass

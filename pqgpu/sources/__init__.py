@@ -228,9 +228,15 @@ def open_source(cfg: SourceConfig) -> Source:
     return Source(cfg, tuple(shards), dims.pop(), reader.id_dtype(cfg, nonempty), offsets)
 
 
-def expand_paths(path: str, suffixes: tuple[str, ...], *, dirs: bool = False) -> list[str]:
-    """A glob, a directory (its files with one of `suffixes`) or a single path, local or fsspec URL.
-    Returns sorted full paths (with the protocol for remote URLs)."""
+def expand_paths(path: str | list[str], suffixes: tuple[str, ...], *, dirs: bool = False) -> list[str]:
+    """A glob, a directory (its files with one of `suffixes`) or a single path, local or fsspec URL; or a
+    list of those (expanded in the order given, each file once). Returns full paths (with the protocol for
+    remote URLs), sorted within each item."""
+    if isinstance(path, (list, tuple)):
+        out: dict[str, None] = {}
+        for p in path:
+            out.update(dict.fromkeys(expand_paths(p, suffixes, dirs=dirs)))
+        return list(out)
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
@@ -265,3 +271,23 @@ def file_stamp(path: str) -> tuple:
     info = fs.info(p)
     mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
     return (int(info.get("size") or 0), str(mtime))
+
+
+_FORMAT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".zarr": "zarr"}
+
+
+def infer_format(paths: list[str]) -> str | None:
+    """The source format the paths' extensions name (a directory: the extension its entries share), or
+    None when that is missing or ambiguous."""
+    found = set()
+    for path in paths:
+        p = path.rstrip("/")
+        kind = next((f for s, f in _FORMAT_SUFFIXES.items() if p.lower().endswith(s)), None)
+        if kind is None and "://" not in p and not any(ch in p for ch in "*?[") and os.path.isdir(p):
+            kinds = {f for name in os.listdir(p) for s, f in _FORMAT_SUFFIXES.items()
+                     if name.lower().endswith(s) and not name.startswith(".")}
+            kind = kinds.pop() if len(kinds) == 1 else None
+        if kind is None:
+            return None
+        found.add(kind)
+    return found.pop() if len(found) == 1 else None
