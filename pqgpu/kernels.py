@@ -96,8 +96,9 @@ def _rerank_near_ties(xp, xs, centroids, dist, idx, cmax2, block_bytes: int) -> 
     step = max(1, block_bytes // (8 * ksub * dsub))  # float64 (step, ksub, dsub) differences
     best = []
     for s in range(0, f, step):
-        xsel = xp.astype(xp.take(xs_flat, flat[s:s + step], axis=0), xp.float64)
-        csel = xp.astype(xp.take(centroids, mi[s:s + step], axis=0), xp.float64)
+        e = min(f, s + step)
+        xsel = xp.astype(xp.take(xs_flat, flat[s:e], axis=0), xp.float64)
+        csel = xp.astype(xp.take(centroids, mi[s:e], axis=0), xp.float64)
         diff = xsel[:, None, :] - csel
         best.append(xp.argmin(xp.sum(diff * diff, axis=2), axis=1))  # first occurrence: lowest k on ties
     new = best[0] if len(best) == 1 else xp.concat(best)
