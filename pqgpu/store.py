@@ -193,11 +193,11 @@ def _stored_keys(arr: Any) -> set[str]:
     """Keys of the chunk objects an array holds in its store (relative to the array)."""
     from zarr.core.sync import sync
 
-    aa = arr._async_array
-    prefix = aa.store_path.path.rstrip("/") + "/" if aa.store_path.path else ""
+    sp = arr.store_path
+    prefix = sp.path.rstrip("/") + "/" if sp.path else ""
 
     async def listing() -> list[str]:
-        return [k async for k in aa.store_path.store.list_prefix(prefix)]
+        return [k async for k in sp.store.list_prefix(prefix)]
 
     return {k[len(prefix):] for k in sync(listing())}
 
