@@ -3,7 +3,9 @@
 Importing this module needs numba; callers fall back to the array-API kernels without it.
 
 assign() computes, per subspace m, argmin_k ||c_mk||^2 - 2 x_m.c_mk (the ||x_m||^2 term cannot change the
-argmin) with ties going to the lowest k, like numpy's argmin. Its micro-kernel is written in LLVM IR (a
+argmin) with ties going to the lowest k, like numpy's argmin. Where the runner-up lies within that
+decomposition's float32 error bound (kernels.TIE_BOUND), the row is re-ranked by the exact distance
+||x_m - c_mk||^2 in float64, so the code is the exact nearest centroid (lowest k on exact ties). Its micro-kernel is written in LLVM IR (a
 numba intrinsic): numba's auto-vectorised loops keep accumulators in memory and cannot vectorise an argmin,
 which made them 2-4x slower. The IR is plain vector IR (no x86 intrinsics), so it compiles for any target.
 """
@@ -48,10 +50,12 @@ class PreparedCodebook(NamedTuple):
     ct: (M, ldk // W, dsub, W) float32, -2 * c^T packed in blocks of W = lanes * vecs centroids, so that a
     block is one contiguous run (no cache-set conflicts from power-of-two strides); zeros pad ksub to ldk.
     norms: (M, ldk) float32, ||c||^2 (rounded from float64), +inf on the padding so it never wins.
+    cmax: (M,) float32, max_k ||c||^2 per subspace (for the near-tie bound).
     """
 
     ct: np.ndarray
     norms: np.ndarray
+    cmax: np.ndarray
     ksub: int
     dsub: int
     lanes: int
@@ -84,8 +88,9 @@ def prepare(centroids: np.ndarray, *, lanes: int | None = None) -> PreparedCodeb
     norms = np.full((M, ldk), np.inf, np.float32)
     c64 = c32.astype(np.float64)
     norms[:, :ksub] = np.einsum("mkj,mkj->mk", c64, c64)
+    cmax = np.ascontiguousarray(norms[:, :ksub].max(axis=1))
     slab = max(W, min(ldk, _SLAB_FLOATS // dsub // W * W))
-    return PreparedCodebook(ct, norms, ksub, dsub, L, V, slab)
+    return PreparedCodebook(ct, norms, cmax, ksub, dsub, L, V, slab)
 
 
 def _check_x(x: np.ndarray, prepared: PreparedCodebook) -> np.ndarray:
@@ -101,7 +106,9 @@ def assign(x: np.ndarray, prepared: PreparedCodebook, out: np.ndarray | None = N
 
     Distances are ||c||^2 + sum_j x_j * (-2 c_j), accumulated in float32 in j order with fused
     multiply-adds where the CPU has them (one rounding per term, no reassociation), so the result is the
-    same for every thread count and tiling. It matches faiss compute_codes except on float32 near-ties.
+    same for every thread count and tiling. Near-ties within the error bound of that sum are re-ranked by
+    the float64 distance ||x - c||^2: the code is the exact nearest, as faiss's direct path (dsub < 16)
+    finds it.
     """
     x = _check_x(x, prepared)
     out = _check_out(out, (x.shape[0], prepared.ct.shape[0]), np.uint16)
@@ -113,7 +120,8 @@ def assign_with_distances(
     x: np.ndarray, prepared: PreparedCodebook, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """assign() plus the squared distance to the chosen centroid per (row, m), float32 (n, M):
-    ||x_m||^2 + (||c||^2 - 2 x_m.c), clamped at 0 (rounding can push it below), as faiss's BLAS path does."""
+    ||x_m||^2 + (||c||^2 - 2 x_m.c), clamped at 0 (rounding can push it below), as faiss's BLAS path does;
+    on re-ranked near-ties, the float64 ||x_m - c||^2 rounded to float32."""
     x = _check_x(x, prepared)
     shape = (x.shape[0], prepared.ct.shape[0])
     out = _check_out(out, shape, np.uint16)
@@ -132,7 +140,7 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, int], dtype) -> np.ndar
 
 def _run_assign(x, p: PreparedCodebook, out, dist) -> None:
     if x.shape[0]:
-        _assign_kernel(p.lanes, p.vecs)(x, p.ct, p.norms, p.slab, out, dist)
+        _assign_kernel(p.lanes, p.vecs)(x, p.ct, p.norms, p.cmax, p.ksub, p.slab, out, dist)
 
 
 def accumulate(x: np.ndarray, codes: np.ndarray, ksub: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +181,7 @@ def accumulate(x: np.ndarray, codes: np.ndarray, ksub: int) -> tuple[np.ndarray,
 
 
 @njit(cache=True, nogil=True)
-def _assign_rows(x, ct, norms, slab, out, dist, s, e, L, V):
+def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V):
     numba.literally(L)
     numba.literally(V)
     d = x.shape[1]
@@ -184,8 +192,12 @@ def _assign_rows(x, ct, norms, slab, out, dist, s, e, L, V):
     buf = np.empty((R, slab), np.float32)
     mins = np.empty(R, np.float32)
     idxs = np.empty(R, np.int64)
+    secs = np.empty(R, np.float32)
     bestv = np.empty(rows, np.float32)
     besti = np.empty(rows, np.int64)
+    secv = np.empty(rows, np.float32)
+    exact = np.empty(W, np.float64)
+    coef = np.float32((dsub + 2) * 2.0**-22)  # kernels.TIE_BOUND: the derivation is there
     # The last rows % R rows go through the same kernel from a zero-padded copy: same arithmetic.
     nfull = rows // R * R
     tail = np.zeros((R, d), np.float32)
@@ -196,28 +208,52 @@ def _assign_rows(x, ct, norms, slab, out, dist, s, e, L, V):
         o = m * dsub
         bestv[:] = np.inf
         besti[:] = 0
+        secv[:] = np.inf
         for k0 in range(0, ldk, slab):
             nblk = min(slab, ldk - k0) // W
             coff = (m * (ldk // W) + k0 // W) * dsub * W
             noff = m * ldk + k0
             for r0 in range(0, rows, R):
                 if r0 < nfull:
-                    _tile(x, (s + r0) * d + o, d, ct, coff, norms, noff, dsub, nblk, buf, slab, mins, idxs, L, V)
+                    _tile(x, (s + r0) * d + o, d, ct, coff, norms, noff, dsub, nblk, buf, slab, mins, idxs, secs,
+                          L, V)
                 else:
-                    _tile(tail, o, d, ct, coff, norms, noff, dsub, nblk, buf, slab, mins, idxs, L, V)
+                    _tile(tail, o, d, ct, coff, norms, noff, dsub, nblk, buf, slab, mins, idxs, secs, L, V)
                 for r in range(min(R, rows - r0)):
                     # strict '<': an earlier slab keeps a tie, so the lowest index wins overall
                     if mins[r] < bestv[r0 + r]:
+                        secv[r0 + r] = min(bestv[r0 + r], secs[r])
                         bestv[r0 + r] = mins[r]
                         besti[r0 + r] = k0 + idxs[r]
+                    else:
+                        secv[r0 + r] = min(secv[r0 + r], mins[r])
         for i in range(rows):
+            xx = np.float32(0)
+            for j in range(dsub):
+                xx += x[s + i, o + j] * x[s + i, o + j]
+            # A runner-up within the decomposition's error bound may be the exact nearest: re-rank by the
+            # exact distance (rare: a few rows in 10^4 on real data).
+            if secv[i] - bestv[i] <= coef * (xx + np.float32(2) * cmax[m]):
+                bk = 0
+                bd = np.inf  # float64
+                for blk in range(-(-ksub // W)):
+                    exact[:] = 0
+                    for j in range(dsub):
+                        xj = np.float64(x[s + i, o + j])
+                        for w in range(W):
+                            t = xj + 0.5 * np.float64(ct[m, blk, j, w])  # ct = -2c, exactly
+                            exact[w] += t * t
+                    for w in range(min(W, ksub - blk * W)):
+                        if exact[w] < bd:  # strict: the lowest index wins an exact tie
+                            bd = exact[w]
+                            bk = blk * W + w
+                besti[i] = bk
+                dval = np.float32(bd)
+            else:
+                dval = max(np.float32(0), xx + bestv[i])
             out[s + i, m] = besti[i]
-        if dist.shape[0]:
-            for i in range(rows):
-                xx = np.float32(0)
-                for j in range(dsub):
-                    xx += x[s + i, o + j] * x[s + i, o + j]
-                dist[s + i, m] = max(np.float32(0), xx + bestv[i])
+            if dist.shape[0]:
+                dist[s + i, m] = dval
 
 
 # The tile shape (L, V) and dsub must be compile-time constants. They reach the kernels as closure constants
@@ -227,10 +263,11 @@ def _assign_rows(x, ct, norms, slab, out, dist, s, e, L, V):
 @functools.lru_cache(maxsize=None)
 def _assign_kernel(L: int, V: int):
     @njit(cache=True, nogil=True, parallel=True)
-    def kernel(x, ct, norms, slab, out, dist):
+    def kernel(x, ct, norms, cmax, ksub, slab, out, dist):
         n = x.shape[0]
         for c in prange((n + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-            _assign_rows(x, ct, norms, slab, out, dist, c * _CHUNK_ROWS, min(n, (c + 1) * _CHUNK_ROWS), L, V)
+            _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, c * _CHUNK_ROWS,
+                         min(n, (c + 1) * _CHUNK_ROWS), L, V)
 
     return kernel
 
@@ -336,18 +373,19 @@ def _hmin(b, vec, L, lt):
 
 
 def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
-    """void tile(x, ldx, ct, nm, dsub, nblk, buf, ldb, mins, idx)
+    """void tile(x, ldx, ct, nm, dsub, nblk, buf, ldb, mins, idx, secs)
 
     For rows r < R (x + r*ldx, dsub floats) and centroids k < nblk*W (W = L*V; block b of ct holds
     ct[j, k] at ct + (b*dsub + j)*W + k%W; nm + k):
     dist[r, k] = nm[k] + sum_j x[r, j] * ct[j, k], one fmuladd per j in j order, stored to buf + r*ldb;
-    mins[r] = min_k dist[r, k] and idx[r] = the lowest k attaining it.
+    mins[r] = min_k dist[r, k] and idx[r] = the lowest k attaining it; secs[r] <= dist[r, k] for every
+    k != idx[r], attained by one of them (the runner-up), so secs[r] - mins[r] is the decomposition's margin.
     """
     name = f"pqgpu_pq_tile_L{L}_V{V}_R{R}"
     if name in module.globals:
         return module.globals[name]
     fp = _f32.as_pointer()
-    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, fp, fp, _i64, _i64, fp, _i64, fp, _i64.as_pointer()])
+    fnty = ir.FunctionType(ir.VoidType(), [fp, _i64, fp, fp, _i64, _i64, fp, _i64, fp, _i64.as_pointer(), fp])
     fn = ir.Function(module, fnty, name)
     fn.linkage = "internal"
     fn.attributes.add("nounwind")
@@ -360,21 +398,27 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
             set.add(fn.attributes, f'"prefer-vector-width"="{L * 32}"')
         except TypeError:
             pass
-    for a in (0, 2, 3, 6, 8, 9):
+    for a in (0, 2, 3, 6, 8, 9, 10):
         fn.args[a].add_attribute("noalias")
-    x, ldx, ct, nm, dsub, nblk, buf, ldb, mins, idx = fn.args
+    x, ldx, ct, nm, dsub, nblk, buf, ldb, mins, idx, secs = fn.args
     vt = ir.VectorType(_f32, L)
     it = ir.VectorType(_i32, L)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     # fmuladd fuses where the CPU has FMA and is a plain multiply-add elsewhere: never a slow libcall.
     fmuladd = cgutils.get_or_insert_function(module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fmuladd.v{L}f32")
     cttz = cgutils.get_or_insert_function(module, ir.FunctionType(_i64, [_i64, ir.IntType(1)]), "llvm.cttz.i64")
+    ctpop = cgutils.get_or_insert_function(module, ir.FunctionType(_i64, [_i64]), "llvm.ctpop.i64")
     # Allocas in the entry block become registers (mem2reg); they only make the IR easy to write.
     acc = [[b.alloca(vt) for _ in range(V)] for _ in range(R)]
     best = [b.alloca(vt) for _ in range(R)]  # per lane: smallest distance so far
     bblk = [b.alloca(it) for _ in range(R)]  # per lane: first block that reached it
+    # per lane: second smallest of the per-block minima (a lower bound on every other value of the lane
+    # outside the best block); with best it bounds the runner-up at 2 operations per row and block.
+    second = [b.alloca(vt) for _ in range(R)]
+    inf_v = _splat(b, ir.Constant(_f32, float("inf")), L)
     for r in range(R):
-        b.store(_splat(b, ir.Constant(_f32, float("inf")), L), best[r])
+        b.store(inf_v, best[r])
+        b.store(inf_v, second[r])
         b.store(ir.Constant(it, [0] * L), bblk[r])
     W = L * V
     with _for(b, _c64(0), nblk) as blk:
@@ -405,6 +449,7 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
             better = b.fcmp_ordered("<", bm, cur)
             b.store(b.select(better, bm, cur), best[r])
             b.store(b.select(better, blk32, b.load(bblk[r])), bblk[r])
+            b.store(_vmin(b, b.select(better, cur, bm), b.load(second[r])), second[r])
     for r in range(R):
         bv = b.load(best[r])
         mv = _hmin(b, bv, L, lambda p, q: b.fcmp_ordered("<", p, q))
@@ -415,15 +460,29 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
         base = b.mul(b.sext(_hmin(b, cand, L, lambda p, q: b.icmp_signed("<", p, q)), _i64), _c64(W))
         rb = b.add(b.mul(_c64(r), ldb), base)
         mask = None
+        rest = None  # the best block's values other than the minimum
         for v in range(V):
-            eq = b.fcmp_ordered("==", b.load(_vptr(b, buf, b.add(rb, _c64(v * L)), L), align=4), mvs)
+            val = b.load(_vptr(b, buf, b.add(rb, _c64(v * L)), L), align=4)
+            eq = b.fcmp_ordered("==", val, mvs)
             bits = b.zext(b.bitcast(eq, ir.IntType(L)), _i64)
             mask = bits if mask is None else b.or_(mask, b.shl(bits, _c64(v * L)))
+            val = b.select(eq, inf_v, val)
+            rest = val if rest is None else _vmin(b, val, rest)
         # No match only when no distance is finite (NaN in x): report index 0 then.
         found = b.icmp_unsigned("!=", mask, _c64(0))
-        pos = b.select(found, b.add(base, b.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)])), _c64(0))
+        off = b.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)])
+        pos = b.select(found, b.add(base, off), _c64(0))
         b.store(mv, b.gep(mins, [_c64(r)]))
         b.store(pos, b.gep(idx, [_c64(r)]))
+        # Runner-up: in lanes other than the winner's, every value is >= that lane's best; in the winner's
+        # lane, values of other blocks are >= its second block minimum and those of the best block are in
+        # `rest` (which holds all of that block but the minimum; a minimum occurring twice is a tie).
+        lane = b.trunc(b.and_(off, _c64(L - 1)), _i32)
+        own = b.icmp_signed("==", ir.Constant(it, list(range(L))), _splat(b, lane, L))
+        cand = _vmin(b, b.select(own, b.load(second[r]), bv), rest)
+        sec = _hmin(b, cand, L, lambda p, q: b.fcmp_ordered("<", p, q))
+        twice = b.icmp_unsigned(">", b.call(ctpop, [mask]), _c64(1))
+        b.store(b.select(twice, mv, sec), b.gep(secs, [_c64(r)]))
     b.ret_void()
     return fn
 
@@ -433,11 +492,11 @@ def _data(context, builder, aryty, ary, off):
 
 
 @intrinsic
-def _tile(typingctx, x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, L, V):
+def _tile(typingctx, x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, secs, L, V):
     """Calls the IR tile kernel on flat offsets into C-contiguous arrays; L and V must be literals."""
     if not isinstance(L, types.IntegerLiteral) or not isinstance(V, types.IntegerLiteral):
         return None
-    if any(a.layout != "C" for a in (x, ct, nm, buf, mins, idx)):
+    if any(a.layout != "C" for a in (x, ct, nm, buf, mins, idx, secs)):
         raise TypeError("_tile needs C-contiguous arrays")
     lanes, vecs = L.literal_value, V.literal_value
 
@@ -451,8 +510,9 @@ def _tile(typingctx, x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, m
             _data(context, builder, a[9], args[9], _c64(0)), args[10],
             _data(context, builder, a[11], args[11], _c64(0)),
             _data(context, builder, a[12], args[12], _c64(0)),
+            _data(context, builder, a[13], args[13], _c64(0)),
         ])
         return context.get_dummy_value()
 
-    sig = types.none(x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, L, V)
+    sig = types.none(x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, secs, L, V)
     return sig, codegen

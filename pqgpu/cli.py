@@ -379,7 +379,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("doctor", help="versions, GPUs, backends")
     sp.set_defaults(func=cmd_doctor)
+    _add_verify_parser(sub)
     return p
+
+
+# -- pqgpu verify STORE (self-contained) --------------------------------------------------------------------
+
+def _add_verify_parser(sub: Any) -> None:
+    sp = sub.add_parser("verify", help="check that every done chunk of a store is present and intact")
+    sp.add_argument("store")
+    sp.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Reads every done chunk and compares it with its recorded checksum; writes nothing. Exit 0 when all
+    are intact, EXIT_ERROR naming the bad chunks otherwise."""
+    from .store import _describe, open_store
+
+    store = open_store(args.store)
+    report = store.verify()
+    if report.bad:
+        print(f"error: {store.path}: {_describe(store, report.bad, limit=len(report.bad))}. "
+              "Run `pqgpu encode` with the same config to re-encode them.", file=sys.stderr)
+        return EXIT_ERROR
+    how = "" if report.checksums else " (present; no checksums recorded (made by an older pqgpu))"
+    todo = f"; {report.not_done} chunk(s) not encoded yet" if report.not_done else ""
+    print(f"{report.checked} chunks OK{how}{todo}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

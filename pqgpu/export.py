@@ -91,6 +91,8 @@ def export_faiss(store_or_path: Any, out_path: str | os.PathLike) -> Path:
     from .search import _open, store_chunks
 
     store = _open(store_or_path)
+    if store.is_complete():  # (store_chunks refuses an incomplete one)
+        store.check_chunks_present()
     cb = store.codebook()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,23 @@ from array_api_compat import array_namespace
 # Upper bound for the (M, rows, ksub) float32 distance block; keeps encode memory independent of n.
 DEFAULT_BLOCK_BYTES = 64 << 20
 
+# TIE_BOUND: when the decomposed argmin may not be the nearest centroid.
+# Both assign routes (this one and pqgpu._cpu) compute D'_k = fl(||c_k||^2 - 2 x.c_k) in float32, where
+# D_k + ||x||^2 = ||x - c_k||^2 exactly. With u = 2^-24 and gamma_n = n u / (1 - n u), the classic bound for a
+# float32 dot product of length dsub (any summation order, with or without FMA), plus ||c_k||^2 rounded
+# once from float64 (pqgpu._cpu) or summed in float32 (here), plus one rounding to add it, is
+#     e_k = |D'_k - D_k| <= gamma_{dsub+2} (||c_k||^2 + 2 sum_j |x_j c_kj|) <= gamma_{dsub+2} (||x||^2 + 2 cmax)
+# using 2 |x|.|c| <= 2 ||x|| ||c|| <= ||x||^2 + ||c||^2, with cmax = max_k ||c_k||^2 of the subspace. If k* is
+# the decomposed argmin and k^ the exact nearest, D'_{k^} <= D_{k^} + e <= D_{k*} + e <= D'_{k*} + 2e: k* can
+# only be wrong when another centroid lies within 2e of it in D'. We use (dsub + 2) 2^-22 (||x||^2 + 2 cmax),
+# twice 2e: the margin covers gamma's denominator and the float32 rounding of ||x||^2 and of the bound itself.
+# Every such (row, subspace) is re-ranked by the float64 ||x - c_k||^2 over all k (no cancellation there:
+# relative error <= (dsub + 1) 2^-53), lowest k on exact ties. The bound assumes IEEE float32 products;
+# it does not hold for TF32 matmuls (CuPy uses them only when CUPY_TF32=1).
+def tie_bound_coef(dsub: int) -> float:
+    """Coefficient of (||x_m||^2 + 2 max_k ||c_mk||^2) in the near-tie bound (see TIE_BOUND above)."""
+    return (dsub + 2) * 2.0**-22
+
 
 def code_size(M: int, nbits: int) -> int:
     return (M * nbits + 7) // 8
@@ -38,12 +55,15 @@ def assign(x: Any, centroids: Any, *, block_bytes: int = DEFAULT_BLOCK_BYTES, pr
     """Nearest centroid per subspace. x (n, d) float32 -> (n, M) int64 (index dtype of the namespace).
 
     Distances are ||c||^2 - 2 x.c (the ||x||^2 term cannot change the argmin), computed by one batched
-    matmul over all M subspaces per block of rows; ties resolve to the lowest index.
+    matmul over all M subspaces per block of rows. Where the runner-up is within that decomposition's
+    error bound (TIE_BOUND), the float64 ||x - c||^2 decides: the code is the exact nearest centroid, the
+    lowest index on exact ties, the same as pqgpu._cpu.assign.
     """
     xp = array_namespace(x, centroids)
     M, ksub, dsub = centroids.shape
     n = x.shape[0]
     ct, cnorm = prepared if prepared is not None else prepare_centroids(centroids)
+    cmax2 = 2.0 * xp.max(cnorm, axis=2)  # (M, 1)
     step = rows_per_block(M, ksub, block_bytes)
     parts = []
     for start in range(0, n, step):
@@ -51,10 +71,44 @@ def assign(x: Any, centroids: Any, *, block_bytes: int = DEFAULT_BLOCK_BYTES, pr
         b = xb.shape[0]
         xs = xp.permute_dims(xp.reshape(xb, (b, M, dsub)), (1, 0, 2))  # (M, b, dsub)
         dist = xp.matmul(xs, ct) + cnorm  # (M, b, ksub)
-        parts.append(xp.permute_dims(xp.argmin(dist, axis=2), (1, 0)))
+        idx = _rerank_near_ties(xp, xs, centroids, dist, xp.argmin(dist, axis=2), cmax2, block_bytes)
+        parts.append(xp.permute_dims(idx, (1, 0)))
     if not parts:
         return xp.zeros((0, M), dtype=xp.int64)
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+def _rerank_near_ties(xp, xs, centroids, dist, idx, cmax2, block_bytes: int) -> Any:
+    """idx (M, b) with every (subspace, row) whose runner-up in dist (M, b, ksub) lies within the
+    TIE_BOUND of the minimum replaced by its float64 nearest centroid. xs (M, b, dsub) are the rows."""
+    M, b, dsub = xs.shape
+    ksub = dist.shape[2]
+    bound = tie_bound_coef(dsub) * (xp.sum(xs * xs, axis=2) + cmax2)  # (M, b)
+    # fl(best + bound) >= every value within bound of best (rounding is monotone): no candidate is missed.
+    thr = xp.min(dist, axis=2) + bound
+    near = xp.count_nonzero(dist <= thr[:, :, None], axis=2) >= 2
+    mi, bi = xp.nonzero(near)
+    f = int(mi.shape[0])  # a device sync on GPU: one per block
+    if f == 0:
+        return idx
+    flat = mi * b + bi  # ascending: nonzero lists them in row-major order
+    xs_flat = xp.reshape(xs, (M * b, dsub))
+    step = max(1, block_bytes // (8 * ksub * dsub))  # float64 (step, ksub, dsub) differences
+    best = []
+    for s in range(0, f, step):
+        e = min(f, s + step)
+        xsel = xp.astype(xp.take(xs_flat, flat[s:e], axis=0), xp.float64)
+        csel = xp.astype(xp.take(centroids, mi[s:e], axis=0), xp.float64)
+        diff = xsel[:, None, :] - csel
+        best.append(xp.argmin(xp.sum(diff * diff, axis=2), axis=1))  # first occurrence: lowest k on ties
+    new = best[0] if len(best) == 1 else xp.concat(best)
+    # Scatter the f new codes into idx without item assignment (not in the array API): each position finds
+    # its slot in the sorted `flat` by binary search.
+    pos = xp.arange(M * b, dtype=flat.dtype)
+    slot = xp.minimum(xp.searchsorted(flat, pos), f - 1)
+    hit = xp.take(flat, slot) == pos
+    out = xp.where(hit, xp.astype(xp.take(new, slot), idx.dtype), xp.reshape(idx, (M * b,)))
+    return xp.reshape(out, (M, b))
 
 
 def pack_codes(codes: Any, nbits: int) -> Any:

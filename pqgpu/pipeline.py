@@ -19,7 +19,7 @@ from .config import Config, QuantizerConfig
 from .errors import ConfigError, InputError, PqgpuError, StoreError
 from .sources import Chunk, Source, open_source, plan_chunks
 from ._faults import fault_point
-from .store import exclusive_lock, prepare_store, write_chunk
+from .store import exclusive_lock, prepare_store, recheck_done_chunks, write_chunk
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,8 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
     with exclusive_lock(out):
         store = prepare_store(out, codebook=codebook, n=source.n, chunk_rows=chunk_rows,
                               id_dtype=source.id_dtype, source=source.fingerprint(), overwrite=overwrite)
+        if store.done[...].any():  # resuming: done chunks must still be there and intact
+            recheck_done_chunks(store)
         pending = store.pending_chunks()
         if len(pending) < len(chunks):
             log.info("resuming %s: %d of %d chunks already done", out, len(chunks) - len(pending), len(chunks))

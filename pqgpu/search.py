@@ -189,6 +189,7 @@ def store_chunks(store: Any, chunk_rows: int | None = None, *, prefetch: bool = 
     if not store.is_complete():
         raise StoreError(f"Store {store.path} is incomplete ({len(store.pending_chunks())} of {store.n_chunks} "
                          "chunks not done). Finish it with `pqgpu encode` first.")
+    store.check_chunks_present()
     if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
         raise ConfigError(f"chunk_rows: expected a positive integer or None. Got {chunk_rows!r} instead.")
     step = int(chunk_rows or store.chunk_rows)

@@ -11,7 +11,8 @@ import fcntl
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -102,6 +103,58 @@ class CodeStore:
     def pending_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done[...])]
 
+    @property
+    def has_checksums(self) -> bool:
+        """False for stores written by a pqgpu without per-chunk checksums."""
+        return "checksums" in self.group
+
+    def missing_chunks(self, chunks: list[int] | None = None) -> dict[int, str]:
+        """Chunks (default: the done ones) whose codes or ids chunk object is absent: {chunk: reason}.
+        One listing of each array's keys: cheap enough for every search and export."""
+        if chunks is None:
+            chunks = [int(i) for i in np.flatnonzero(self.done[...])]
+        out: dict[int, str] = {}
+        for name in ("codes", "ids"):
+            arr = self.group[name]
+            present = _stored_keys(arr)
+            for i in chunks:
+                lo, hi = self.chunk_range(i)
+                key = arr.metadata.encode_chunk_key((i, 0) if arr.ndim == 2 else (i,))
+                if hi > lo and key not in present:
+                    out.setdefault(i, f"{name}/{key} is missing")
+        return out
+
+    def check_chunks_present(self) -> None:
+        """StoreError naming the done chunks whose files are gone, instead of reading Zarr fill values."""
+        missing = self.missing_chunks()
+        if missing:
+            raise StoreError(f"Store {self.path} has lost data: {_describe(self, missing)}. Reading it would "
+                             "return fill values. Run `pqgpu encode` with the same config to re-encode those "
+                             f"chunks (or `pqgpu verify {self.path}` for a full check).")
+
+    def verify(self, chunks: list[int] | None = None) -> VerifyReport:
+        """Check the done chunks (or `chunks`) without writing: present, readable and, when the store has
+        checksums, equal to the checksum recorded when the chunk was marked done."""
+        done = self.done[...]
+        if chunks is None:
+            chunks = [int(i) for i in np.flatnonzero(done)]
+        bad = self.missing_chunks(chunks)
+        sums = self.group["checksums"][...] if self.has_checksums else None
+        if sums is not None:
+            for i in chunks:
+                if i in bad:
+                    continue
+                lo, hi = self.chunk_range(i)
+                try:
+                    got = chunk_checksum(self.codes[lo:hi], self.ids[lo:hi])
+                except Exception as exc:  # a damaged compressed chunk fails to decode
+                    bad[i] = f"unreadable ({type(exc).__name__}: {exc})"
+                    continue
+                if got != int(sums[i]):
+                    bad[i] = f"checksum mismatch (recorded {int(sums[i]):08x}, stored data gives {got:08x})"
+        return VerifyReport(checked=len(chunks), bad=dict(sorted(bad.items())), checksums=sums is not None,
+                            not_done=int((~done).sum()))
+
     def is_complete(self) -> bool:
         return bool(self.done[...].all())
 
@@ -109,16 +162,64 @@ class CodeStore:
         a = self.attrs
         done = self.done[...]
         nbytes = sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+        missing = sorted(self.missing_chunks([int(i) for i in np.flatnonzero(done)]))
         return {
             "path": self.path, "n": a["n"], "d": a["d"], "M": a["M"], "nbits": a["nbits"],
             "code_size": a["code_size"], "opq": "rotation" in self.group["codebook"],
-            "chunk_rows": a["chunk_rows"], "chunks_done": int(done.sum()), "chunks": int(done.size),
-            "complete": bool(done.all()), "codebook_sha256": a["codebook_sha256"],
+            "chunk_rows": a["chunk_rows"], "chunks_done": int(done.sum()) - len(missing), "chunks": int(done.size),
+            "chunks_missing": missing,
+            "complete": bool(done.all()) and not missing, "codebook_sha256": a["codebook_sha256"],
             "ids_dtype": str(self.ids.dtype), "store_bytes": nbytes,
             "raw_float32_bytes": int(a["n"]) * int(a["d"]) * 4,
             "compression_ratio": round(4 * int(a["d"]) / int(a["code_size"]), 2),
             "source": a.get("source"), "created_by": a.get("created_by"),
         }
+
+
+@dataclass
+class VerifyReport:
+    checked: int  # done chunks checked
+    bad: dict[int, str] = field(default_factory=dict)  # chunk -> what is wrong with it
+    checksums: bool = True  # False: an older store, checked for presence only
+    not_done: int = 0  # chunks not encoded yet (not damage)
+
+
+# Per-chunk checksum: CRC-32 (zlib, in the standard library, ~GB/s) of the chunk's values as read through
+# Zarr, not of the chunk files: the files' bytes depend on the codec and Zarr version, while the values are
+# what search and export read. Accidental damage (a partial copy or sync, flipped bytes) is the threat; CRC-32
+# catches every burst up to 32 bits and all but 2^-32 of the rest. A missing file reads as fill values, which
+# the checksum sees unless the chunk really was all fill values, hence also the presence check.
+def chunk_checksum(codes: Any, ids: Any) -> int:
+    """CRC-32 of one chunk: codes uint8 (rows, code_size) bytes, then ids (int64 little-endian, or each
+    string id as its UTF-8 length (4 bytes) and bytes)."""
+    crc = zlib.crc32(np.ascontiguousarray(codes, dtype=np.uint8).data)
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "iub":
+        return zlib.crc32(np.ascontiguousarray(ids, dtype="<i8").data, crc)
+    for v in ids.tolist():
+        b = str(v).encode()
+        crc = zlib.crc32(b, zlib.crc32(len(b).to_bytes(4, "little"), crc))
+    return crc
+
+
+def _stored_keys(arr: Any) -> set[str]:
+    """Keys of the chunk objects an array holds in its store (relative to the array)."""
+    from zarr.core.sync import sync
+
+    sp = arr.store_path
+    prefix = sp.path.rstrip("/") + "/" if sp.path else ""
+
+    async def listing() -> list[str]:
+        return [k async for k in sp.store.list_prefix(prefix)]
+
+    return {k[len(prefix):] for k in sync(listing())}
+
+
+def _describe(store: CodeStore, bad: dict[int, str], limit: int = 10) -> str:
+    items = [f"chunk {i} (rows {store.chunk_range(i)[0]}-{store.chunk_range(i)[1] - 1}): {why}"
+             for i, why in list(bad.items())[:limit]]
+    more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
+    return f"{len(bad)} chunk(s) damaged or missing: " + "; ".join(items) + more
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> CodeStore:
@@ -152,6 +253,8 @@ def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_r
                        fill_value=0, compressors=None)
     group.create_array("ids", shape=(n,), chunks=(cr,), dtype=id_dtype)
     group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype=bool, fill_value=False)
+    # one chunk per task, like done: no two tasks write the same Zarr chunk
+    group.create_array("checksums", shape=(n_chunks,), chunks=(1,), dtype="uint32", fill_value=0)
     cbg = group.create_group("codebook")
     cbg.create_array("centroids", data=codebook.centroids)
     if codebook.rotation is not None:
@@ -203,14 +306,36 @@ def _mismatches(store: CodeStore, codebook: Codebook, n: int, chunk_rows: int, s
 
 
 def write_chunk(path: str, i: int, start: int, codes: np.ndarray, ids: np.ndarray) -> int:
-    """Write one task's rows, then mark its chunk done (in that order, so done implies complete)."""
+    """Write one task's rows and their checksum, then mark its chunk done (in that order, so done implies
+    complete). Chunks equal to the fill value are written all the same, so that a missing chunk file always
+    means lost data."""
     group = zarr.open_group(path, mode="r+")
     stop = start + codes.shape[0]
-    group["codes"][start:stop] = codes
-    fault_point("after-codes", i)
-    group["ids"][start:stop] = ids
-    group["done"][i] = True
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        group["codes"][start:stop] = codes
+        fault_point("after-codes", i)
+        id_arr = group["ids"]
+        id_arr[start:stop] = ids
+        if "checksums" in group:  # stores made by an older pqgpu have none
+            if id_arr.dtype.kind in "iub":
+                ids = np.asarray(ids).astype(id_arr.dtype)  # the values as stored
+            group["checksums"][i] = chunk_checksum(codes, ids)
+        group["done"][i] = True
     return codes.shape[0]
+
+
+def recheck_done_chunks(store: CodeStore) -> list[int]:
+    """Before resuming: verify every done chunk and clear the done flag of those that are missing or
+    damaged (named in a WARNING), so they are encoded again. Returns them."""
+    report = store.verify()
+    if not report.checksums:
+        log.warning("%s: no checksums recorded (made by an older pqgpu); checked that done chunks are present "
+                    "only", store.path)
+    if report.bad:
+        log.warning("%s: %s. Re-encoding them.", store.path, _describe(store, report.bad))
+        for i in report.bad:
+            store.done[i] = False
+    return list(report.bad)
 
 
 @contextlib.contextmanager
