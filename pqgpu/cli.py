@@ -16,6 +16,7 @@ log = logging.getLogger("pqgpu.cli")
 
 EXIT_ERROR = 2  # a PqgpuError: bad input, config, store or backend
 EXIT_BUG = 1  # anything unexpected
+DASK_COMMANDS = ("demo", "train", "encode", "run", "bench")
 
 
 def _config(args: argparse.Namespace):
@@ -331,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    import distributed  # noqa: F401  (its import installs INFO-level handlers; quieten them after)
+    if args.command in DASK_COMMANDS:  # other commands never import Dask (faster start)
+        import distributed  # noqa: F401  (its import installs INFO-level handlers; quieten them after)
+    from . import progress
+
+    progress.use_terminal_bars(level <= logging.INFO and sys.stderr.isatty())
 
     for noisy in ("distributed", "numba", "asyncio", "fsspec", "bokeh"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
