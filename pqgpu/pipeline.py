@@ -48,9 +48,9 @@ def train(cfg: Config, *, backend: str | None = None, client: Any = None) -> Cod
     else:
         worker = _training_worker(client, requested)
         progress.listen(client)
-        fut = client.submit(train_task, cfg, requested, workers=[worker] if worker else None,
-                            allow_other_workers=worker is None, pure=False, key=f"pqgpu-train-{os.getpid()}-"
-                            f"{time.monotonic_ns()}")
+        where = {"workers": [worker], "allow_other_workers": False} if worker else {}
+        fut = client.submit(train_task, cfg, requested, pure=False, key=f"pqgpu-train-{os.getpid()}-"
+                            f"{time.monotonic_ns()}", **where)
         done = fut.result()
     cb = done.codebook
     log.info("trained M=%d nbits=%d%s on %s (%s, host %s): sample of %d rows read in %.2f s, trained in %.2f s; "
