@@ -9,6 +9,7 @@ Work that runs on a Dask worker forwards its reports to the client as worker eve
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -24,9 +25,28 @@ _lock = threading.Lock()
 
 
 def use_terminal_bars(on: bool) -> None:
-    """Draw tqdm bars instead of periodic log lines (the CLI calls this when stderr is a terminal)."""
+    """Draw tqdm bars instead of periodic log lines (the CLI calls this, after configuring logging, when
+    stderr is a terminal). Log records to stderr are then written above the bars instead of through them."""
     global _bars
     _bars = bool(on)
+    if not _bars:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setStream(_AboveBars())
+
+
+class _AboveBars:
+    """A stderr stand-in for logging handlers: tqdm.write() clears the bars, writes, and redraws them."""
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def bars_enabled() -> bool:
