@@ -23,10 +23,12 @@ def default_workers(n_cpus: int | None = None) -> tuple[int, int]:
     return max(1, n_cpus), 1
 
 
-# Below this many values (rows x d) a local run uses threads of this process: starting worker processes and
-# importing Dask into them costs ~2 s here, more than a process pool saves on a run this small. Measured
-# with benchmarks/bench_whole_process.py (200k x 768, M=96: threads 1.6x faster; 1M x 768: processes faster).
-IN_PROCESS_MAX_VALUES = 400_000 * 768
+# Up to this many values (rows x d) a local run uses threads of this process: starting worker processes and
+# importing Dask into them costs ~2 s, and on the 2-core machine threads were faster at both sizes measured
+# (benchmarks/bench_whole_process.py, whole `pqgpu encode`, 768-d, M=96, shared machine, one run each:
+# 200k rows threads 18.6 s vs processes 28.0 s; 1M rows 65 s vs 93 s). Larger runs keep processes, whose
+# Parquet decoding and Zarr writing never contend for one GIL; the crossover above 1M rows is not measured.
+IN_PROCESS_MAX_VALUES = 1_048_576 * 768
 
 
 class InProcess:

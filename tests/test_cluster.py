@@ -128,8 +128,16 @@ def test_real_scheduler_and_workers_one_killed_mid_encode(tmp_path):
     try:
         workers = {p.pid for p in procs[1:]}
         cfg = _config(tmp_path, f"{tmp_path}/data/*.parquet", str(tmp_path / "codes.zarr"), address)
-        rc, out = _pqgpu(["run", "-c", str(cfg)])
+        # the client must not even try CuPy: a stand-in `cupy` on its path only leaves a mark when imported
+        fake = tmp_path / "client-path" / "cupy"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text(f"open({str(tmp_path / 'client-imported-cupy')!r}, 'w').close()\n"
+                                          "raise ImportError('no CuPy on the client')\n")
+        client_env = _env()
+        client_env["PYTHONPATH"] = os.pathsep.join([str(fake.parent), client_env["PYTHONPATH"]])
+        rc, out = _pqgpu(["run", "-c", str(cfg)], env=client_env)
         assert rc == 0, out
+        assert not (tmp_path / "client-imported-cupy").exists(), "the client imported CuPy"
         assert fired.exists(), "the fault never fired: no worker was killed"
         dead = [p for p in procs[1:] if p.poll() is not None]
         assert len(dead) == 1 and dead[0].returncode == -signal.SIGKILL, out
