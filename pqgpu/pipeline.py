@@ -241,15 +241,17 @@ def check_duplicate_ids(store: Any, source: Source, *, strict: bool, client: Any
 
 def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: Any = None,
         strict_ids: bool = False) -> EncodeReport:
-    """Train when quantizer.path is missing, then encode. On an existing scheduler (cluster.kind address)
-    both use one client, and training is a worker task."""
-    if client is None and cfg.cluster.kind == "address":
-        from .cluster import dask_client
+    """Train when quantizer.path is missing, then encode, with one set of workers for both. With Dask workers
+    (an existing scheduler, a local cluster of processes for a large run, or a client passed in) training is a
+    worker task, so this process never reads the training sample; small local runs train on this process."""
+    if client is None:
+        from .cluster import task_runner
 
-        with dask_client(cfg.cluster) as c:
-            return run(cfg, overwrite=overwrite, client=c, progress=progress, strict_ids=strict_ids)
+        source = open_source(cfg.source)
+        with task_runner(cfg.cluster, source.n * source.d) as runner:
+            return run(cfg, overwrite=overwrite, client=runner, progress=progress, strict_ids=strict_ids)
     if not Path(cfg.quantizer.path).exists():
-        train(cfg, client=client if cfg.cluster.kind == "address" else None)
+        train(cfg, client=_dask_only(client))
     else:
         log.info("using the existing quantizer %s", cfg.quantizer.path)
     return encode(cfg, overwrite=overwrite, client=client, progress=progress, strict_ids=strict_ids)

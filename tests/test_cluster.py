@@ -128,11 +128,16 @@ def test_real_scheduler_and_workers_one_killed_mid_encode(tmp_path):
     try:
         workers = {p.pid for p in procs[1:]}
         cfg = _config(tmp_path, f"{tmp_path}/data/*.parquet", str(tmp_path / "codes.zarr"), address)
-        # the client must not even try CuPy: a stand-in `cupy` on its path only leaves a mark when imported
+        # pqgpu on the client must not even try CuPy: a stand-in `cupy` on its path leaves a mark when pqgpu
+        # code imports it (zarr probes for CuPy on import too; that is not pqgpu needing it)
         fake = tmp_path / "client-path" / "cupy"
         fake.mkdir(parents=True)
-        (fake / "__init__.py").write_text(f"open({str(tmp_path / 'client-imported-cupy')!r}, 'w').close()\n"
-                                          "raise ImportError('no CuPy on the client')\n")
+        (fake / "__init__.py").write_text(
+            "import traceback\n"
+            "importer = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith('<frozen')][-1]\n"
+            f"if '{os.sep}pqgpu{os.sep}' in importer.filename:\n"
+            f"    open({str(tmp_path / 'client-imported-cupy')!r}, 'w').write(importer.filename)\n"
+            "raise ImportError('no CuPy on the client')\n")
         client_env = _env()
         client_env["PYTHONPATH"] = os.pathsep.join([str(fake.parent), client_env["PYTHONPATH"]])
         rc, out = _pqgpu(["run", "-c", str(cfg)], env=client_env)

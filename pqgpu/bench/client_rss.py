@@ -46,6 +46,7 @@ def measure(n: int, d: int, M: int, root: Path, chunk_rows: int, code_path: str 
     }
     if code_path is None:
         cfg["cluster"].update(processes=True, dashboard=False)
+    (work / "pq.faiss").unlink(missing_ok=True)  # the whole run: training (on a worker) and encoding
     p = work / "config.yaml"
     p.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": code_path or str(Path(__file__).resolve().parents[2])}
