@@ -93,3 +93,23 @@ def test_small_local_run_uses_threads_and_needs_no_dask(tmp_path, caplog):
                         if not p.name.endswith("ids.npy")])
     assert np.array_equal(store.codes[...], Codebook.load(cfg.quantizer.path).encode(x, "cpu"))
     assert store.attrs["encode_runs"][-1]["workers"] == {f"pid {os.getpid()}": "cpu"}
+
+
+@pytest.mark.slow
+def test_local_cluster_serves_the_dashboard_and_logs_its_link(caplog):
+    """A local process cluster serves the dashboard on a free port and logs the link; dashboard: false
+    starts none."""
+    import re
+    import urllib.request
+
+    from pqgpu.cluster import _dashboard_address, dask_client
+
+    pytest.importorskip("bokeh")
+    assert _dashboard_address(ClusterConfig(dashboard=False)) is None
+    caplog.set_level(logging.INFO, logger="pqgpu.cluster")
+    with dask_client(ClusterConfig(n_workers=1, threads_per_worker=1, memory_limit=None)) as client:
+        link = re.search(r"Dask dashboard: (http://127\.0\.0\.1:\d+/status)", caplog.text)
+        assert link, caplog.text
+        assert link.group(1) == client.dashboard_link and not link.group(1).endswith(":8787/status")
+        with urllib.request.urlopen(link.group(1), timeout=30) as page:
+            assert page.status == 200
