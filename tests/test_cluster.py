@@ -147,6 +147,7 @@ def test_real_scheduler_and_workers_one_killed_mid_encode(tmp_path):
         dead = [p for p in procs[1:] if p.poll() is not None]
         assert len(dead) == 1 and dead[0].returncode == -signal.SIGKILL, out
         assert "trained M=4 nbits=6 on cpu (tcp://127.0.0.1:" in out, out  # a worker trained, not the client
+        assert "k-means 3 / 3 iterations (100.0%)" in out, out  # its progress reached the client
         codes, ids = _reference(files, str(tmp_path / "pq.faiss"))
         store = open_store(tmp_path / "codes.zarr")
         assert store.is_complete()
