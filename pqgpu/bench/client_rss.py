@@ -51,8 +51,9 @@ def measure(n: int, d: int, M: int, root: Path, chunk_rows: int, code_path: str 
     p.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": code_path or str(Path(__file__).resolve().parents[2])}
     t0 = time.perf_counter()
+    # cwd: the work dir, so `python -c` (which puts the cwd first on sys.path) imports pqgpu from code_path
     proc = subprocess.run([sys.executable, "-c", WRAPPER, "-q", "run", "--overwrite", "-c", str(p)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"pqgpu run failed:\n{proc.stderr[-3000:]}")
