@@ -13,6 +13,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .. import progress
 from ..config import SourceConfig
 from ..errors import ConfigError, InputError
 
@@ -186,8 +187,6 @@ class Source:
         n = self.n
         size = min(size, n)
         rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False)) if size < n else np.arange(n)
-        from .. import progress
-
         reader = _reader(self.cfg.format)
         out = []
         for s, shard in enumerate(self.shards):
