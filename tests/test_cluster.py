@@ -126,7 +126,6 @@ def test_real_scheduler_and_workers_one_killed_mid_encode(tmp_path):
     address, procs = _start_cluster(tmp_path, 2, {"PQGPU_FAULT": "before-write:2:kill", "PQGPU_FAULT_ONCE": str(fired),
                                                   "PQGPU_FAULT_DELAY": "0.3"})
     try:
-        workers = {p.pid for p in procs[1:]}
         cfg = _config(tmp_path, f"{tmp_path}/data/*.parquet", str(tmp_path / "codes.zarr"), address)
         # pqgpu on the client must not even try CuPy: a stand-in `cupy` on its path leaves a mark when pqgpu
         # code imports it (zarr probes for CuPy on import too; that is not pqgpu needing it)
@@ -154,7 +153,6 @@ def test_real_scheduler_and_workers_one_killed_mid_encode(tmp_path):
         assert np.array_equal(store.codes[...], codes) and np.array_equal(store.ids[...], ids)
         [run] = store.attrs["encode_runs"]
         assert set(run["workers"].values()) == {"cpu"} and all(w.startswith("tcp://127.0.0.1:") for w in run["workers"])
-        assert len(workers) == 2
 
         if gpu_status()[0]:
             pytest.skip("a GPU is visible here, so the workers could use it")
