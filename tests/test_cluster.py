@@ -52,20 +52,25 @@ def _start_cluster(tmp: Path, n_workers: int, worker_env: dict[str, str]) -> tup
     """`dask scheduler` and n `dask worker --no-nanny` processes (one thread each); returns (address, procs
     with the scheduler first). The caller stops them with _stop()."""
     sched_file = tmp / "scheduler.json"
-    log = open(tmp / "cluster.log", "ab")
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
-                              env=_env(), stdout=log, stderr=log)]
+    procs: list[subprocess.Popen] = []
     try:
-        for _ in range(300):
-            if sched_file.exists() and sched_file.stat().st_size:
-                break
-            time.sleep(0.1)
-        address = json.loads(sched_file.read_text())["address"]
-        for _ in range(n_workers):
-            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads",
-                                           "1", "--no-nanny", "--no-dashboard", "--memory-limit", "0",
-                                           "--host", "127.0.0.1"], env=_env(**worker_env), stdout=log, stderr=log))
+        with open(tmp / "cluster.log", "ab") as log:  # the children keep their own copies of the handle
+            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host",
+                                           "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
+                                           str(sched_file)], env=_env(), stdout=log, stderr=log))
+            address = None
+            for _ in range(600):
+                try:
+                    address = json.loads(sched_file.read_text())["address"]
+                    break
+                except (OSError, ValueError, KeyError):  # not there yet, or half written
+                    time.sleep(0.1)
+            assert address, f"the scheduler did not start; see {tmp / 'cluster.log'}"
+            for _ in range(n_workers):
+                procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                               "--nthreads", "1", "--no-nanny", "--no-dashboard", "--memory-limit",
+                                               "0", "--host", "127.0.0.1"], env=_env(**worker_env), stdout=log,
+                                              stderr=log))
         from distributed import Client
 
         with Client(address, timeout="30s") as c:
