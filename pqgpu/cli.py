@@ -16,6 +16,7 @@ log = logging.getLogger("pqgpu.cli")
 
 EXIT_ERROR = 2  # a PqgpuError: bad input, config, store or backend
 EXIT_BUG = 1  # anything unexpected
+DASK_COMMANDS = ("demo", "train", "encode", "run", "bench")
 
 
 def _config(args: argparse.Namespace):
@@ -410,9 +411,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import progress
     from .logs import configure
 
-    configure(debug=args.debug, quiet=args.quiet)
+    configure(debug=args.debug, quiet=args.quiet)  # before Dask is imported (other commands never import it)
+    progress.use_terminal_bars(not args.quiet and sys.stderr.isatty())
     try:
         return int(args.func(args) or 0)
     except PqgpuError as exc:

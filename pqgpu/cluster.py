@@ -1,11 +1,13 @@
-"""Dask clients: a local cluster of processes, one worker per GPU (dask-cuda), or an existing scheduler."""
+"""Where tasks run: threads of this process (small local runs), a local cluster of processes, one worker
+per GPU (dask-cuda), or an existing scheduler."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from typing import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator
 
 from .config import ClusterConfig
 from .errors import BackendUnavailable, PqgpuError
@@ -30,6 +32,82 @@ def cuda_worker_threads(n_cpus: int, n_gpus: int) -> int:
     return max(2, n_cpus // max(1, n_gpus))
 
 
+# Up to this many values (rows x d) a local run uses threads of this process: starting worker processes and
+# importing Dask into them costs ~2 s, and on the 2-core machine threads were faster at both sizes measured
+# (benchmarks/bench_whole_process.py, whole `pqgpu encode`, 768-d, M=96, shared machine, one run each:
+# 200k rows threads 18.6 s vs processes 28.0 s, then 9.6 s vs 30.7 s; 1M rows 65 s vs 93 s, then 31 s vs 59 s). Larger runs keep processes, whose
+# Parquet decoding and Zarr writing never contend for one GIL; the crossover above 1M rows is not measured.
+IN_PROCESS_MAX_VALUES = 1_048_576 * 768
+
+
+class InProcess:
+    """Tasks on a pool of threads in this process: no scheduler, no worker processes, no Dask import.
+    The numba kernels release the GIL, and CPU encodes take turns on all cores (see pqgpu.tasks)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pqgpu")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **dask_options: Any) -> Future:
+        return self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def choose_in_process(cfg: ClusterConfig, values: int) -> bool:
+    """Whether a run of `values` (rows x d) runs on threads of this process: kind local, neither
+    cluster.processes nor n_workers / threads_per_worker set, and a run small enough (IN_PROCESS_MAX_VALUES)."""
+    if cfg.kind != "local" or cfg.processes is True:
+        return False
+    if cfg.processes is False:
+        return True
+    if cfg.n_workers is not None or cfg.threads_per_worker is not None:
+        return False
+    return values <= IN_PROCESS_MAX_VALUES
+
+
+@contextlib.contextmanager
+def task_runner(cfg: ClusterConfig, values: int) -> Iterator[Any]:
+    """An InProcess pool for small local runs (see choose_in_process), a Dask client otherwise."""
+    if choose_in_process(cfg, values):
+        threads = default_workers()[0]
+        log.info("in-process run on %d thread(s): %s values (rows x d) %s", threads, f"{values:,}",
+                 "with cluster.processes: false" if cfg.processes is False else
+                 f"are below {IN_PROCESS_MAX_VALUES:,}, where a process cluster does not pay for its start-up "
+                 "(cluster.processes: true starts one anyway)")
+        runner = InProcess(threads)
+        try:
+            yield runner
+        finally:
+            runner.close()
+        return
+    with dask_client(cfg) as client:
+        yield client
+
+
+def _log_dashboard(client: Any) -> None:
+    try:
+        if "dashboard" in client.scheduler_info().get("services", {}):
+            log.info("Dask dashboard: %s", client.dashboard_link)
+    except Exception as exc:  # the link is a convenience; never fail a run over it
+        log.debug("no dashboard link: %s", exc)
+
+
+def _dashboard_address(cfg: ClusterConfig) -> str | None:
+    if not cfg.dashboard:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bokeh") is None:  # distributed serves the dashboard only with bokeh
+        log.info("no Dask dashboard: it needs bokeh (`pip install 'bokeh>=3.1'`); set cluster.dashboard: false "
+                 "to skip it quietly")
+        return None
+    # distributed lets the dashboard's websocket accept any origin, and bokeh warns about it on every start
+    logging.getLogger("bokeh.server.util").setLevel(logging.ERROR)
+    return "127.0.0.1:0"  # a free port, on this machine only
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
     from distributed import Client, LocalCluster
@@ -40,6 +118,8 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         except (OSError, TimeoutError) as exc:
             raise PqgpuError(f"Cannot connect to the Dask scheduler at {cfg.address}: {exc}. Check "
                              "cluster.address and that the scheduler is running.") from None
+        log.info("Dask scheduler %s: %d worker(s)", cfg.address, len(client.scheduler_info()["workers"]))
+        _log_dashboard(client)
         try:
             yield client
         finally:
@@ -57,17 +137,18 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
                  "parallel, encoded one at a time per GPU", n_gpus, threads,
                  "" if cfg.threads_per_worker else " (cores / GPUs, at least 2)")
         cluster = LocalCUDACluster(memory_limit=cfg.memory_limit, threads_per_worker=threads,
-                                   dashboard_address=None)
+                                   dashboard_address=_dashboard_address(cfg))
     else:
         workers, threads = default_workers()
         cluster = LocalCluster(n_workers=cfg.n_workers or workers, threads_per_worker=cfg.threads_per_worker or threads,
-                               processes=True, memory_limit=cfg.memory_limit, dashboard_address=None,
+                               processes=True, memory_limit=cfg.memory_limit, dashboard_address=_dashboard_address(cfg),
                                silence_logs=logging.WARNING)
     client = Client(cluster)
     plugin = worker_plugin()  # these workers log to our terminal: keep expected errors to one paragraph there
     if plugin is not None:
         client.register_plugin(plugin)
     log.info("Dask %s cluster: %d worker(s)", cfg.kind, len(client.scheduler_info()["workers"]))
+    _log_dashboard(client)
     failed = False
     try:
         yield client

@@ -49,6 +49,8 @@ class ClusterConfig:
     n_workers: int | None = None
     threads_per_worker: int | None = None
     memory_limit: str | int | None = "auto"
+    processes: bool | None = None  # kind local: null = threads of this process for small runs, else processes
+    dashboard: bool = True  # local kinds: serve the Dask dashboard on a free port and print its link
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from . import kernels
+from . import kernels, progress
 from .backend import to_device, to_host
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ def train_subquantizers(x: Any, M: int, ksub: int, *, niter: int = 25, seed: int
         nsplit = split_empty_clusters(centroids, counts, n, rng)
         if nsplit:
             log.debug("k-means iteration %d: split %d empty clusters", it, nsplit)
+        progress.report("k-means", it + 1, niter)
     log.info("k-means: M=%d ksub=%d dsub=%d n=%d niter=%d in %.2f s", M, ksub, dsub, n, niter,
              time.perf_counter() - t0)
     return centroids

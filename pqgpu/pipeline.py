@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from .backend import resolve_backend
-from .codebook import Codebook, as_float32_matrix
+from .codebook import Codebook
 from .config import Config, QuantizerConfig
 from .errors import ConfigError, InputError, PqgpuError, StoreError
 from .sources import Chunk, Source, open_source, plan_chunks
+from . import _fs
 from ._faults import fault_point
-from .store import exclusive_lock, prepare_store, recheck_done_chunks, write_chunk
+from .store import exclusive_lock, prepare_store, recheck_done_chunks
+from .tasks import check_vectors  # noqa: F401  (re-exported: was defined here)
 
 log = logging.getLogger(__name__)
 
@@ -30,44 +27,36 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def check_vectors(source: Source, x: np.ndarray, start: int, d: int) -> np.ndarray:
-    """float32 (rows, d), with a NaN/Inf error that names the file and row it came from."""
-    try:
-        return as_float32_matrix(x, "vectors", d=d, row_offset=start)
-    except InputError:
-        finite = np.isfinite(np.asarray(x, dtype=np.float32)).all(axis=1) if np.asarray(x).ndim == 2 else None
-        if finite is None or finite.all():
-            raise
-        row = start + int(np.flatnonzero(~finite)[0])
-        path, local = source.locate(row)
-        raise InputError(f"{path}: row {local} (global row {row}) has a NaN or Inf value. Fix or drop it and "
-                         "run again; chunks already encoded are kept.") from None
+def train(cfg: Config, *, backend: str | None = None, client: Any = None) -> Codebook:
+    """Draw quantizer.train_size rows from across the whole source, train, write quantizer.path atomically.
 
+    With a Dask client (cluster.kind address) training is a task on a worker (one with a GPU when the
+    backend is gpu, or auto and one has a GPU): the sample is read there and the trained codebook comes back
+    here, where quantizer.path is written, so workers need not see quantizer.path. Without a client
+    (local runs) it runs in this process."""
+    from . import progress
+    from .tasks import train_task
 
-def train(cfg: Config, *, backend: str | None = None) -> Codebook:
-    """Draw quantizer.train_size rows from across the whole source, train, write quantizer.path atomically."""
+    if client is None and cfg.cluster.kind == "address":
+        from .cluster import dask_client
+
+        with dask_client(cfg.cluster) as c:
+            return train(cfg, backend=backend, client=c)
     q = cfg.quantizer
-    backend = resolve_backend(backend or cfg.encode.backend)
-    t0 = time.perf_counter()
-    source = open_source(cfg.source)
-    x, rows = source.sample(q.train_size, q.seed)
-    t_read = time.perf_counter() - t0
-    if not np.isfinite(x).all():
-        _name_bad_sample_row(source, x, rows)
-    x = as_float32_matrix(x, "training sample")
-    log.info("training sample: %d of %d rows (d=%d) read in %.2f s; RSS %.0f MiB", len(x), source.n, source.d,
-             t_read, rss_mib())
-    t1 = time.perf_counter()
-    if q.opq:
-        from .opq import train_opq
-
-        cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
+    requested = backend or cfg.encode.backend
+    if client is None:
+        done = train_task(cfg, requested)
     else:
-        from .training import train as train_pq
-
-        cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
-    log.info("trained M=%d nbits=%d%s on %s in %.2f s; RSS %.0f MiB", q.M, q.nbits, " with OPQ" if q.opq else "",
-             backend, time.perf_counter() - t1, rss_mib())
+        worker = _training_worker(client, requested)
+        progress.listen(client)
+        where = {"workers": [worker], "allow_other_workers": False} if worker else {}
+        fut = client.submit(train_task, cfg, requested, pure=False, key=f"pqgpu-train-{os.getpid()}-"
+                            f"{time.monotonic_ns()}", **where)
+        done = fut.result()
+    cb = done.codebook
+    log.info("trained M=%d nbits=%d%s on %s (%s, host %s): sample of %d rows read in %.2f s, trained in %.2f s; "
+             "RSS here %.0f MiB", q.M, q.nbits, " with OPQ" if q.opq else "", done.backend, done.worker,
+             done.host, done.sample_rows, done.read_seconds, done.train_seconds, rss_mib())
     cb.save(q.path)
     log.info("quantizer written to %s (sha256 %s)", q.path, cb.fingerprint()[:16])
     return cb
@@ -99,11 +88,26 @@ def check_quantizer_matches(codebook: Codebook, q: QuantizerConfig, where: str, 
         "the old one), or set quantizer.path to another file to keep this one.")
 
 
-def _name_bad_sample_row(source: Source, x: np.ndarray, rows: np.ndarray) -> None:
-    bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-    path, local = source.locate(int(rows[bad]))
-    raise InputError(f"{path}: row {local} (global row {int(rows[bad])}) has a NaN or Inf value; the training "
-                     "sample cannot contain it. Fix or drop that row.")
+def _training_worker(client: Any, requested: str) -> str | None:
+    """The worker that trains: one with a usable GPU for gpu (refusing, naming the workers, when there is
+    none) and for auto when there is one; None (any worker) otherwise."""
+    from .errors import BackendUnavailable
+    from .tasks import probe_gpu
+
+    if requested == "cpu":
+        return None
+    probes = client.run(probe_gpu)
+    if not probes:
+        raise PqgpuError("The Dask cluster has no workers. Start some (`dask worker ADDRESS`) and run again.")
+    gpus = sorted(addr for addr, p in probes.items() if p["gpu"])
+    if gpus:
+        return gpus[0]
+    if requested == "gpu":
+        names = "; ".join(f"{addr} (host {p['host']}): {p['reason']}" for addr, p in sorted(probes.items()))
+        raise BackendUnavailable(f"backend 'gpu' was requested but no Dask worker has a usable GPU: {names}. "
+                                 "Start the workers on GPU machines (e.g. `dask cuda worker ADDRESS`) with the GPU "
+                                 "extra installed, or use backend 'cpu' (or 'auto').")
+    return None
 
 
 @dataclass
@@ -114,82 +118,15 @@ class EncodeReport:
     chunks_encoded: int
     seconds: float
     rows_per_second: float
-
-
-def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, backend: str,
-                  threads: int | None) -> tuple[int, int, float, float] | PqgpuError:
-    """Dask task: read one chunk, encode it, write it, mark it done. Returns (index, rows, t_read, t_encode),
-    or the error for an expected failure (bad row, unreadable file): returned, not raised, because Dask logs
-    every failed task at ERROR with a traceback in the worker, ahead of our one paragraph. (The error keeps
-    its traceback: Dask pickles it along, and --debug shows it.)"""
-    try:
-        return _encode_chunk_inner(source, chunk, store_path, codebook, backend, threads)
-    except PqgpuError as exc:
-        return exc
-
-
-def _encode_chunk_inner(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, backend: str,
-                        threads: int | None) -> tuple[int, int, float, float]:
-    if threads:
-        _set_kernel_threads(threads)
-    t0 = time.perf_counter()
-    x, ids = source.read_chunk(chunk)
-    t1 = time.perf_counter()
-    x = check_vectors(source, x, chunk.start, codebook.d)
-    if backend == "gpu":
-        from .backend import pinned_copy
-
-        x = pinned_copy(x)  # a host copy done here, in parallel, not during the GPU turn below
-    # one encode at a time per GPU worker process (device memory is planned for one); the worker's other
-    # threads read, decode and write chunks meanwhile (cluster.cuda_worker_threads)
-    with _GPU_TURN if backend == "gpu" else contextlib.nullcontext():
-        t_enc = time.perf_counter()
-        codes = codebook.encode(x, backend, checked=True)
-        t2 = time.perf_counter()
-    fault_point("before-write", chunk.index)
-    write_chunk(store_path, chunk.index, chunk.start, codes, ids)
-    return chunk.index, chunk.rows, t1 - t0, t2 - t_enc
-
-
-_GPU_TURN = threading.Lock()
-
-
-def _set_kernel_threads(threads: int) -> None:
-    try:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
-
-
-class Progress:
-    """Rows done, rate and ETA, logged at most every `every` seconds."""
-
-    def __init__(self, total: int, every: float = 2.0, callback: Callable[[int, int, float], None] | None = None):
-        self.total, self.every, self.callback = total, every, callback
-        self.done = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def add(self, rows: int) -> None:
-        self.done += rows
-        now = time.perf_counter()
-        if self.callback:
-            self.callback(self.done, self.total, now - self.t0)
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            log.info("encoded %s / %s rows (%.1f%%), %s rows/s, ETA %.0f s", f"{self.done:,}", f"{self.total:,}",
-                     100 * self.done / max(self.total, 1), f"{rate:,.0f}", eta)
+    backends: dict[str, str] = field(default_factory=dict)  # worker -> backend it resolved (this run)
 
 
 def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_ids: bool = False,
            progress: Callable[[int, int, float], None] | None = None) -> EncodeReport:
-    """Encode every chunk of the source not yet done into encode.output, with Dask."""
-    from .cluster import dask_client
+    """Encode every chunk of the source not yet done into encode.output: on threads of this process for a
+    small local run, on Dask workers otherwise. Each task resolves encode.backend where it runs."""
+    from .cluster import task_runner
 
-    backend = resolve_backend(cfg.encode.backend)
     qpath = Path(cfg.quantizer.path)
     if not qpath.exists():
         raise PqgpuError(f"No quantizer at {qpath}. Train one first with `pqgpu train -c CONFIG` "
@@ -204,6 +141,7 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
     chunks = plan_chunks([s.n_rows for s in source.shards], chunk_rows)
     out = cfg.encode.output
     t0 = time.perf_counter()
+    backends: dict[str, str] = {}
     with exclusive_lock(out):
         store = prepare_store(out, codebook=codebook, n=source.n, chunk_rows=chunk_rows,
                               id_dtype=source.id_dtype, source=source.fingerprint(), overwrite=overwrite)
@@ -214,115 +152,150 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
             log.info("resuming %s: %d of %d chunks already done", out, len(chunks) - len(pending), len(chunks))
         todo = [chunks[i] for i in pending]
         total_rows = sum(c.rows for c in todo)
-        if todo:
-            if client is not None:
-                _run_tasks(client, source, todo, out, codebook, backend, total_rows, progress, cfg)
-            else:
-                with dask_client(cfg.cluster) as c:
-                    _run_tasks(c, source, todo, out, codebook, backend, total_rows, progress, cfg)
-        if not store.is_complete():
-            raise StoreError(f"{out}: encoding finished but {len(store.pending_chunks())} chunk(s) are not marked "
-                             "done. Run `pqgpu encode` again to finish them.")
-        check_duplicate_ids(store, source, strict=strict_ids)
+
+        def work(runner: Any) -> None:
+            if cfg.encode.backend == "gpu":  # fail before any task, naming every worker without a GPU
+                require_gpu_everywhere(runner)
+            if todo:
+                backends.update(_run_tasks(runner, source, todo, out, codebook, cfg.encode.backend, total_rows,
+                                           progress))
+                _record_run(store, backends, len(todo))
+            if not store.is_complete():
+                raise StoreError(f"{out}: encoding finished but {len(store.pending_chunks())} chunk(s) are not "
+                                 "marked done. Run `pqgpu encode` again to finish them.")
+            check_duplicate_ids(store, source, strict=strict_ids, client=_dask_only(runner))
+
+        if client is not None:
+            work(client)
+        else:
+            with task_runner(cfg.cluster, total_rows * source.d) as runner:
+                work(runner)
     seconds = time.perf_counter() - t0
-    report = EncodeReport(out, source.n, len(chunks), len(todo), seconds, total_rows / max(seconds, 1e-9))
+    report = EncodeReport(out, source.n, len(chunks), len(todo), seconds, total_rows / max(seconds, 1e-9), backends)
     log.info("store %s complete: %d rows, %d chunks (%d encoded now) in %.2f s", out, source.n, len(chunks),
              len(todo), seconds)
     return report
 
 
-def _run_tasks(client: Any, source: Source, todo: list[Chunk], out: str, codebook: Codebook, backend: str,
-               total_rows: int, progress: Any, cfg: Config) -> None:
-    from distributed import as_completed
+def require_gpu_everywhere(runner: Any) -> None:
+    """BackendUnavailable naming each worker (or this process) where backend 'gpu' is not usable."""
+    from .errors import BackendUnavailable
+    from .tasks import probe_gpu, resolve_here
 
-    workers = client.scheduler_info()["workers"]
-    threads = max(1, min(w.get("nthreads", 1) for w in workers.values())) if workers else 1
-    # the codebook travels to each worker once, not once per task
-    [cb_future] = client.scatter([codebook], broadcast=True)
-    [src_future] = client.scatter([source], broadcast=True)
-    futures = [client.submit(_encode_chunk, src_future, c, out, cb_future, backend, threads,
+    if _dask_only(runner) is None:
+        resolve_here("gpu")
+        return
+    bad = {addr: p for addr, p in runner.run(probe_gpu).items() if not p["gpu"]}
+    if bad:
+        names = "; ".join(f"{addr} (host {p['host']}): {p['reason']}" for addr, p in sorted(bad.items()))
+        raise BackendUnavailable(f"backend 'gpu' was requested but {len(bad)} Dask worker(s) have no usable GPU: "
+                                 f"{names}. Start the workers on GPU machines (e.g. `dask cuda worker ADDRESS`) "
+                                 "with the GPU extra installed, or use backend 'auto' (each worker picks) or 'cpu'.")
+
+
+def _dask_only(runner: Any) -> Any:
+    from .cluster import InProcess
+
+    return None if isinstance(runner, InProcess) else runner
+
+
+def _record_run(store: Any, backends: dict[str, str], chunks: int) -> None:
+    """Append this run's workers and the backends they resolved to the store's attrs (the last 20 runs)."""
+    import datetime
+
+    runs = list(store.group.attrs.get("encode_runs", []))[-19:]
+    runs.append({"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "chunks_encoded": chunks, "workers": backends})
+    store.group.attrs["encode_runs"] = runs
+
+
+def _run_tasks(runner: Any, source: Source, todo: list[Chunk], out: str, codebook: Codebook, backend: str,
+               total_rows: int, callback: Any) -> dict[str, str]:
+    """Submit one encode task per chunk and wait for them, with progress. Returns {worker: backend}."""
+    from . import progress
+    from .cluster import InProcess
+    from .tasks import encode_chunk
+
+    if isinstance(runner, InProcess):
+        import concurrent.futures
+
+        threads, cb_arg, src_arg = runner.threads, codebook, source
+        as_completed = concurrent.futures.as_completed
+    else:
+        from distributed import as_completed
+
+        workers = runner.scheduler_info()["workers"]
+        threads = max(1, min(w.get("nthreads", 1) for w in workers.values())) if workers else 1
+        # the codebook travels to each worker once, not once per task
+        [cb_arg] = runner.scatter([codebook], broadcast=True)
+        [src_arg] = runner.scatter([source], broadcast=True)
+    futures = [runner.submit(encode_chunk, src_arg, c, out, cb_arg, backend, threads,
                              key=f"pqgpu-encode-{c.index}-{os.getpid()}-{time.monotonic_ns()}", pure=False,
                              retries=0) for c in todo]
-    meter = Progress(total_rows, callback=progress)
+    meter = progress.Stage("encoded", total_rows, "rows", callback=callback)
     t_read = t_enc = 0.0
     completed = 0
+    backends: dict[str, str] = {}
     try:
         for fut in as_completed(futures):
-            if fut.status == "error":
-                exc = fut.exception()
-                raise exc
-            result = fut.result()
-            if isinstance(result, PqgpuError):
-                raise result
-            _, rows, tr, te = result
-            t_read += tr
-            t_enc += te
-            meter.add(rows)
+            r = fut.result()
+            if isinstance(r, PqgpuError):  # an expected failure, returned by the task (see tasks.encode_chunk)
+                raise r
+            t_read += r.t_read
+            t_enc += r.t_encode
+            if r.worker not in backends:
+                backends[r.worker] = r.backend
+                log.info("%s (host %s) encodes on %s", r.worker, r.host, r.backend)
+            meter.add(r.rows)
             completed += 1
             fault_point("driver-after", completed)
     except BaseException:
-        client.cancel(futures)
+        if isinstance(runner, InProcess):
+            for f in futures:
+                f.cancel()
+        else:
+            runner.cancel(futures)
         raise
+    finally:
+        meter.close()
     log.info("task time: read %.1f s, encode %.1f s (summed over workers); driver RSS %.0f MiB",
              t_read, t_enc, rss_mib())
+    return backends
 
 
-def check_duplicate_ids(store: Any, source: Source, *, strict: bool) -> int:
-    """Count ids that occur more than once; warn, or raise InputError naming the first one when strict.
+def check_duplicate_ids(store: Any, source: Source, *, strict: bool, client: Any = None) -> int:
+    """Count ids that occur more than once; warn, or raise InputError naming the smallest one when strict.
+    On the workers when a Dask client is given: the driver's memory does not grow with n (see pqgpu.ids)."""
+    from .ids import check_duplicate_ids as check
 
-    Memory: one copy of the ids, sorted in place (8 bytes a row for integer ids); the rows of the first
-    duplicate are found by a second pass over the store's id chunks, only when there is one."""
-    ids = store.ids[...]
-    if ids.dtype.kind not in "iu":
-        ids = np.asarray(ids, dtype=object).astype(str)
-    ids.sort()
-    dup = np.flatnonzero(ids[1:] == ids[:-1])
-    if not dup.size:
-        return 0
-    repeated = ids[dup]  # sorted: one entry per extra occurrence
-    n_dup = 1 + int(np.count_nonzero(repeated[1:] != repeated[:-1]))
-    first_id = ids[dup[0]]
-    del ids
-    first_id = first_id.item() if hasattr(first_id, "item") else first_id
-    rows = _rows_with_id(store, first_id, limit=2)
-    (p0, r0), (p1, r1) = source.locate(int(rows[0])), source.locate(int(rows[1]))
-    msg = (f"{n_dup} id(s) occur more than once, e.g. id {first_id!r} at {p0} row {r0} and {p1} row {r1}. "
-           "Search results will not tell these rows apart.")
-    if strict:
-        raise InputError(msg + " (--strict-ids makes this an error; the codes are stored in "
-                         f"{store.path} all the same.)")
-    log.warning(msg + " Pass --strict-ids to make this an error.")
-    return n_dup
-
-
-def _rows_with_id(store: Any, value: Any, limit: int) -> list[int]:
-    """The first `limit` rows whose id equals value, reading the ids chunk by chunk."""
-    rows: list[int] = []
-    for i in range(store.n_chunks):
-        lo, hi = store.chunk_range(i)
-        ids = store.ids[lo:hi]
-        if ids.dtype.kind not in "iu":
-            ids = np.asarray(ids, dtype=object).astype(str)
-        rows += [lo + int(r) for r in np.flatnonzero(ids == value)[:limit - len(rows)]]
-        if len(rows) == limit:
-            break
-    return rows
+    return check(store, source, strict=strict, client=client)
 
 
 def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: Any = None,
         strict_ids: bool = False, retrain: bool = False) -> EncodeReport:
-    """Train when quantizer.path is missing (or retrain=True), then encode. An existing quantizer must have
-    the config's M, nbits and OPQ setting (ConfigError otherwise, before anything is written)."""
+    """Train when quantizer.path is missing (or retrain=True), then encode, with one set of workers for both.
+    An existing quantizer must have the config's M, nbits and OPQ setting (ConfigError otherwise, before
+    anything is written). With Dask workers (an existing scheduler, a local cluster of processes for a large
+    run, or a client passed in) training is a worker task, so this process never reads the training sample;
+    small local runs train in this process."""
     qpath = Path(cfg.quantizer.path)
     out = cfg.encode.output
-    if retrain and Path(out).exists() and not overwrite:
+    if retrain and _fs.exists(out) and not overwrite:
         raise StoreError(f"--retrain replaces the quantizer {qpath}, so the existing code store {out}, made with "
                          "the current one, could not be resumed with it. Add --overwrite to replace the store too, "
                          "or set encode.output to a new store. Nothing was changed.")
-    if retrain or not qpath.exists():
-        train(cfg)
-    else:
+    if not retrain and qpath.exists():  # refuse before any worker starts
         check_quantizer_matches(Codebook.load(qpath), cfg.quantizer, str(qpath))
+    if client is None:
+        from .cluster import task_runner
+
+        source = open_source(cfg.source)
+        with task_runner(cfg.cluster, source.n * source.d) as runner:
+            return run(cfg, overwrite=overwrite, client=runner, progress=progress, strict_ids=strict_ids,
+                       retrain=retrain)
+    if retrain or not qpath.exists():
+        train(cfg, client=_dask_only(client))
+    else:  # checked against the config above
         log.info("using the existing quantizer %s", qpath)
     return encode(cfg, overwrite=overwrite, client=client, progress=progress, strict_ids=strict_ids)
 

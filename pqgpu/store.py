@@ -10,15 +10,14 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import zarr
 
+from . import _fs
 from ._faults import fault_point
 from .codebook import Codebook
 from .errors import StoreError
@@ -161,7 +160,7 @@ class CodeStore:
     def info(self) -> dict[str, Any]:
         a = self.attrs
         done = self.done[...]
-        nbytes = sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+        nbytes = _fs.tree_bytes(self.path)
         missing = sorted(self.missing_chunks([int(i) for i in np.flatnonzero(done)]))
         return {
             "path": self.path, "n": a["n"], "d": a["d"], "M": a["M"], "nbits": a["nbits"],
@@ -241,7 +240,7 @@ def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_r
     """Create a fresh store (the caller has already decided that overwriting is allowed)."""
     path = str(path)
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _fs.make_parent(path)
         group = zarr.open_group(path, mode="w")
     except OSError as exc:
         raise StoreError(f"Cannot create the code store at {path}: {exc.strerror or exc}. "
@@ -272,10 +271,10 @@ def prepare_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_
     """Open the store for resuming when it matches this codebook and source, refuse when it does not;
     with overwrite=True, replace whatever is at `path` with a fresh store."""
     path = str(path)
-    if Path(path).exists():
+    if _fs.exists(path):
         if overwrite:
             log.info("--overwrite: replacing the existing store %s", path)
-            shutil.rmtree(path)
+            _fs.remove_tree(path)
         else:
             try:
                 store = open_store(path, mode="r+")
@@ -341,7 +340,7 @@ def recheck_done_chunks(store: CodeStore) -> list[int]:
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on the store for a whole encode: a second encode on it fails at once."""
-    lock_path = Path(str(path) + ".lock")
+    lock_path = _fs.lock_file(path)
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         f = open(lock_path, "a+")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pqgpu import backend, pipeline
+from pqgpu import backend, store, tasks
 from pqgpu.backend import NumpyDevice, encode_blocks
 from pqgpu.cluster import cuda_worker_threads
 from pqgpu.sources import Chunk
@@ -69,21 +69,26 @@ def test_gpu_tasks_read_in_parallel_and_encode_one_at_a_time(monkeypatch):
 
     written = []
     monkeypatch.setattr(backend, "pinned_copy", fake_pinned_copy)
-    monkeypatch.setattr(pipeline, "write_chunk", lambda path, i, start, codes, ids: written.append(i))
+    monkeypatch.setattr(tasks, "resolve_here", lambda requested: requested)  # this machine has no GPU
+    monkeypatch.setattr(store, "write_chunk", lambda path, i, start, codes, ids: written.append(i))
     chunks = [Chunk(i, 10 * i, 10 * i + 10, ()) for i in range(8)]
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda c: pipeline._encode_chunk(Source(), c, "store", Codebook(), "gpu", None),
+        results = list(pool.map(lambda c: tasks.encode_chunk(Source(), c, "store", Codebook(), "gpu", None),
                                 chunks))
-    assert sorted(written) == list(range(8)) and [r[:2] for r in results] == [(i, 10) for i in range(8)]
+    assert sorted(written) == list(range(8)) and [(r.index, r.rows) for r in results] == [(i, 10) for i in range(8)]
+    assert {r.backend for r in results} == {"gpu"}
     assert encodes.peak == 1  # one encode at a time on the GPU
     assert reads.peak >= 2  # reads overlapped each other (and the encodes)
 
 
-def test_cpu_tasks_are_not_serialised(monkeypatch):
-    encodes = Gauge()
+def test_cpu_tasks_read_in_parallel_and_take_turns_on_the_kernel(monkeypatch):
+    # numba's workqueue threading layer aborts the process when two threads launch parallel kernels at once
+    reads, encodes = Gauge(), Gauge()
 
     class Source:
         def read_chunk(self, chunk):
+            with reads:
+                time.sleep(0.05)
             return np.zeros((chunk.rows, 4), np.float32), np.arange(chunk.rows)
 
     class Codebook:
@@ -94,11 +99,12 @@ def test_cpu_tasks_are_not_serialised(monkeypatch):
                 time.sleep(0.05)
             return np.zeros((len(x), 2), np.uint8)
 
-    monkeypatch.setattr(pipeline, "write_chunk", lambda *a: None)
+    monkeypatch.setattr(store, "write_chunk", lambda *a: None)
     with ThreadPoolExecutor(3) as pool:
-        list(pool.map(lambda i: pipeline._encode_chunk(Source(), Chunk(i, 0, 5, ()), "s", Codebook(), "cpu", None),
-                      range(3)))
-    assert encodes.peak >= 2
+        results = list(pool.map(lambda i: tasks.encode_chunk(Source(), Chunk(i, 0, 5, ()), "s", Codebook(), "cpu",
+                                                             None), range(3)))
+    assert [r.index for r in results] == [0, 1, 2] and {r.backend for r in results} == {"cpu"}
+    assert encodes.peak == 1 and reads.peak >= 2
 
 
 class PinnedNumpyDevice(NumpyDevice):

@@ -357,22 +357,79 @@ def test_config_and_output_errors(args, pattern, good_outputs, capsys, tmp_path)
     assert snapshot(good_outputs) == before
 
 
+class _FakeStore:
+    """Like a CodeStore: ids read by slicing (a new numpy array each time), in chunks of 3 rows."""
+
+    def __init__(self, ids, path="s.zarr"):
+        self._ids, self.path, self.n_chunks = ids, path, -(-len(ids) // 3)
+
+    @property
+    def ids(self):
+        ids = self._ids
+
+        class ZarrLike:
+            def __getitem__(self, key):
+                return ids[key].copy()
+
+        return ZarrLike()
+
+    def chunk_range(self, i):
+        return 3 * i, min(len(self._ids), 3 * i + 3)
+
+
+@pytest.mark.parametrize("parts", [None, 3])
 @pytest.mark.parametrize("ids", [np.array([5, 3, 5, 3, 3, 9, 7, 7]), np.array(["e", "c", "e", "c", "c", "i", "g", "g"])])
-def test_duplicate_id_count_and_first_rows(ids):
+def test_duplicate_id_count_and_first_rows(ids, parts):
     from types import SimpleNamespace
 
-    from pqgpu.pipeline import check_duplicate_ids
+    from pqgpu.ids import check_duplicate_ids
 
-    class ZarrLike:  # like a Zarr array, indexing returns a new numpy array
-        def __getitem__(self, key):
-            return ids[key].copy()
-
-    store = SimpleNamespace(ids=ZarrLike(), n_chunks=3, path="s.zarr",
-                            chunk_range=lambda i: (3 * i, min(len(ids), 3 * i + 3)))
+    store = _FakeStore(ids)
     source = SimpleNamespace(locate=lambda row: ("f.parquet", row))
     first = ids[1].item()
     with pytest.raises(InputError, match=f"^3 id\\(s\\) occur more than once, e.g. id {first!r} at f.parquet row 1 "
                                          "and f.parquet row 3"):
-        check_duplicate_ids(store, source, strict=True)
-    assert check_duplicate_ids(store, source, strict=False) == 3
-    assert check_duplicate_ids(SimpleNamespace(ids=np.unique(ids)), source, strict=True) == 0
+        check_duplicate_ids(store, source, strict=True, parts=parts)
+    assert check_duplicate_ids(store, source, strict=False, parts=parts) == 3
+    assert check_duplicate_ids(_FakeStore(np.unique(ids)), source, strict=True, parts=parts) == 0
+
+
+def test_duplicate_ids_partitions_agree_with_numpy():
+    """Hash partitions change nothing: counts and the smallest duplicate equal numpy's, for ints and strings,
+    whatever the number of partitions and groups."""
+    from pqgpu.ids import find_duplicates, partition_of
+
+    rng = np.random.default_rng(3)
+    big = rng.integers(0, 2**62, 700)
+    big[[5, 600]] = big[300]
+    for ids in (rng.integers(-50, 400, 700), big, rng.integers(0, 300, 700).astype(str)):
+        values, counts = np.unique(ids, return_counts=True)
+        dup = values[counts > 1]
+        first_rows = list(np.flatnonzero(ids == dup[0])[:2])
+        for parts in (1, 2, 7):
+            assert set(np.unique(partition_of(ids, parts))) <= set(range(parts))
+            for groups in (1, 5, 64):
+                n_dup, first, rows = find_duplicates(_FakeStore(ids), parts=parts, groups=groups)
+                assert (n_dup, first, rows) == (dup.size, dup[0], first_rows)
+        assert find_duplicates(_FakeStore(np.unique(ids)), parts=3) == (0, None, [])
+
+
+def test_duplicate_ids_on_dask_workers_read_the_store_there(tmp_path):
+    """With a client the split/count/scan tasks open the store by path on the workers and agree with numpy."""
+    from distributed import Client, LocalCluster
+
+    from pqgpu.ids import find_duplicates
+    from pqgpu.store import create_store
+
+    n = 1000
+    ids = np.arange(n, dtype=np.int64) * 7
+    ids[[400, 905]] = ids[123]  # 861 three times
+    ids[[10, 20]] = -5  # -5 twice: the smallest duplicate
+    cb = Codebook(8, 2, 4, np.zeros((2, 16, 4), np.float32))
+    store = create_store(tmp_path / "s.zarr", codebook=cb, n=n, chunk_rows=64, id_dtype=np.int64, source={})
+    store.ids[...] = ids
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as c, \
+            Client(c) as client:
+        assert find_duplicates(store, client=client, parts=4, groups=5) == (2, -5, [10, 20])
+        store.ids[10] = 3  # now only 861 repeats
+        assert find_duplicates(store, client=client, parts=4, groups=5) == (1, 861, [123, 400])

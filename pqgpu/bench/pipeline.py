@@ -52,6 +52,7 @@ def make_config(data: Path, work: Path, M: int, chunk_rows: int) -> Any:
         "source": {"format": "parquet", "path": str(data / "*.parquet"), "id_column": "id"},
         "quantizer": {"path": str(work / "pq.faiss"), "M": M, "nbits": 8, "train_size": 20000, "niter": 4},
         "encode": {"output": str(work / "codes.zarr"), "chunk_rows": chunk_rows, "backend": "cpu"},
+        "cluster": {"processes": True, "dashboard": False},  # the peak-RSS runs compare process clusters
     })
 
 

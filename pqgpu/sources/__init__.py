@@ -13,6 +13,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .. import progress
 from ..config import SourceConfig
 from ..errors import ConfigError, InputError
 
@@ -189,6 +190,7 @@ class Source:
         reader = _reader(self.cfg.format)
         out = []
         for s, shard in enumerate(self.shards):
+            progress.report("training sample", s, len(self.shards), "shards")
             lo_g, hi_g = self.offsets[s], self.offsets[s] + shard.n_rows
             sel = rows[(rows >= lo_g) & (rows < hi_g)] - lo_g
             # one read per window of SAMPLE_WINDOW_ROWS shard rows that holds sampled rows, from its first to
@@ -196,6 +198,7 @@ class Source:
             for part in np.split(sel, np.flatnonzero(np.diff(sel // SAMPLE_WINDOW_ROWS)) + 1) if sel.size else []:
                 x, _ = reader.read(self.cfg, shard, int(part[0]), int(part[-1]) + 1)
                 out.append(np.asarray(x[part - part[0]]))
+        progress.report("training sample", len(self.shards), len(self.shards), "shards")
         if not out:
             return np.zeros((0, self.d), np.float32), rows
         return np.concatenate(out), rows

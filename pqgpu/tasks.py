@@ -1,0 +1,184 @@
+"""Task functions that run where the work is: on a Dask worker, or on a thread of this process.
+
+Each task resolves the backend itself, so the machine doing the work decides CPU or GPU: a CPU-only client
+drives GPU workers with `backend: auto`, and `gpu` on a worker without a usable GPU fails naming that worker.
+Tasks take plain objects (Source, Chunk, Codebook, Config) and paths to the store, never open clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import gpu_status, resolve_backend
+from .codebook import Codebook, as_float32_matrix
+from .config import Config
+from .errors import BackendUnavailable, InputError, PqgpuError
+from ._faults import fault_point
+from .sources import Chunk, Source, open_source
+
+log = logging.getLogger(__name__)
+
+# numba's default (workqueue) threading layer aborts when two threads of one process launch parallel
+# kernels at once: CPU encodes of one process take turns; each one uses all the kernel threads it is given.
+_CPU_KERNEL = threading.Lock()
+_GPU_TURN = threading.Lock()
+
+
+def where_am_i() -> dict[str, str]:
+    """{'worker': Dask worker address or 'pid N', 'host': host name} of the process running this code."""
+    address = f"pid {os.getpid()}"
+    if "distributed" in sys.modules:  # never import Dask just to ask
+        try:
+            from distributed import get_worker
+
+            address = get_worker().address
+        except ValueError:  # not inside a worker task
+            pass
+    return {"worker": address, "host": socket.gethostname()}
+
+
+def resolve_here(requested: str) -> str:
+    """resolve_backend(requested) on this worker; a failure names the worker and host."""
+    try:
+        return resolve_backend(requested)
+    except BackendUnavailable as exc:
+        me = where_am_i()
+        who = f"process {me['worker']}" if me["worker"].startswith("pid ") else f"Dask worker {me['worker']}"
+        raise BackendUnavailable(f"On {who} (host {me['host']}): {exc}") from None
+
+
+def probe_gpu() -> dict[str, Any]:
+    """Run on every worker (client.run) to find the ones with a usable GPU, before choosing where to train."""
+    ok, reason = gpu_status()
+    return {**where_am_i(), "gpu": ok, "reason": reason}
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    index: int
+    rows: int
+    t_read: float
+    t_encode: float
+    backend: str  # as resolved on the worker: "cpu" or "gpu"
+    worker: str
+    host: str
+
+
+def check_vectors(source: Source, x: np.ndarray, start: int, d: int) -> np.ndarray:
+    """float32 (rows, d), with a NaN/Inf error that names the file and row it came from."""
+    try:
+        return as_float32_matrix(x, "vectors", d=d, row_offset=start)
+    except InputError:
+        finite = np.isfinite(np.asarray(x, dtype=np.float32)).all(axis=1) if np.asarray(x).ndim == 2 else None
+        if finite is None or finite.all():
+            raise
+        row = start + int(np.flatnonzero(~finite)[0])
+        path, local = source.locate(row)
+        raise InputError(f"{path}: row {local} (global row {row}) has a NaN or Inf value. Fix or drop it and "
+                         "run again; chunks already encoded are kept.") from None
+
+
+def encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, requested_backend: str,
+                 threads: int | None) -> ChunkResult | PqgpuError:
+    """Read one chunk, encode it on the backend this worker resolves, write it, mark it done.
+
+    An expected failure (bad row, unreadable file, no GPU here) is returned, not raised: Dask logs every
+    failed task at ERROR with a traceback in the worker, ahead of the CLI's one paragraph. (The error keeps
+    its traceback: Dask pickles it along, and --debug shows it.)"""
+    try:
+        return _encode_chunk(source, chunk, store_path, codebook, requested_backend, threads)
+    except PqgpuError as exc:
+        return exc
+
+
+def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, requested_backend: str,
+                  threads: int | None) -> ChunkResult:
+    from .store import write_chunk
+
+    backend = resolve_here(requested_backend)
+    if threads:
+        _set_kernel_threads(threads)
+    t0 = time.perf_counter()
+    x, ids = source.read_chunk(chunk)
+    t1 = time.perf_counter()
+    x = check_vectors(source, x, chunk.start, codebook.d)
+    if backend == "gpu":
+        from .backend import pinned_copy
+
+        x = pinned_copy(x)  # a host copy done here, in parallel, not during the GPU turn below
+    # CPU: numba's workqueue layer aborts on two parallel kernels at once, so encodes take turns on all cores.
+    # GPU: one encode at a time per worker process (device memory is planned for one); the worker's other
+    # threads read, decode and write chunks meanwhile (cluster.cuda_worker_threads)
+    with _CPU_KERNEL if backend == "cpu" else _GPU_TURN:
+        t_enc = time.perf_counter()
+        codes = codebook.encode(x, backend, checked=True)
+        t2 = time.perf_counter()
+    fault_point("before-write", chunk.index)
+    write_chunk(store_path, chunk.index, chunk.start, codes, ids)
+    me = where_am_i()
+    return ChunkResult(chunk.index, chunk.rows, t1 - t0, t2 - t_enc, backend, me["worker"], me["host"])
+
+
+def _set_kernel_threads(threads: int) -> None:
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+
+
+@dataclass(frozen=True)
+class Trained:
+    codebook: Codebook
+    backend: str
+    worker: str
+    host: str
+    sample_rows: int
+    read_seconds: float
+    train_seconds: float
+
+
+def train_task(cfg: Config, requested_backend: str) -> Trained:
+    """Read the training sample from the source (here, on this worker) and train the quantizer of
+    cfg.quantizer. The caller writes the quantizer file: workers need not see quantizer.path."""
+    from . import progress
+
+    q = cfg.quantizer
+    with progress.forward_from():
+        backend = resolve_here(requested_backend)
+        t0 = time.perf_counter()
+        source = open_source(cfg.source)
+        x, rows = source.sample(q.train_size, q.seed)
+        t_read = time.perf_counter() - t0
+        if not np.isfinite(x).all():
+            _name_bad_sample_row(source, x, rows)
+        x = as_float32_matrix(x, "training sample")
+        log.info("training sample: %d of %d rows (d=%d) read in %.2f s", len(x), source.n, source.d, t_read)
+        t1 = time.perf_counter()
+        if q.opq:
+            from .opq import train_opq
+
+            cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
+        else:
+            from .training import train as train_pq
+
+            cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
+    me = where_am_i()
+    return Trained(cb, backend, me["worker"], me["host"], len(x), t_read, time.perf_counter() - t1)
+
+
+def _name_bad_sample_row(source: Source, x: np.ndarray, rows: np.ndarray) -> None:
+    bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+    path, local = source.locate(int(rows[bad]))
+    raise InputError(f"{path}: row {local} (global row {int(rows[bad])}) has a NaN or Inf value; the training "
+                     "sample cannot contain it. Fix or drop that row.")

@@ -1,0 +1,115 @@
+"""Progress display, the threads-or-processes choice for local runs, and what the CLI imports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pqgpu import progress
+from pqgpu.cluster import IN_PROCESS_MAX_VALUES, choose_in_process
+from pqgpu.config import ClusterConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stage_logs_periodic_lines_when_not_on_a_terminal(caplog):
+    caplog.set_level(logging.INFO, logger="pqgpu.progress")
+    seen = []
+    st = progress.Stage("encoded", 10, "rows", every=3600, callback=lambda done, total, t: seen.append(done))
+    st.add(4)
+    assert "encoded" not in caplog.text  # at most every `every` seconds...
+    st.add(6)
+    assert "encoded 10 / 10 rows (100.0%)" in caplog.text and "rows/s, ETA 0 s" in caplog.text  # ...and at the end
+    assert seen == [4, 10]
+
+
+def test_terminal_bar_shows_rate_and_eta(capsys, caplog):
+    caplog.set_level(logging.INFO, logger="pqgpu.progress")
+    progress.use_terminal_bars(True)
+    try:
+        st = progress.Stage("encoded", 1000, "rows")
+        st.add(400)
+        st.add(600)
+        for i in range(1, 4):
+            progress.report("k-means", i, 3)
+    finally:
+        progress.use_terminal_bars(False)
+    err = capsys.readouterr().err
+    assert "encoded: 100%" in err and "1.00k/1.00k" in err and "rows/s" in err and "<00:00" in err
+    assert "k-means: 100%" in err and "3/3" in err
+    assert "encoded 1,000 / 1,000" not in caplog.text  # the bar replaces the log lines
+
+
+@pytest.mark.parametrize("cfg, values, threads", [
+    (ClusterConfig(), IN_PROCESS_MAX_VALUES, True),
+    (ClusterConfig(), IN_PROCESS_MAX_VALUES + 1, False),
+    (ClusterConfig(processes=True), 10, False),
+    (ClusterConfig(processes=False), 10**12, True),
+    (ClusterConfig(n_workers=2), 10, False),  # asking for workers means processes
+    (ClusterConfig(kind="address", address="tcp://x:1"), 10, False),
+    (ClusterConfig(kind="local-cuda"), 10, False),
+])
+def test_threads_or_processes(cfg, values, threads):
+    assert choose_in_process(cfg, values) is threads
+
+
+def test_info_does_not_import_dask(tmp_path):
+    code = ("import sys; from pqgpu.cli import main; rc = main(['info', sys.argv[1]]); "
+            "print('DASK' if 'distributed' in sys.modules or 'dask' in sys.modules else 'NO-DASK', rc)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.zarr")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["NO-DASK", "2"], out.stderr
+
+
+def test_small_local_run_uses_threads_and_needs_no_dask(tmp_path, caplog):
+    """A small `kind: local` run encodes on threads of this process, says so, and records the backend."""
+    import numpy as np
+
+    from pqgpu.codebook import Codebook
+    from pqgpu.config import config_from_dict
+    from pqgpu.pipeline import encode, train
+    from pqgpu.sample import make_sample
+    from pqgpu.store import open_store
+
+    make_sample(tmp_path / "data", 3000, 16, shards=2, fmt="npy")
+    cfg = config_from_dict({
+        "source": {"format": "npy", "path": str(tmp_path / "data" / "shard-*.npy")},
+        "quantizer": {"path": str(tmp_path / "pq.faiss"), "M": 4, "nbits": 5, "niter": 3},
+        "encode": {"output": str(tmp_path / "codes.zarr"), "chunk_rows": 500, "backend": "auto"},
+    })
+    caplog.set_level(logging.INFO)
+    train(cfg)
+    report = encode(cfg)
+    assert "in-process run on" in caplog.text
+    assert report.backends == {f"pid {os.getpid()}": "cpu"}
+    store = open_store(cfg.encode.output)
+    x = np.concatenate([np.load(p) for p in sorted((tmp_path / "data").glob("shard-*.npy"))
+                        if not p.name.endswith("ids.npy")])
+    assert np.array_equal(store.codes[...], Codebook.load(cfg.quantizer.path).encode(x, "cpu"))
+    assert store.attrs["encode_runs"][-1]["workers"] == {f"pid {os.getpid()}": "cpu"}
+
+
+@pytest.mark.slow
+def test_local_cluster_serves_the_dashboard_and_logs_its_link(caplog):
+    """A local process cluster serves the dashboard on a free port and logs the link; dashboard: false
+    starts none."""
+    import re
+    import urllib.request
+
+    from pqgpu.cluster import _dashboard_address, dask_client
+
+    pytest.importorskip("bokeh")
+    assert _dashboard_address(ClusterConfig(dashboard=False)) is None
+    caplog.set_level(logging.INFO, logger="pqgpu.cluster")
+    with dask_client(ClusterConfig(n_workers=1, threads_per_worker=1, memory_limit=None)) as client:
+        link = re.search(r"Dask dashboard: (http://127\.0\.0\.1:\d+/status)", caplog.text)
+        assert link, caplog.text
+        assert link.group(1) == client.dashboard_link and not link.group(1).endswith(":8787/status")
+        with urllib.request.urlopen(link.group(1), timeout=30) as page:
+            assert page.status == 200
