@@ -55,11 +55,13 @@ def bars_enabled() -> bool:
 
 class Stage:
     """Count of `total` units done; logs '<name>: done / total, rate, ETA' at most every `every` seconds,
-    or draws a bar. `callback(done, total, elapsed)` is called on every update."""
+    or draws a bar. `callback(done, total, elapsed)` is called on every update. With brief=True a stage that
+    ends within its first `every` seconds logs nothing (its caller logs a summary of its own)."""
 
     def __init__(self, name: str, total: int, unit: str = "rows", every: float = 2.0,
-                 callback: Callable[[int, int, float], None] | None = None):
+                 callback: Callable[[int, int, float], None] | None = None, brief: bool = False):
         self.name, self.total, self.unit, self.every, self.callback = name, int(total), unit, every, callback
+        self.brief = brief
         self.done = 0
         self.t0 = self.last = time.perf_counter()
         self.bar = None
@@ -82,7 +84,8 @@ class Stage:
             if self.done >= self.total:
                 self.close()
             return
-        if now - self.last >= self.every or self.done >= self.total:
+        quick_end = self.brief and self.last == self.t0 and now - self.t0 < self.every
+        if now - self.last >= self.every or (self.done >= self.total and not quick_end):
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / rate if rate else float("inf")
@@ -111,7 +114,8 @@ def show(name: str, done: int, total: int, unit: str) -> None:
         if st is None or done < st.done:
             if st is not None:
                 st.close()
-            st = _open[name] = Stage(name, total, unit, every=5.0)
+            # training's stages (sample read, k-means) end with a summary line of their own
+            st = _open[name] = Stage(name, total, unit, every=5.0, brief=True)
         st.set(done)
         if done >= total:
             st.close()

@@ -1,4 +1,4 @@
-"""Shared test setup: every test starts with the logging state the CLI leaves behind undone."""
+"""Shared test setup: every test starts with the `pqgpu` logger as a library leaves it (level unset)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _restore_pqgpu_logger_level():
-    """Tests that call `pqgpu.cli.main` configure the `pqgpu` logger (WARNING with -q, ...); put its level back
-    so a later test's caplog sees pqgpu's INFO records whatever ran before it."""
+def _unset_pqgpu_logger_level():
+    """`pqgpu.cli.main` sets the `pqgpu` logger's level (WARNING with -q), in tests too, also from module-scoped
+    fixtures that run before a test; unset it around each test so caplog sees pqgpu's records whatever ran
+    before."""
     logger = logging.getLogger("pqgpu")
-    level = logger.level
+    logger.setLevel(logging.NOTSET)
     yield
-    logger.setLevel(level)
+    logger.setLevel(logging.NOTSET)
