@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 EVENT_TOPIC = "pqgpu-progress"
 
 _bars = False  # set by the CLI when stderr is a terminal
-_sink: Callable[[str, int, int, str], None] | None = None  # where report() goes; None: this process's stages
+_sink: Callable[[str, int, int, str, bool], None] | None = None  # where report() goes; None: this process's stages
 _open: dict[str, "Stage"] = {}
 _lock = threading.Lock()
 
@@ -98,24 +98,24 @@ class Stage:
             self.bar = None
 
 
-def report(name: str, done: int, total: int, unit: str = "iterations") -> None:
+def report(name: str, done: int, total: int, unit: str = "iterations", *, brief: bool = False) -> None:
     """Progress of stage `name` from anywhere (e.g. k-means): shown here, or forwarded to the Dask client
-    when running on a worker under `forward_from`. Cheap when nobody listens."""
+    when running on a worker under `forward_from`. Cheap when nobody listens. brief: see Stage (for a
+    stage whose caller logs its own summary line)."""
     if _sink is not None:
-        _sink(name, done, total, unit)
+        _sink(name, done, total, unit, brief)
         return
-    show(name, done, total, unit)
+    show(name, done, total, unit, brief)
 
 
-def show(name: str, done: int, total: int, unit: str) -> None:
+def show(name: str, done: int, total: int, unit: str, brief: bool = False) -> None:
     """Update (opening or closing as needed) this process's stage called `name`."""
     with _lock:
         st = _open.get(name)
         if st is None or done < st.done:
             if st is not None:
                 st.close()
-            # training's stages (sample read, k-means) end with a summary line of their own
-            st = _open[name] = Stage(name, total, unit, every=5.0, brief=True)
+            st = _open[name] = Stage(name, total, unit, every=5.0, brief=brief)
         st.set(done)
         if done >= total:
             st.close()
@@ -137,11 +137,12 @@ class forward_from:
         self._prev = _sink
         last = [0.0]
 
-        def send(name: str, done: int, total: int, unit: str) -> None:
+        def send(name: str, done: int, total: int, unit: str, brief: bool) -> None:
             now = time.perf_counter()
             if now - last[0] >= 0.5 or done >= total:  # at most two events a second
                 last[0] = now
-                worker.log_event(EVENT_TOPIC, {"name": name, "done": done, "total": total, "unit": unit})
+                worker.log_event(EVENT_TOPIC, {"name": name, "done": done, "total": total, "unit": unit,
+                                               "brief": brief})
 
         _sink = send
         return self
@@ -156,7 +157,7 @@ def listen(client: Any) -> None:
     """Show progress events sent by workers (forward_from) in this process."""
     def handler(event: Any) -> None:
         _, msg = event
-        show(msg["name"], int(msg["done"]), int(msg["total"]), msg["unit"])
+        show(msg["name"], int(msg["done"]), int(msg["total"]), msg["unit"], bool(msg.get("brief")))
 
     try:
         client.subscribe_topic(EVENT_TOPIC, handler)

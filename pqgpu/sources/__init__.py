@@ -190,7 +190,7 @@ class Source:
         reader = _reader(self.cfg.format)
         out = []
         for s, shard in enumerate(self.shards):
-            progress.report("training sample", s, len(self.shards), "shards")
+            progress.report("training sample", s, len(self.shards), "shards", brief=True)
             lo_g, hi_g = self.offsets[s], self.offsets[s] + shard.n_rows
             sel = rows[(rows >= lo_g) & (rows < hi_g)] - lo_g
             # one read per window of SAMPLE_WINDOW_ROWS shard rows that holds sampled rows, from its first to
@@ -198,7 +198,7 @@ class Source:
             for part in np.split(sel, np.flatnonzero(np.diff(sel // SAMPLE_WINDOW_ROWS)) + 1) if sel.size else []:
                 x, _ = reader.read(self.cfg, shard, int(part[0]), int(part[-1]) + 1)
                 out.append(np.asarray(x[part - part[0]]))
-        progress.report("training sample", len(self.shards), len(self.shards), "shards")
+        progress.report("training sample", len(self.shards), len(self.shards), "shards", brief=True)
         if not out:
             return np.zeros((0, self.d), np.float32), rows
         return np.concatenate(out), rows
