@@ -56,7 +56,11 @@ def train(cfg: Config, *, backend: str | None = None) -> Codebook:
     log.info("training sample: %d of %d rows (d=%d) read in %.2f s; RSS %.0f MiB", len(x), source.n, source.d,
              t_read, rss_mib())
     t1 = time.perf_counter()
-    if q.opq:
+    if q.nlist:  # IVF-PQ: coarse k-means, then PQ of the residuals (pqgpu.ivf)
+        from .ivf import train_ivf
+
+        cb = train_ivf(x, q.M, q.nbits, q.nlist, niter=q.niter, seed=q.seed, backend=backend, opq=q.opq)
+    elif q.opq:
         from .opq import train_opq
 
         cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
@@ -97,7 +101,13 @@ def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codeb
     x, ids = source.read_chunk(chunk)
     t1 = time.perf_counter()
     x = check_vectors(source, x, chunk.start, codebook.d)
-    codes = codebook.encode(x, backend, checked=True)
+    if getattr(codebook, "nlist", 0):  # IVF: lists (and per-list counts) land before the done flag
+        from .invert import write_chunk_lists
+
+        lists, codes = codebook.encode_ivf(x, backend, checked=True)
+        write_chunk_lists(store_path, chunk.index, chunk.start, lists)
+    else:
+        codes = codebook.encode(x, backend, checked=True)
     t2 = time.perf_counter()
     fault_point("before-write", chunk.index)
     write_chunk(store_path, chunk.index, chunk.start, codes, ids)
@@ -144,7 +154,9 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
     if not qpath.exists():
         raise PqgpuError(f"No quantizer at {qpath}. Train one first with `pqgpu train -c CONFIG` "
                          "(or use `pqgpu run`, which trains when it is missing).")
-    codebook = Codebook.load(qpath)
+    from .ivf import load_quantizer
+
+    codebook = load_quantizer(qpath, cfg.quantizer.nlist)
     source = open_source(cfg.source)
     if source.d != codebook.d:
         raise InputError(f"The source vectors have d={source.d} but the quantizer {qpath} expects d={codebook.d}. "
@@ -171,6 +183,10 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
             raise StoreError(f"{out}: encoding finished but {len(store.pending_chunks())} chunk(s) are not marked "
                              "done. Run `pqgpu encode` again to finish them.")
         check_duplicate_ids(store, source, strict=strict_ids)
+        if getattr(codebook, "nlist", 0):  # IVF: group the rows by list (pqgpu.invert), resumable
+            from .invert import build_inverted_with
+
+            build_inverted_with(out, client, cfg.cluster)
     seconds = time.perf_counter() - t0
     report = EncodeReport(out, source.n, len(chunks), len(todo), seconds, total_rows / max(seconds, 1e-9))
     log.info("store %s complete: %d rows, %d chunks (%d encoded now) in %.2f s", out, source.n, len(chunks),
@@ -264,11 +280,11 @@ def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: A
 
 
 def evaluate_config(cfg: Config, queries: Any, *, ground_truth: Any = None,
-                    ks: tuple[int, ...] = (1, 10, 100)) -> dict[str, Any]:
+                    ks: tuple[int, ...] = (1, 10, 100), nprobes: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Recall@k and reconstruction MSE of the store encode.output against its source (read chunk by chunk)."""
     from .search import evaluate
 
     source = open_source(cfg.source)
     blocks = (x for _, x, _ in source.iter_chunks(cfg.encode.chunk_rows))
     return evaluate(cfg.encode.output, queries, base_chunks=blocks, ground_truth=ground_truth, ks=ks,
-                    backend=cfg.encode.backend)
+                    backend=cfg.encode.backend, nprobes=nprobes)
