@@ -190,6 +190,9 @@ def copy_chunk(path: str, j: int) -> int:
     ivf["rows"][lo:hi] = np.asarray(_memmap(staging, "rows", n, cs)[lo:hi])
     if "ids" in ivf:
         ivf["ids"][lo:hi] = np.asarray(_memmap(staging, "ids", n, cs)[lo:hi]).astype(ivf["ids"].dtype)
+    from ._faults import fault_point
+
+    fault_point("ivf-copy", j)
     ivf["copy_done"][j] = True
     return hi - lo
 

@@ -223,6 +223,7 @@ def train_ivf(x: Any, M: int, nbits: int, nlist: int, *, niter: int = 25, seed: 
 
 
 def _train_rotation(x: np.ndarray, M: int, nbits: int, seed: int, backend: str) -> np.ndarray:
+    from . import opq as opq_module
     from .opq import MAX_INNER_NBITS, MAX_TRAIN_POINTS, opq_rotation
 
     rng = np.random.default_rng(seed)
@@ -231,8 +232,8 @@ def _train_rotation(x: np.ndarray, M: int, nbits: int, seed: int, backend: str) 
         sample = x[np.sort(rng.choice(x.shape[0], MAX_TRAIN_POINTS, replace=False))]
     inner = min(nbits, MAX_INNER_NBITS)
     if backend == "cpu":
-        return opq_rotation(sample, M, inner, seed=seed)
-    return opq_rotation(to_device(sample, namespace("gpu")), M, inner, seed=seed)
+        return opq_rotation(sample, M, inner, opq_iter=opq_module.OPQ_ITER, seed=seed)
+    return opq_rotation(to_device(sample, namespace("gpu")), M, inner, opq_iter=opq_module.OPQ_ITER, seed=seed)
 
 
 # -- faiss file format ------------------------------------------------------------------------------------
