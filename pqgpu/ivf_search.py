@@ -29,6 +29,7 @@ MISSING_DISTANCE = float(np.finfo(np.float32).max)
 COARSE_BYTES = 128 << 20
 LOAD_ROWS = 1 << 22
 TABLE_BYTES = 256 << 20
+PRECOMPUTED_BYTES = 512 << 20
 
 
 def resolve_nprobe(nprobe: Any, nlist: int, where: str = "") -> int:
@@ -97,6 +98,21 @@ def load_lists(store: Any, lists: np.ndarray, offsets: np.ndarray) -> tuple[np.n
     return codes, rows, seg_lo, seg_hi
 
 
+def precomputed_term2(cb: Any) -> np.ndarray | None:
+    """(nlist, M * ksub) float32 ||r_mk||^2 + 2<c_l,m, r_mk>, cached on the codebook; None when it would exceed
+    PRECOMPUTED_BYTES (faiss has the same switch, precomputed_table_max_bytes)."""
+    if cb.nlist * cb.M * cb.ksub * 4 > PRECOMPUTED_BYTES:
+        return None
+    cached = cb._cache.get("term2")
+    if cached is None:
+        c = cb.centroids.astype(np.float64)
+        rnorm = (c ** 2).sum(2)  # (M, ksub)
+        cross = np.einsum("lmt,mkt->lmk", cb.coarse.reshape(cb.nlist, cb.M, cb.dsub).astype(np.float64), c)
+        cached = cb._cache["term2"] = np.ascontiguousarray(
+            (rnorm[None] + 2 * cross).reshape(cb.nlist, cb.M * cb.ksub), dtype=np.float32)
+    return cached
+
+
 def scan_cpu(y: np.ndarray, cb: Any, probe: np.ndarray, seg_lo: np.ndarray, seg_hi: np.ndarray, codes: np.ndarray,
              rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (distances float32 (nq, k), rows int64 (nq, k)) with the numba kernel."""
@@ -107,8 +123,14 @@ def scan_cpu(y: np.ndarray, cb: Any, probe: np.ndarray, seg_lo: np.ndarray, seg_
     nq = y.shape[0]
     heap_d = np.full((nq, k), MISSING_DISTANCE, np.float32)
     heap_i = np.full((nq, k), -1, np.int64)
-    _ivf_cpu.scan_probes(np.ascontiguousarray(y, dtype=np.float32), cb.coarse, cb.centroids, probe, seg_lo, seg_hi,
-                         np.ascontiguousarray(sub), rows, heap_d, heap_i)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    term2 = precomputed_term2(cb)
+    if term2 is not None:
+        _ivf_cpu.scan_probes_precomputed(y, cb.coarse, cb.centroids, term2, probe, seg_lo, seg_hi,
+                                         np.ascontiguousarray(sub), rows, heap_d, heap_i)
+    else:
+        _ivf_cpu.scan_probes(y, cb.coarse, cb.centroids, probe, seg_lo, seg_hi, np.ascontiguousarray(sub), rows,
+                             heap_d, heap_i)
     order = np.lexsort((heap_i, heap_d), axis=-1)
     return np.take_along_axis(heap_d, order, axis=1), np.take_along_axis(heap_i, order, axis=1)
 
@@ -274,8 +296,8 @@ def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] 
         _d, found = search_ivf_store(store, q, kmax, nprobe=p, backend=backend)
         dt = time.perf_counter() - t0
         for key, value in recall_metrics(found, gt, ks).items():
-            result[f"{key} nprobe={p}"] = value
-        result[f"queries_per_second nprobe={p}"] = round(nq / dt, 1) if dt > 0 else float("inf")
+            result[f"{key} (nprobe={p})"] = value
+        result[f"queries_per_second (nprobe={p})"] = round(nq / dt, 1) if dt > 0 else float("inf")
     result["mse"] = mse
     result["relative_mse"] = relative_mse
     log.info("evaluate: %s", ", ".join(f"{k}={v}" for k, v in result.items()))
