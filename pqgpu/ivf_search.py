@@ -98,23 +98,32 @@ def load_lists(store: Any, lists: np.ndarray, offsets: np.ndarray) -> tuple[np.n
     return codes, rows, seg_lo, seg_hi
 
 
-def precomputed_term2(cb: Any) -> np.ndarray | None:
-    """(nlist, M * ksub) float32 ||r_mk||^2 + 2<c_l,m, r_mk>, cached on the codebook; None when it would exceed
-    PRECOMPUTED_BYTES (faiss has the same switch, precomputed_table_max_bytes)."""
+_TERM2: dict[str, np.ndarray] = {}  # one entry: the tables of the last store searched, by codebook sha256
+
+
+def precomputed_term2(cb: Any, key: str | None = None) -> np.ndarray | None:
+    """(nlist, M * ksub) float32 ||r_mk||^2 + 2<c_l,m, r_mk> (one batched matmul); None when it would exceed
+    PRECOMPUTED_BYTES (faiss has the same switch, precomputed_table_max_bytes). key: cache it under this
+    name (the store's codebook sha256) so repeated searches of one store compute it once."""
     if cb.nlist * cb.M * cb.ksub * 4 > PRECOMPUTED_BYTES:
         return None
-    cached = cb._cache.get("term2")
-    if cached is None:
-        c = cb.centroids.astype(np.float64)
-        rnorm = (c ** 2).sum(2)  # (M, ksub)
-        cross = np.einsum("lmt,mkt->lmk", cb.coarse.reshape(cb.nlist, cb.M, cb.dsub).astype(np.float64), c)
-        cached = cb._cache["term2"] = np.ascontiguousarray(
-            (rnorm[None] + 2 * cross).reshape(cb.nlist, cb.M * cb.ksub), dtype=np.float32)
-    return cached
+    if key is not None and key in _TERM2:
+        return _TERM2[key]
+    c = cb.centroids  # (M, ksub, dsub)
+    rnorm = np.einsum("mkt,mkt->mk", c, c)
+    coarse_sub = np.ascontiguousarray(cb.coarse.reshape(cb.nlist, cb.M, cb.dsub).transpose(1, 0, 2))
+    cross = np.matmul(coarse_sub, c.transpose(0, 2, 1))  # (M, nlist, ksub)
+    cross *= np.float32(2.0)
+    cross += rnorm[:, None, :]
+    term2 = np.ascontiguousarray(cross.transpose(1, 0, 2).reshape(cb.nlist, cb.M * cb.ksub), dtype=np.float32)
+    if key is not None:
+        _TERM2.clear()
+        _TERM2[key] = term2
+    return term2
 
 
 def scan_cpu(y: np.ndarray, cb: Any, probe: np.ndarray, seg_lo: np.ndarray, seg_hi: np.ndarray, codes: np.ndarray,
-             rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+             rows: np.ndarray, k: int, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (distances float32 (nq, k), rows int64 (nq, k)) with the numba kernel."""
     from . import _ivf_cpu
 
@@ -124,7 +133,7 @@ def scan_cpu(y: np.ndarray, cb: Any, probe: np.ndarray, seg_lo: np.ndarray, seg_
     heap_d = np.full((nq, k), MISSING_DISTANCE, np.float32)
     heap_i = np.full((nq, k), -1, np.int64)
     y = np.ascontiguousarray(y, dtype=np.float32)
-    term2 = precomputed_term2(cb)
+    term2 = precomputed_term2(cb, key)
     if term2 is not None:
         _ivf_cpu.scan_probes_precomputed(y, cb.coarse, cb.centroids, term2, probe, seg_lo, seg_hi,
                                          np.ascontiguousarray(sub), rows, heap_d, heap_i)
@@ -226,7 +235,7 @@ def search_ivf_store(store: Any, queries: Any, k: int, *, nprobe: Any = None, ba
         probe = coarse_probe(yb, cb.coarse, nprobe)
         codes, rows, seg_lo, seg_hi = load_lists(store, np.unique(probe), offsets)
         if use_cpu:
-            d, r = scan_cpu(yb, cb, probe, seg_lo, seg_hi, codes, rows, k)
+            d, r = scan_cpu(yb, cb, probe, seg_lo, seg_hi, codes, rows, k, store.attrs.get("codebook_sha256"))
         else:
             d, r = scan_xp(yb, cb, probe, seg_lo, seg_hi, codes, rows, k, xp)
         out_d.append(d)
