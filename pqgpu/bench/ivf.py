@@ -3,7 +3,7 @@ the same data in the same run, then recall@10 and queries/s per nprobe for both.
 
     python -m pqgpu.bench.ivf [--quick] [--n N --d D --nlist L --M M --nbits B] [--out DIR]
 
-Writes DIR/ivf.json and DIR/ivf.md. Per-row costs (train per sample row, encode and invert per row) are
+Writes DIR/ivf.json, DIR/ivf.md and DIR/ivf.png (recall vs queries/s). Per-row costs (train per sample row, encode and invert per row) are
 reported so that larger builds can be projected on paper.
 """
 
@@ -145,6 +145,32 @@ def report_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_recall_qps(r: dict[str, Any], path: Path) -> bool:
+    """10-recall@10 against queries/s per nprobe, pqgpu and faiss; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for who, marker in (("pqgpu", "o"), ("faiss", "s")):
+        xs = [row[f"{who} 10-R@10"] for row in r["search"]]
+        ys = [row[f"{who} q/s"] for row in r["search"]]
+        ax.plot(xs, ys, marker=marker, label=who)
+        for row, x, y in zip(r["search"], xs, ys):
+            ax.annotate(str(row["nprobe"]), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    p = r["params"]
+    ax.set(xlabel="10-recall@10", ylabel="queries/s", yscale="log",
+           title=f"IVF{p['nlist']},PQ{p['M']}x{p['nbits']}, n={p['n']:,} (labels: nprobe)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -170,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "ivf.json").write_text(json.dumps(r, indent=2, default=str))
     md = report_markdown(r)
     (out / "ivf.md").write_text(md)
+    plot_recall_qps(r, out / "ivf.png")
     print(md)
     return 0
 
