@@ -280,12 +280,15 @@ def iter_lists(store: Any, block_rows: int | None = None, *, labels: str = "rows
         yield int(lst), codes[a - buf_lo:b - buf_lo], rows[a - buf_lo:b - buf_lo]
 
 
-def build_inverted_with(path: str, client: Any, cluster_cfg: Any) -> None:
-    """build_inverted on the given Dask client, or on a cluster made from cluster_cfg when client is None."""
+def build_inverted_with(path: str, client: Any, cluster_cfg: Any, *, rebuild: bool = False) -> None:
+    """build_inverted on the given Dask client, or on a cluster made from cluster_cfg when client is None.
+    rebuild: chunks were (re-)encoded just now, so any inverted layout built before is stale."""
     from .store import open_store
 
-    store = open_store(path)
-    if store.group["ivf"].attrs.get("complete"):
+    store = open_store(path, mode="r+" if rebuild else "r")
+    if rebuild:
+        store.group["ivf"].attrs.update({"complete": False, "starts_done": False})
+    elif store.group["ivf"].attrs.get("complete"):
         return
     if client is not None:
         build_inverted(store, client=client)

@@ -186,7 +186,7 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
         if getattr(codebook, "nlist", 0):  # IVF: group the rows by list (pqgpu.invert), resumable
             from .invert import build_inverted_with
 
-            build_inverted_with(out, client, cfg.cluster)
+            build_inverted_with(out, client, cfg.cluster, rebuild=bool(todo))
     seconds = time.perf_counter() - t0
     report = EncodeReport(out, source.n, len(chunks), len(todo), seconds, total_rows / max(seconds, 1e-9))
     log.info("store %s complete: %d rows, %d chunks (%d encoded now) in %.2f s", out, source.n, len(chunks),

@@ -3,6 +3,7 @@ own `add`, nprobe search and export vs faiss search, resume after a kill, and ba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -319,6 +320,28 @@ def test_inverted_layout_resumes_byte_identically_after_kill(built, tmp_path):
     build_inverted(path)
     g = open_store(path).group
     assert g["ivf"].attrs["complete"] and not (tmp_path / "copy.zarr.ivf-staging").exists()
+    for name, want in ref.items():
+        np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
+
+
+def test_reencoded_chunk_rebuilds_the_layout(built, tmp_path, client):
+    """A chunk encoded again (its done flag cleared) makes the old inverted layout stale: encode rebuilds it."""
+    from pqgpu.pipeline import encode
+    from pqgpu.store import open_store
+
+    cfg, store, *_ = built
+    path = tmp_path / "again.zarr"
+    shutil.copytree(store.path, path)
+    ref = {name: store.group[f"ivf/{name}"][...] for name in ("codes", "rows", "offsets")}
+    g = open_store(path, mode="r+").group
+    g["done"][1] = False
+    g["lists"][700:1400] = 0  # as if the chunk had been damaged
+    g["ivf/counts"][1] = 0
+    g["ivf/codes"][...] = 0  # the layout built from the damaged chunk no longer matches
+    report = encode(cfg.replace(encode=dataclasses.replace(cfg.encode, output=str(path))), client=client)
+    assert report.chunks_encoded == 1
+    g = open_store(path).group
+    np.testing.assert_array_equal(g["lists"][...], store.group["lists"][...])
     for name, want in ref.items():
         np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
 
