@@ -171,26 +171,34 @@ def plot_recall_qps(r: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The IVF benchmark at the quick or full size (keyword overrides: n, d, nlist, M, nbits, niter, nq,
+    workers, threads)."""
+    p = {"n": 30_000, "d": 64, "nlist": 128, "M": 8} if quick else {"n": 300_000, "d": 128, "nlist": 1024, "M": 16}
+    p.update({"nbits": 8, "niter": 10, "nq": 500, "workers": 1, "threads": 2})
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    nprobes = [x for x in (1, 4, 16, 64) if x <= p["nlist"]]
+    return run_ivf_bench(p["n"], p["d"], p["nlist"], p["M"], p["nbits"], p["niter"], nprobes, p["nq"],
+                         min(p["n"], 64 * p["nlist"]), p["workers"], p["threads"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int)
-    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--d", type=int)
     ap.add_argument("--nlist", type=int)
-    ap.add_argument("--M", type=int, default=16)
-    ap.add_argument("--nbits", type=int, default=8)
-    ap.add_argument("--niter", type=int, default=10)
-    ap.add_argument("--nq", type=int, default=500)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--M", type=int)
+    ap.add_argument("--nbits", type=int)
+    ap.add_argument("--niter", type=int)
+    ap.add_argument("--nq", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--threads", type=int)
     ap.add_argument("--out", default="bench-report")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    n = args.n or (30_000 if args.quick else 300_000)
-    nlist = args.nlist or (128 if args.quick else 1024)
-    nprobes = [p for p in (1, 4, 16, 64) if p <= nlist]
-    r = run_ivf_bench(n, args.d if not args.quick else 64, nlist, args.M if not args.quick else 8, args.nbits,
-                      args.niter, nprobes, args.nq, min(n, 64 * nlist), args.workers, args.threads)
+    r = run(args.quick, n=args.n, d=args.d, nlist=args.nlist, M=args.M, nbits=args.nbits, niter=args.niter,
+            nq=args.nq, workers=args.workers, threads=args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ivf.json").write_text(json.dumps(r, indent=2, default=str))
