@@ -105,7 +105,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    for key in ("path", "n", "d", "M", "nbits", "code_size", "opq", "ids_dtype", "chunk_rows"):
+    for key in ("path", "n", "d", "M", "nbits", "code_size", "opq", "nlist", "ids_dtype", "chunk_rows"):
         print(f"{key:>18}: {info[key]}")
     print(f"{'progress':>18}: {info['chunks_done']}/{info['chunks']} chunks"
           f"{' (complete)' if info['complete'] else ' (incomplete: run pqgpu encode to finish)'}")
@@ -122,7 +122,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import search
 
     queries = _load_npy(args.queries, "--queries")
-    distances, ids = search(args.store, queries, args.k, backend=args.backend)
+    distances, ids = search(args.store, queries, args.k, backend=args.backend, nprobe=args.nprobe)
     if args.out:
         _write_results(args.out, distances, ids)
         print(f"wrote {queries.shape[0]} x {args.k} results to {args.out}")
@@ -168,7 +168,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     ks = tuple(int(k) for k in str(args.k).split(","))
     gt = _load_npy(args.ground_truth, "--ground-truth") if args.ground_truth else None
-    result = evaluate_config(cfg, _load_npy(args.queries, "--queries"), ground_truth=gt, ks=ks)
+    nprobes = tuple(int(p) for p in str(args.nprobe).split(",")) if args.nprobe else None
+    result = evaluate_config(cfg, _load_npy(args.queries, "--queries"), ground_truth=gt, ks=ks, nprobes=nprobes)
     out = Path(args.out) if args.out else Path(cfg.encode.output).with_suffix(".eval.json")
     from .codebook import atomic_write_bytes
 
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=int, default=10)
     sp.add_argument("--out")
     sp.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"])
+    sp.add_argument("--nprobe", type=int, help="IVF stores: lists probed per query (default 16, at most nlist)")
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("evaluate", help="recall@k and reconstruction MSE")
@@ -356,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ground-truth")
     sp.add_argument("-k", default="1,10,100")
     sp.add_argument("--out", help="JSON results (default: <encode.output>.eval.json)")
+    sp.add_argument("--nprobe", help="IVF stores: comma-separated nprobe values to evaluate (default 1,4,16,...)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("export-faiss", help="write a faiss IndexPQ holding the codes")

@@ -30,6 +30,7 @@ class QuantizerConfig:
     M: int = 16
     nbits: int = 8
     opq: bool = False
+    nlist: int = 0  # > 0: IVF-PQ with nlist coarse lists (pqgpu.ivf); 0: plain PQ
     train_size: int = 262144
     niter: int = 25
     seed: int = 1234
@@ -156,6 +157,9 @@ def _check(cfg: Config) -> None:
                    ("postgres.batch_rows", cfg.postgres.batch_rows)):
         if v <= 0:
             raise ConfigError(f"{key}: expected a positive integer. Got {v} instead.")
+    if q.nlist < 0:
+        raise ConfigError(f"quantizer.nlist: expected 0 (plain PQ) or a positive number of IVF lists. Got {q.nlist} "
+                          "instead.")
     if cfg.cluster.kind == "address" and not cfg.cluster.address:
         raise ConfigError("cluster.kind is 'address' but cluster.address is empty. Give the scheduler address, "
                           "e.g. tcp://10.0.0.5:8786.")

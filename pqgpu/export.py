@@ -93,6 +93,10 @@ def export_faiss(store_or_path: Any, out_path: str | os.PathLike) -> Path:
     store = _open(store_or_path)
     if store.is_complete():  # (store_chunks refuses an incomplete one)
         store.check_chunks_present()
+    if "lists" in store.group:  # IVF store: an IndexIVFPQ, written without faiss (pqgpu.invert)
+        from .invert import export_ivf
+
+        return export_ivf(store, out_path)
     cb = store.codebook()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

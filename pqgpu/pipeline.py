@@ -131,7 +131,9 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
     if not qpath.exists():
         raise PqgpuError(f"No quantizer at {qpath}. Train one first with `pqgpu train -c CONFIG` "
                          "(or use `pqgpu run`, which trains when it is missing).")
-    codebook = Codebook.load(qpath)
+    from .ivf import load_quantizer
+
+    codebook = load_quantizer(qpath, cfg.quantizer.nlist)
     check_quantizer_matches(codebook, cfg.quantizer, str(qpath))
     source = open_source(cfg.source)
     if source.d != codebook.d:
@@ -164,6 +166,10 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
                 raise StoreError(f"{out}: encoding finished but {len(store.pending_chunks())} chunk(s) are not "
                                  "marked done. Run `pqgpu encode` again to finish them.")
             check_duplicate_ids(store, source, strict=strict_ids, client=_dask_only(runner))
+            if getattr(codebook, "nlist", 0):  # IVF: group the rows by list (pqgpu.invert), resumable
+                from .invert import build_inverted_with
+
+                build_inverted_with(out, _dask_only(runner), rebuild=bool(todo))
 
         if client is not None:
             work(client)
@@ -285,7 +291,9 @@ def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: A
                          "the current one, could not be resumed with it. Add --overwrite to replace the store too, "
                          "or set encode.output to a new store. Nothing was changed.")
     if not retrain and qpath.exists():  # refuse before any worker starts
-        check_quantizer_matches(Codebook.load(qpath), cfg.quantizer, str(qpath))
+        from .ivf import load_quantizer
+
+        check_quantizer_matches(load_quantizer(qpath, cfg.quantizer.nlist), cfg.quantizer, str(qpath))
     if client is None:
         from .cluster import task_runner
 
@@ -301,7 +309,7 @@ def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: A
 
 
 def evaluate_config(cfg: Config, queries: Any, *, ground_truth: Any = None,
-                    ks: tuple[int, ...] = (1, 10, 100)) -> dict[str, Any]:
+                    ks: tuple[int, ...] = (1, 10, 100), nprobes: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Recall@k and reconstruction MSE of the store encode.output against its source (read chunk by chunk)."""
     from .search import evaluate
     from .store import open_store
@@ -311,4 +319,4 @@ def evaluate_config(cfg: Config, queries: Any, *, ground_truth: Any = None,
     source = open_source(cfg.source)
     blocks = (x for _, x, _ in source.iter_chunks(cfg.encode.chunk_rows))
     return evaluate(store, queries, base_chunks=blocks, ground_truth=ground_truth, ks=ks,
-                    backend=cfg.encode.backend)
+                    backend=cfg.encode.backend, nprobes=nprobes)

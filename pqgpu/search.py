@@ -253,13 +253,22 @@ def rows_to_ids(ids_array: Any, rows: np.ndarray) -> np.ndarray:
 
 
 def search(store_or_path: Any, queries: Any, k: int, *, backend: str = "auto",
-           chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           chunk_rows: int | None = None, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive ADC top-k over a code store (same results as faiss IndexPQ.search on these codes).
 
     queries: (nq, d) float; returns distances float32 (nq, k) (squared L2, ascending) and the store's
     ids (nq, k): int64 with -1, or object with None, where the store has fewer than k rows (distance inf).
+    IVF stores (quantizer.nlist > 0) scan only the nprobe nearest lists (None: a stated default).
     """
     store = _open(store_or_path)
+    if "lists" in store.group:  # IVF store: pqgpu.ivf_search
+        from .ivf_search import search_ivf_store
+
+        d, rows = search_ivf_store(store, queries, k, nprobe=nprobe, backend=backend)
+        return d, rows_to_ids(store.ids, rows)
+    if nprobe is not None:
+        raise ConfigError(f"--nprobe applies to IVF stores only; {store.path} was encoded with quantizer.nlist: 0 "
+                          "(every search scans all its codes). Drop --nprobe.")
     d, rows = search_store(store, queries, k, backend=backend, chunk_rows=chunk_rows)
     return d, rows_to_ids(store.ids, rows)
 
@@ -337,7 +346,8 @@ def _check_ground_truth(gt: Any, nq: int, kmax: int, n: int) -> np.ndarray:
 
 
 def evaluate(store_or_path: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] | None = None,
-             ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), backend: str = "auto") -> dict[str, Any]:
+             ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), backend: str = "auto",
+             nprobes: Iterable[int] | None = None) -> dict[str, Any]:
     """Recall@k of ADC search against exact neighbours, reconstruction MSE and compression of a store.
 
     base_chunks: float (rows, d) blocks of the original vectors in store row order; used for the exact
@@ -345,6 +355,11 @@ def evaluate(store_or_path: Any, queries: Any, *, base_chunks: Iterable[np.ndarr
     row indices of the exact neighbours, best first. One of the two is required.
     """
     store = _open(store_or_path)
+    if "lists" in store.group:  # IVF store: recall and queries/s per nprobe (pqgpu.ivf_search)
+        from .ivf_search import evaluate_ivf
+
+        return evaluate_ivf(store, queries, base_chunks=base_chunks, ground_truth=ground_truth, ks=ks,
+                            nprobes=nprobes, backend=backend)
     cb = store.codebook()
     n = store.n
     q = as_float32_matrix(queries, "queries", d=cb.d)

@@ -97,6 +97,11 @@ class CodeStore:
         a = self.attrs
         cb = self.group["codebook"]
         rotation = cb["rotation"][...] if "rotation" in cb else None
+        if "coarse" in cb:  # IVF store
+            from .ivf import IvfCodebook
+
+            return IvfCodebook(int(a["d"]), int(a["M"]), int(a["nbits"]), cb["centroids"][...], rotation,
+                               coarse=cb["coarse"][...])
         return Codebook(int(a["d"]), int(a["M"]), int(a["nbits"]), cb["centroids"][...], rotation)
 
     def pending_chunks(self) -> list[int]:
@@ -171,7 +176,7 @@ class CodeStore:
             "ids_dtype": str(self.ids.dtype), "store_bytes": nbytes,
             "raw_float32_bytes": int(a["n"]) * int(a["d"]) * 4,
             "compression_ratio": round(4 * int(a["d"]) / int(a["code_size"]), 2),
-            "source": a.get("source"), "created_by": a.get("created_by"),
+            "source": a.get("source"), "created_by": a.get("created_by"), "nlist": int(a.get("nlist", 0)),
         }
 
 
@@ -258,6 +263,10 @@ def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_r
     cbg.create_array("centroids", data=codebook.centroids)
     if codebook.rotation is not None:
         cbg.create_array("rotation", data=codebook.rotation)
+    if getattr(codebook, "nlist", 0):  # IVF: lists, coarse centroids, inverted layout (pqgpu.invert)
+        from .invert import add_ivf_nodes
+
+        add_ivf_nodes(group, codebook, n, chunk_rows)
     group.attrs.update({
         "format_version": FORMAT_VERSION, "d": codebook.d, "M": codebook.M, "nbits": codebook.nbits,
         "code_size": codebook.code_size, "n": int(n), "chunk_rows": int(chunk_rows),

@@ -120,8 +120,15 @@ def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codeb
     # threads read, decode and write chunks meanwhile (cluster.cuda_worker_threads)
     with _CPU_KERNEL if backend == "cpu" else _GPU_TURN:
         t_enc = time.perf_counter()
-        codes = codebook.encode(x, backend, checked=True)
+        if getattr(codebook, "nlist", 0):  # IVF: the list of each row, and the codes of its residual
+            lists, codes = codebook.encode_ivf(x, backend, checked=True)
+        else:
+            codes = codebook.encode(x, backend, checked=True)
         t2 = time.perf_counter()
+    if getattr(codebook, "nlist", 0):  # lists (and per-list counts) land before the done flag
+        from .invert import write_chunk_lists
+
+        write_chunk_lists(store_path, chunk.index, chunk.start, lists)
     fault_point("before-write", chunk.index)
     write_chunk(store_path, chunk.index, chunk.start, codes, ids)
     me = where_am_i()
@@ -165,7 +172,11 @@ def train_task(cfg: Config, requested_backend: str) -> Trained:
         x = as_float32_matrix(x, "training sample")
         log.info("training sample: %d of %d rows (d=%d) read in %.2f s", len(x), source.n, source.d, t_read)
         t1 = time.perf_counter()
-        if q.opq:
+        if q.nlist:  # IVF-PQ: coarse k-means, then PQ of the residuals (pqgpu.ivf)
+            from .ivf import train_ivf
+
+            cb = train_ivf(x, q.M, q.nbits, q.nlist, niter=q.niter, seed=q.seed, backend=backend, opq=q.opq)
+        elif q.opq:
             from .opq import train_opq
 
             cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)

@@ -94,7 +94,7 @@ def plots(out: Path, enc: dict[str, Any], scale: dict[str, Any]) -> list[str]:
 
 def run_bench(quick: bool = False, out: str = "bench-report", tiny: bool = False) -> int:
     """Run the suite and write report.json, report.md and PNG plots under `out`. Returns 0."""
-    from . import encode, pipeline, train
+    from . import encode, ivf, pipeline, train
 
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
@@ -110,14 +110,19 @@ def run_bench(quick: bool = False, out: str = "bench-report", tiny: bool = False
         tr = train.run(quick=quick)
         scale = scaling([1000, 10000, 100000] if not quick else [1000, 20000], 768, 8, runs=3)
         pipe = pipeline.run(quick=quick)
-    report = {"environment": env, "encode": enc, "train": tr, "scaling": scale, "pipeline": pipe,
+    ivf_r = None if tiny else ivf.run(quick=quick)  # IVF-PQ build and nprobe search vs faiss (pqgpu.bench.ivf)
+    report = {"environment": env, "encode": enc, "train": tr, "scaling": scale, "pipeline": pipe, "ivf": ivf_r,
               "seconds": time.perf_counter() - t0}
     write_json(outp / "report.json", report)
     images = plots(outp, enc, scale)
+    if ivf_r and ivf.plot_recall_qps(ivf_r, outp / "ivf_recall_qps.png"):
+        images.append("ivf_recall_qps.png")
     md = [f"# pqgpu benchmark report{' (quick)' if quick else ''}\n",
           "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) + "\n",
           "## Encode\n", encode.render(enc), "## Training\n", train.render(tr),
           "## Scaling with n\n", markdown_table(scale["rows"]), "## Pipeline\n", pipeline.render(pipe)]
+    if ivf_r:
+        md.append(ivf.report_markdown(ivf_r))
     md += [f"![{name}]({name})\n" for name in images]
     md.append(f"\nTotal benchmark time: {report['seconds']:.0f} s\n")
     (outp / "report.md").write_text("\n".join(md))

@@ -1,0 +1,213 @@
+"""IVF-PQ benchmark: build time (train + encode + invert, through the store) vs faiss IndexIVFPQ train + add on
+the same data in the same run, then recall@10 and queries/s per nprobe for both.
+
+    python -m pqgpu.bench.ivf [--quick] [--n N --d D --nlist L --M M --nbits B] [--out DIR]
+
+Writes DIR/ivf.json, DIR/ivf.md and DIR/ivf.png (recall vs queries/s). Per-row costs (train per sample row, encode and invert per row) are
+reported so that larger builds can be projected on paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import environment, markdown_table
+
+log = logging.getLogger(__name__)
+
+
+def exact_knn(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    from ..search import ExactKnn
+
+    knn = ExactKnn(q, k)
+    for s in range(0, x.shape[0], 65536):
+        knn.add(s, x[s:s + 65536])
+    return knn.rows
+
+
+def recall(found: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    from ..search import recall_metrics
+
+    r = recall_metrics(found, gt, (10,))
+    return r["1-recall@10"], r["10-recall@10"]
+
+
+def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, nprobes: list[int], nq: int,
+                  train_size: int, workers: int, threads: int) -> dict[str, Any]:
+    import faiss
+    from distributed import Client, LocalCluster
+
+    from ..config import config_from_dict
+    from ..invert import build_inverted
+    from ..ivf_search import search_ivf_store
+    from ..pipeline import encode, train
+    from ..sample import make_sample
+    from ..store import open_store
+
+    tmp = Path(tempfile.mkdtemp(prefix="pqgpu-ivf-bench-"))
+    try:
+        make_sample(tmp / "data", n, d, shards=4, fmt="npy", n_queries=nq, seed=3)
+        x = np.concatenate([np.load(p) for p in sorted((tmp / "data").glob("shard-*.npy"))])
+        q = np.load(tmp / "data" / "queries.npy")
+        gt = exact_knn(x, q, 10)
+        cfg = config_from_dict({
+            "source": {"format": "npy", "path": str(tmp / "data" / "shard-*.npy"), "id_column": None},
+            "quantizer": {"path": str(tmp / "ivf.faiss"), "M": M, "nbits": nbits, "nlist": nlist,
+                          "train_size": train_size, "niter": niter},
+            "encode": {"output": str(tmp / "codes.zarr"), "chunk_rows": 65536, "backend": "cpu"},
+        })
+        with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            t0 = time.perf_counter()
+            train(cfg)
+            t_train = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            encode(cfg, client=client)
+            t_encode_invert = time.perf_counter() - t0
+            # the inverted layout alone: reset it and build it again (same bytes, see tests)
+            store = open_store(cfg.encode.output, mode="r+")
+            store.group["ivf"].attrs.update({"complete": False, "starts_done": False})
+            t0 = time.perf_counter()
+            build_inverted(store, client=client)
+            t_invert = time.perf_counter() - t0
+        store = open_store(cfg.encode.output)
+
+        sample = x[np.random.default_rng(1234).choice(n, min(train_size, n), replace=False)]
+        index = faiss.index_factory(d, f"IVF{nlist},PQ{M}x{nbits}")
+        ivf = faiss.downcast_index(index)
+        ivf.cp.niter = niter
+        ivf.pq.cp.niter = niter
+        ivf.do_polysemous_training = False
+        t0 = time.perf_counter()
+        index.train(sample)
+        f_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index.add(x)
+        f_add = time.perf_counter() - t0
+
+        rows = []
+        for p in nprobes:
+            search_ivf_store(store, q[:16], 10, nprobe=p, backend="cpu")  # warm-up (numba compile)
+            t0 = time.perf_counter()
+            _, found = search_ivf_store(store, q, 10, nprobe=p, backend="cpu")
+            t_ours = time.perf_counter() - t0
+            ivf.nprobe = p
+            t0 = time.perf_counter()
+            _, f_found = index.search(q, 10)
+            t_faiss = time.perf_counter() - t0
+            r1, r10 = recall(found, gt)
+            f1, f10 = recall(f_found, gt)
+            rows.append({"nprobe": p, "pqgpu 1-R@10": round(r1, 4), "faiss 1-R@10": round(f1, 4),
+                         "pqgpu 10-R@10": round(r10, 4), "faiss 10-R@10": round(f10, 4),
+                         "pqgpu q/s": round(nq / t_ours, 1), "faiss q/s": round(nq / t_faiss, 1)})
+        build = t_train + t_encode_invert
+        return {
+            "params": {"n": n, "d": d, "nlist": nlist, "M": M, "nbits": nbits, "niter": niter, "nq": nq,
+                       "train_size": train_size, "workers": workers, "threads_per_worker": threads,
+                       "faiss_threads": faiss.omp_get_max_threads()},
+            "build": {"pqgpu_train_s": round(t_train, 3), "pqgpu_encode_invert_s": round(t_encode_invert, 3),
+                      "pqgpu_invert_alone_s": round(t_invert, 3), "pqgpu_build_s": round(build, 3),
+                      "faiss_train_s": round(f_train, 3), "faiss_add_s": round(f_add, 3),
+                      "faiss_build_s": round(f_train + f_add, 3),
+                      "ratio_pqgpu_over_faiss": round(build / (f_train + f_add), 3)},
+            "per_row": {"train_us_per_sample_row": round(1e6 * t_train / min(train_size, n), 2),
+                        "encode_us_per_row": round(1e6 * (t_encode_invert - t_invert) / n, 3),
+                        "invert_us_per_row": round(1e6 * t_invert / n, 3),
+                        "faiss_add_us_per_row": round(1e6 * f_add / n, 3)},
+            "search": rows,
+            "environment": environment(),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report_markdown(r: dict[str, Any]) -> str:
+    p, b, pr = r["params"], r["build"], r["per_row"]
+    lines = [f"## IVF-PQ: n={p['n']:,}, d={p['d']}, nlist={p['nlist']}, M={p['M']}, nbits={p['nbits']}, "
+             f"niter={p['niter']}, {p['nq']} queries", "",
+             "| build | pqgpu (train + encode + invert) | faiss (train + add) | ratio |", "|---|---|---|---|",
+             f"| seconds | {b['pqgpu_build_s']} ({b['pqgpu_train_s']} + {b['pqgpu_encode_invert_s']}, invert alone "
+             f"{b['pqgpu_invert_alone_s']}) | {b['faiss_build_s']} ({b['faiss_train_s']} + {b['faiss_add_s']}) | "
+             f"{b['ratio_pqgpu_over_faiss']} |", "",
+             f"Per row: encode {pr['encode_us_per_row']} µs, invert {pr['invert_us_per_row']} µs, train "
+             f"{pr['train_us_per_sample_row']} µs per sample row; faiss add {pr['faiss_add_us_per_row']} µs.", "",
+             markdown_table(r["search"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot_recall_qps(r: dict[str, Any], path: Path) -> bool:
+    """10-recall@10 against queries/s per nprobe, pqgpu and faiss; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for who, marker in (("pqgpu", "o"), ("faiss", "s")):
+        xs = [row[f"{who} 10-R@10"] for row in r["search"]]
+        ys = [row[f"{who} q/s"] for row in r["search"]]
+        ax.plot(xs, ys, marker=marker, label=who)
+        for row, x, y in zip(r["search"], xs, ys):
+            ax.annotate(str(row["nprobe"]), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    p = r["params"]
+    ax.set(xlabel="10-recall@10", ylabel="queries/s", yscale="log",
+           title=f"IVF{p['nlist']},PQ{p['M']}x{p['nbits']}, n={p['n']:,} (labels: nprobe)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The IVF benchmark at the quick or full size (keyword overrides: n, d, nlist, M, nbits, niter, nq,
+    workers, threads)."""
+    p = {"n": 30_000, "d": 64, "nlist": 128, "M": 8} if quick else {"n": 300_000, "d": 128, "nlist": 1024, "M": 16}
+    p.update({"nbits": 8, "niter": 10, "nq": 500, "workers": 1, "threads": 2})
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    nprobes = [x for x in (1, 4, 16, 64) if x <= p["nlist"]]
+    return run_ivf_bench(p["n"], p["d"], p["nlist"], p["M"], p["nbits"], p["niter"], nprobes, p["nq"],
+                         min(p["n"], 64 * p["nlist"]), p["workers"], p["threads"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n", type=int)
+    ap.add_argument("--d", type=int)
+    ap.add_argument("--nlist", type=int)
+    ap.add_argument("--M", type=int)
+    ap.add_argument("--nbits", type=int)
+    ap.add_argument("--niter", type=int)
+    ap.add_argument("--nq", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--out", default="bench-report")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    r = run(args.quick, n=args.n, d=args.d, nlist=args.nlist, M=args.M, nbits=args.nbits, niter=args.niter,
+            nq=args.nq, workers=args.workers, threads=args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ivf.json").write_text(json.dumps(r, indent=2, default=str))
+    md = report_markdown(r)
+    (out / "ivf.md").write_text(md)
+    plot_recall_qps(r, out / "ivf.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
