@@ -112,7 +112,7 @@ def show(name: str, done: int, total: int, unit: str, brief: bool = False) -> No
     """Update (opening or closing as needed) this process's stage called `name`."""
     with _lock:
         st = _open.get(name)
-        if st is None or done < st.done:
+        if st is None or done == 0 or done < st.done:  # a stage left open by a failed run starts afresh
             if st is not None:
                 st.close()
             st = _open[name] = Stage(name, total, unit, every=5.0, brief=brief)

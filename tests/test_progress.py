@@ -28,6 +28,20 @@ def test_stage_logs_periodic_lines_when_not_on_a_terminal(caplog):
     assert seen == [4, 10]
 
 
+def test_a_stage_left_open_by_a_failed_run_starts_afresh(caplog, monkeypatch):
+    """A run that fails mid-stage leaves the stage open; the next run's first report must not log a line
+    for it at once (an old 'last logged' time made it log '0 / 1 ... ETA inf s' ahead of an error)."""
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    caplog.set_level(logging.INFO, logger="pqgpu")
+    progress.report("sample stage", 0, 2, "shards", brief=True)  # this run fails: the stage stays open
+    now[0] += 60
+    progress.report("sample stage", 0, 2, "shards", brief=True)  # the next run, a minute later
+    assert "sample stage" not in caplog.text
+    progress.report("sample stage", 2, 2, "shards", brief=True)  # quick and brief: its caller sums it up
+    assert "sample stage" not in caplog.text
+
+
 def test_terminal_bar_shows_rate_and_eta(capsys, caplog):
     caplog.set_level(logging.INFO, logger="pqgpu.progress")
     progress.use_terminal_bars(True)
