@@ -13,7 +13,6 @@ import time
 from typing import Any, Iterable
 
 import numpy as np
-from array_api_compat import array_namespace
 
 from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
@@ -254,7 +253,7 @@ def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] 
                  ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), nprobes: Iterable[int] | None = None,
                  backend: str = "auto") -> dict[str, Any]:
     """Recall@k and queries/s at each nprobe, reconstruction MSE and compression of an IVF store."""
-    from .search import ExactKnn, _check_ground_truth, _check_ks, recall_metrics
+    from .search import ExactKnn, _check_ground_truth, _check_ks, recall_metrics, reconstruction_pass
 
     check_inverted(store)
     cb = store.codebook()
@@ -272,28 +271,12 @@ def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] 
     gt = _check_ground_truth(ground_truth, nq, kmax, n) if ground_truth is not None else None
     mse = relative_mse = None
     if base_chunks is not None:
-        knn = ExactKnn(q, kmax) if gt is None else None
-        err = sq_norm = 0.0
-        pos = 0
-        for block in base_chunks:
-            x = as_float32_matrix(block, "base vectors", d=cb.d, row_offset=pos)
-            rows = x.shape[0]
-            if pos + rows > n:
-                raise InputError(f"base_chunks hold more than the store's {n} rows; they must be exactly the "
-                                 "encoded source rows, in store order.")
-            recon = cb.decode_ivf(np.asarray(store.codes[pos:pos + rows]), np.asarray(store.group["lists"][pos:pos + rows]))
-            err += float(((recon.astype(np.float64) - x) ** 2).sum())
-            sq_norm += float((x.astype(np.float64) ** 2).sum())
-            if knn is not None:
-                knn.add(pos, x)
-            pos += rows
-        if pos != n:
-            raise InputError(f"base_chunks hold {pos} rows but the store has {n}; they must be exactly the "
-                             "encoded source rows, in store order.")
-        if knn is not None:
-            gt = knn.rows
-        mse = err / n if n else 0.0
-        relative_mse = err / sq_norm if sq_norm > 0 else 0.0
+        lists = store.group["lists"]
+        mse, relative_mse, exact = reconstruction_pass(
+            base_chunks, n, cb.d,
+            lambda lo, hi: cb.decode_ivf(np.asarray(store.codes[lo:hi]), np.asarray(lists[lo:hi])),
+            ExactKnn(q, kmax) if gt is None else None)
+        gt = exact if gt is None else gt
     result: dict[str, Any] = {
         "n": n, "d": cb.d, "M": cb.M, "nbits": cb.nbits, "opq": cb.rotation is not None, "nlist": cb.nlist,
         "code_size": cb.code_size, "compression_ratio": round(4 * cb.d / cb.code_size, 2), "nq": nq,

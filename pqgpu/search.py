@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from array_api_compat import array_namespace
@@ -345,6 +345,31 @@ def _check_ground_truth(gt: Any, nq: int, kmax: int, n: int) -> np.ndarray:
     return gt
 
 
+
+def reconstruction_pass(base_chunks: Any, n: int, d: int, decode_rows: Callable[[int, int], np.ndarray],
+                        knn: "ExactKnn | None") -> tuple[float, float, np.ndarray | None]:
+    """One pass over the base vectors (the encoded source rows, in store order): (MSE, relative MSE) of
+    decode_rows(lo, hi) (float32 reconstructions of store rows lo..hi) against them, and, when knn is given,
+    the exact neighbours it gathers on the way (else None)."""
+    err = sq_norm = 0.0
+    pos = 0
+    for block in base_chunks:
+        x = as_float32_matrix(block, "base vectors", d=d, row_offset=pos)
+        rows = x.shape[0]
+        if pos + rows > n:
+            raise InputError(f"base_chunks hold more than the store's {n} rows (at least {pos + rows}); "
+                             "they must be exactly the encoded source rows, in store order.")
+        recon = decode_rows(pos, pos + rows)
+        err += float(((recon.astype(np.float64) - x) ** 2).sum())
+        sq_norm += float((x.astype(np.float64) ** 2).sum())
+        if knn is not None:
+            knn.add(pos, x)
+        pos += rows
+    if pos != n:
+        raise InputError(f"base_chunks hold {pos} rows but the store has {n}; they must be exactly the "
+                         "encoded source rows, in store order.")
+    return (err / n if n else 0.0), (err / sq_norm if sq_norm > 0 else 0.0), (knn.rows if knn else None)
+
 def evaluate(store_or_path: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] | None = None,
              ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), backend: str = "auto",
              nprobes: Iterable[int] | None = None) -> dict[str, Any]:
@@ -377,28 +402,10 @@ def evaluate(store_or_path: Any, queries: Any, *, base_chunks: Iterable[np.ndarr
 
     mse = relative_mse = None
     if base_chunks is not None:
-        knn = ExactKnn(q, kmax) if gt is None else None
-        err = sq_norm = 0.0
-        pos = 0
-        for block in base_chunks:
-            x = as_float32_matrix(block, "base vectors", d=cb.d, row_offset=pos)
-            rows = x.shape[0]
-            if pos + rows > n:
-                raise InputError(f"base_chunks hold more than the store's {n} rows (at least {pos + rows}); "
-                                 "they must be exactly the encoded source rows, in store order.")
-            recon = cb.decode(np.asarray(store.codes[pos:pos + rows]))
-            err += float(((recon.astype(np.float64) - x) ** 2).sum())
-            sq_norm += float((x.astype(np.float64) ** 2).sum())
-            if knn is not None:
-                knn.add(pos, x)
-            pos += rows
-        if pos != n:
-            raise InputError(f"base_chunks hold {pos} rows but the store has {n}; they must be exactly the "
-                             "encoded source rows, in store order.")
-        if knn is not None:
-            gt = knn.rows
-        mse = err / n if n else 0.0
-        relative_mse = err / sq_norm if sq_norm > 0 else 0.0
+        mse, relative_mse, exact = reconstruction_pass(
+            base_chunks, n, cb.d, lambda lo, hi: cb.decode(np.asarray(store.codes[lo:hi])),
+            ExactKnn(q, kmax) if gt is None else None)
+        gt = exact if gt is None else gt
 
     result: dict[str, Any] = {
         "n": n, "d": cb.d, "M": cb.M, "nbits": cb.nbits, "opq": cb.rotation is not None,
