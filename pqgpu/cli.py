@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -412,13 +413,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminal_columns() -> int:
+    """Width of the terminal on stderr; 0 when stderr is not a terminal, or is one of no width (a pty
+    without a size, where tqdm would draw empty bars: periodic log lines are shown instead)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError):
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import progress
     from .logs import configure
 
     configure(debug=args.debug, quiet=args.quiet)  # before Dask is imported (other commands never import it)
-    progress.use_terminal_bars(not args.quiet and sys.stderr.isatty())
+    progress.use_terminal_bars(not args.quiet and _terminal_columns() > 0)
     try:
         return int(args.func(args) or 0)
     except PqgpuError as exc:
