@@ -17,7 +17,7 @@ import numpy as np
 from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
 from .codebook import as_float32_matrix
-from .errors import ConfigError, InputError
+from .errors import ConfigError
 from .invert import check_inverted
 
 log = logging.getLogger(__name__)
@@ -253,22 +253,14 @@ def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] 
                  ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), nprobes: Iterable[int] | None = None,
                  backend: str = "auto") -> dict[str, Any]:
     """Recall@k and queries/s at each nprobe, reconstruction MSE and compression of an IVF store."""
-    from .search import ExactKnn, _check_ground_truth, _check_ks, recall_metrics, reconstruction_pass
+    from .search import ExactKnn, evaluation_inputs, recall_metrics, reconstruction_pass
 
     check_inverted(store)
-    cb = store.codebook()
-    n = store.n
-    q = as_float32_matrix(queries, "queries", d=cb.d)
-    nq = q.shape[0]
-    ks = _check_ks(ks)
-    kmax = ks[-1]
+    cb, n, q, ks, gt = evaluation_inputs(store, queries, ks, ground_truth, base_chunks)
+    nq, kmax = q.shape[0], ks[-1]
     if nprobes is None:
         nprobes = sorted({p for p in (1, 4, 16, 64, 256) if p <= cb.nlist} | {min(cb.nlist, DEFAULT_NPROBE)})
     nprobes = [resolve_nprobe(p, cb.nlist, store.path) for p in nprobes]
-    if ground_truth is None and base_chunks is None:
-        raise InputError("evaluate needs the exact neighbours: pass ground_truth (row indices, e.g. "
-                         "--ground-truth GT.npy) or the base vectors (base_chunks, the source) to compute them.")
-    gt = _check_ground_truth(ground_truth, nq, kmax, n) if ground_truth is not None else None
     mse = relative_mse = None
     if base_chunks is not None:
         lists = store.group["lists"]

@@ -346,6 +346,21 @@ def _check_ground_truth(gt: Any, nq: int, kmax: int, n: int) -> np.ndarray:
 
 
 
+def evaluation_inputs(store: Any, queries: Any, ks: Iterable[int], ground_truth: Any,
+                      base_chunks: Any) -> tuple[Any, int, np.ndarray, tuple[int, ...], np.ndarray | None]:
+    """(codebook, n, float32 queries, sorted ks, checked ground truth or None) for evaluating `store`;
+    InputError when there is neither ground truth nor base vectors to find the exact neighbours."""
+    cb = store.codebook()
+    n = store.n
+    q = as_float32_matrix(queries, "queries", d=cb.d)
+    ks = _check_ks(ks)
+    if ground_truth is None and base_chunks is None:
+        raise InputError("evaluate needs the exact neighbours: pass ground_truth (row indices, e.g. "
+                         "--ground-truth GT.npy) or the base vectors (base_chunks, the source) to compute them.")
+    gt = _check_ground_truth(ground_truth, q.shape[0], ks[-1], n) if ground_truth is not None else None
+    return cb, n, q, ks, gt
+
+
 def reconstruction_pass(base_chunks: Any, n: int, d: int, decode_rows: Callable[[int, int], np.ndarray],
                         knn: "ExactKnn | None") -> tuple[float, float, np.ndarray | None]:
     """One pass over the base vectors (the encoded source rows, in store order): (MSE, relative MSE) of
@@ -385,16 +400,8 @@ def evaluate(store_or_path: Any, queries: Any, *, base_chunks: Iterable[np.ndarr
 
         return evaluate_ivf(store, queries, base_chunks=base_chunks, ground_truth=ground_truth, ks=ks,
                             nprobes=nprobes, backend=backend)
-    cb = store.codebook()
-    n = store.n
-    q = as_float32_matrix(queries, "queries", d=cb.d)
-    nq = q.shape[0]
-    ks = _check_ks(ks)
-    kmax = ks[-1]
-    if ground_truth is None and base_chunks is None:
-        raise InputError("evaluate needs the exact neighbours: pass ground_truth (row indices, e.g. "
-                         "--ground-truth GT.npy) or the base vectors (base_chunks, the source) to compute them.")
-    gt = _check_ground_truth(ground_truth, nq, kmax, n) if ground_truth is not None else None
+    cb, n, q, ks, gt = evaluation_inputs(store, queries, ks, ground_truth, base_chunks)
+    nq, kmax = q.shape[0], ks[-1]
 
     t0 = time.perf_counter()
     _dist, found = search_store(store, q, kmax, backend=backend)
