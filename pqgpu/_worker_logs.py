@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .logs import filtering_expected, install_filter
+
 
 class QuietExpectedErrors(WorkerPlugin):
     """Installs pqgpu.logs.DropExpected in each worker process, including workers restarted later."""
@@ -12,6 +14,10 @@ class QuietExpectedErrors(WorkerPlugin):
     idempotent = True
 
     def setup(self, worker) -> None:  # noqa: ANN001 (distributed.Worker)
-        from .logs import install_filter
-
         install_filter()
+
+
+def worker_plugin() -> QuietExpectedErrors | None:
+    """A Dask WorkerPlugin that installs DropExpected in each worker, or None when --debug asked for every
+    record (or the CLI did not configure logging: library users keep their own setup)."""
+    return QuietExpectedErrors() if filtering_expected() else None

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 from .config import ClusterConfig
 from .errors import BackendUnavailable, PqgpuError
-from .logs import quiet_teardown, worker_plugin
+from .logs import quiet_teardown
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def _dashboard_address(cfg: ClusterConfig) -> str | None:
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
     from distributed import Client, LocalCluster
+
+    from ._worker_logs import worker_plugin
 
     if cfg.kind == "address":
         try:

@@ -2,7 +2,7 @@
 and an expected failure (a PqgpuError) reaches the user once, as the CLI's one paragraph.
 
 Library code only calls `logging.getLogger(__name__)`; `configure` is for the CLI (and tests of it).
-Dask workers are separate processes: `worker_plugin()` carries the same filter into them.
+Dask workers are separate processes: `pqgpu._worker_logs.worker_plugin()` carries the same filter into them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class DropExpected(logging.Filter):
 
 def configure(*, debug: bool = False, quiet: bool = False) -> None:
     """Root logger at WARNING with one stderr handler; the `pqgpu` logger at INFO (DEBUG with debug, WARNING
-    with quiet). Without debug, DropExpected guards the handlers, here and (see worker_plugin) in workers."""
+    with quiet). Without debug, DropExpected guards the handlers, here and (see pqgpu._worker_logs) in workers."""
     global _filter_expected
     _filter_expected = not debug
     root = logging.getLogger()
@@ -79,14 +79,9 @@ def install_filter() -> None:
         _set_filter(h, True)
 
 
-def worker_plugin():
-    """A Dask WorkerPlugin that installs DropExpected in each worker, or None when --debug asked for every
-    record (or the CLI did not configure logging: library users keep their own setup)."""
-    if not _filter_expected:
-        return None
-    from ._worker_logs import QuietExpectedErrors
-
-    return QuietExpectedErrors()
+def filtering_expected() -> bool:
+    """Whether configure() asked for DropExpected (the CLI without --debug); workers then get it too."""
+    return _filter_expected
 
 
 @contextlib.contextmanager
