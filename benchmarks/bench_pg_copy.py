@@ -6,7 +6,8 @@ Starts PostgreSQL with pgvector through pgserver in a temporary directory, loads
 vectors into a `vector(dim)` column (as bench_postgres.py; ``--type real[]`` converts it to ``real[]``), then reads
 ``COPY (SELECT id, embedding FROM items WHERE id IS NOT NULL ORDER BY id LIMIT rows) TO STDOUT (FORMAT
 BINARY)`` (the statement `export_postgres` runs per shard) into an int64 id array and a float32 (rows, dim)
-matrix, three ways, interleaved in each round so that a busy machine slows all of them alike:
+matrix, three ways, interleaved in each round so that a busy machine slows all of them alike (the two
+decoders swap places every round, so neither always follows the other):
 
 - bytes:   ``copy.read()`` only, nothing decoded (what the server and the socket allow);
 - ours:    the export's decoder (`CopyDecoder` fed by `copy_into`), no Parquet writing;
@@ -151,6 +152,11 @@ def decode_psycopg(messages: list[bytes], n: int, d: int, conn) -> tuple[np.ndar
     return ids, x
 
 
+def _order(names: list[str], r: int) -> list[str]:
+    """`names` with its last two swapped in odd rounds."""
+    return names if r % 2 == 0 else names[:-2] + names[-2:][::-1]
+
+
 def run(args) -> dict[str, dict[str, float]]:
     import psycopg
     from pgvector.psycopg import register_vector
@@ -180,7 +186,8 @@ def run(args) -> dict[str, dict[str, float]]:
             register_vector(conn)
             ref = None
             for r in range(args.repeat + 1):  # round 0 warms caches and is not counted
-                for name, fn in ways.items():
+                for name in _order(list(ways), r):
+                    fn = ways[name]
                     c0, t0 = time.process_time(), time.perf_counter()
                     got = fn(conn, args.rows, args.dim)
                     dt, dc = time.perf_counter() - t0, time.process_time() - c0
@@ -202,7 +209,8 @@ def run(args) -> dict[str, dict[str, float]]:
             for name in offline:
                 wall[name], cpu[name] = [], []
             for r in range(args.repeat + 1):
-                for name, fn in offline.items():
+                for name in _order(list(offline), r):
+                    fn = offline[name]
                     c0, t0 = time.process_time(), time.perf_counter()
                     got = fn()
                     dt, dc = time.perf_counter() - t0, time.process_time() - c0

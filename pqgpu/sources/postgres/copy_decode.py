@@ -6,18 +6,17 @@ Supported vector columns: pgvector ``vector`` and ``halfvec``, ``real[]``, ``dou
 ``bytea`` holding little-endian float32; ids: smallint, integer, bigint, text, varchar, char.
 
 Why not psycopg's own reader (``copy.set_types(["int8", "vector"])`` with pgvector's ``register_vector``
-loaders, then ``copy.rows()``): it builds Python objects per row and per vector, and decoding is where ours
-is clearly faster. ``python benchmarks/bench_pg_copy.py`` (200,000 x 768 pgvector ``vector``, one COPY
-into NumPy, both readers in the same run, median of 3 interleaved rounds; provisional: 2 cores shared
-with other jobs, load average ~12):
+loaders, then ``copy.rows()``): it builds Python objects per row and per vector; ours is clearly faster.
+``python benchmarks/bench_pg_copy.py --repeat 5`` (200,000 x 768 pgvector ``vector``, one COPY into NumPy,
+both readers in the same run, median of 5 interleaved rounds; provisional: 2 cores shared with other
+jobs, load average 6-10, server on the same cores):
 
-- decode only (the stream captured in memory): ours 164,235 rows/s (0.32 s CPU), psycopg 43,624 rows/s
-  (1.30 s CPU), 3.8x;
-- end to end from the server: ours 28,286 rows/s (21,226..33,394), psycopg 38,718 rows/s
-  (23,842..40,491), client CPU 1.76 s vs 2.12 s. Here both are bound by the server and by psycopg's
-  per-message ``read()`` (bytes only, nothing decoded: 34,727 rows/s, 0.91 s CPU), so the wall times
-  are noise-dominated; the CPU that decoding takes from the client is 4x lower with ours.
-- ``real[]`` (``--rows 50000 --type real[]``, psycopg loads a list of Python floats per row): decode only
+- end to end from the server: ours 29,121 rows/s (27,032..33,326), psycopg 20,661 rows/s
+  (14,958..26,955); client CPU 1.45 s vs 3.01 s. Reading the bytes alone (psycopg's per-message
+  ``read()``, nothing decoded) reaches 37,294 rows/s with 0.73 s CPU: half of our client CPU;
+- decode only (the same stream captured in memory): ours 171,343 rows/s (0.40 s CPU), psycopg 107,235
+  rows/s (1.09 s CPU);
+- ``real[]`` (``--rows 50000 --type real[]``, 3 rounds, psycopg loads a list of Python floats per row): decode only
   ours 80,815 rows/s (0.18 s CPU), psycopg 5,726 rows/s (2.42 s CPU), 14x; end to end 5,498 vs 5,102 rows/s
   (the server's array output, 6,893 rows/s bytes only, is the limit there).
 """
