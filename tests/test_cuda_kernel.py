@@ -239,8 +239,8 @@ def test_gpu_fused_equals_arrayapi_and_faiss_on_100k_rows(nbits, caplog, monkeyp
     pq = faiss.ProductQuantizer(d, M, nbits)
     faiss.copy_array_to_vector(c.ravel(), pq.centroids)
     assert_codes_match(fused, pq.compute_codes(x), x, c, nbits)  # both direct distances: the 99.99 % contract
-    # ||c||^2 - 2 x.c cancels digits, so near-ties flip more often; every difference must still be a tie
-    assert_codes_match(fused, arrayapi, x, c, nbits, min_rows=0.999)
+    # the array-API route re-ranks its near-ties by the exact distance (issue 16.5): the same contract
+    assert_codes_match(fused, arrayapi, x, c, nbits)
     # auto measures both routes once for this shape, logs the rates and records the choice
     monkeypatch.delenv(backend.ROUTE_ENV, raising=False)
     monkeypatch.setattr(backend, "_route_choices", {})
