@@ -55,26 +55,34 @@ def read_bytes(conn, n: int, d: int) -> None:
             pass
 
 
-def read_ours(conn, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-    from pqgpu.sources.postgres.copy_decode import VECTOR_CODECS, Block, CopyDecoder, copy_into
+class _Into:
+    """Our CopyDecoder writing n rows of d floats into two arrays (ids, x); `filled` counts the rows."""
 
-    ids, x = np.empty(n, np.int64), np.empty((n, d), np.float32)
-    filled = 0
-    block = Block(16384, d, string_ids=False)
+    def __init__(self, n: int, d: int):
+        from pqgpu.sources.postgres.copy_decode import VECTOR_CODECS, Block, CopyDecoder
 
-    def emit(b: Block) -> None:
-        nonlocal filled
-        ids[filled:filled + b.n] = b.ids[:b.n]
-        x[filled:filled + b.n] = b.vecs[:b.n]
-        filled += b.n
+        self.ids, self.x = np.empty(n, np.int64), np.empty((n, d), np.float32)
+        self.filled = 0
+        block = Block(16384, d, string_ids=False)
+        self.dec = CopyDecoder(id_type="int8", codec=VECTOR_CODECS[TYPE[0]], d=d, limit=n, strict=True,
+                               where="bench", new_block=lambda dim: block, emit=self._emit,
+                               release=lambda b: None)
+
+    def _emit(self, b) -> None:
+        self.ids[self.filled:self.filled + b.n] = b.ids[:b.n]
+        self.x[self.filled:self.filled + b.n] = b.vecs[:b.n]
+        self.filled += b.n
         b.n = 0
 
-    dec = CopyDecoder(id_type="int8", codec=VECTOR_CODECS[TYPE[0]], d=d, limit=n, strict=True, where="bench",
-                      new_block=lambda dim: block, emit=emit, release=lambda b: None)
-    copy_into(conn, _stmt(n), dec)
-    dec.flush()
-    assert filled == n, filled
-    return ids, x
+
+def read_ours(conn, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    from pqgpu.sources.postgres.copy_decode import copy_into
+
+    into = _Into(n, d)
+    copy_into(conn, _stmt(n), into.dec)
+    into.dec.flush()
+    assert into.filled == n, into.filled
+    return into.ids, into.x
 
 
 def read_psycopg(conn, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,21 +106,8 @@ def capture(conn, n: int) -> list[bytes]:
 
 def decode_ours(messages: list[bytes], n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
     """Our decoder on captured messages, joined into ~1 MiB pieces as `copy_into` does."""
-    from pqgpu.sources.postgres.copy_decode import VECTOR_CODECS, Block, CopyDecoder
-
-    ids, x = np.empty(n, np.int64), np.empty((n, d), np.float32)
-    filled = 0
-    block = Block(16384, d, string_ids=False)
-
-    def emit(b: Block) -> None:
-        nonlocal filled
-        ids[filled:filled + b.n] = b.ids[:b.n]
-        x[filled:filled + b.n] = b.vecs[:b.n]
-        filled += b.n
-        b.n = 0
-
-    dec = CopyDecoder(id_type="int8", codec=VECTOR_CODECS[TYPE[0]], d=d, limit=n, strict=True, where="bench",
-                      new_block=lambda dim: block, emit=emit, release=lambda b: None)
+    into = _Into(n, d)
+    dec = into.dec
     buf, parts, size = b"", [], 0
     for m in messages + [b""]:
         if m:
@@ -125,8 +120,8 @@ def decode_ours(messages: list[bytes], n: int, d: int) -> tuple[np.ndarray, np.n
         used = dec.feed(buf)
         buf = buf[used:]
     dec.flush()
-    assert filled == n and dec.done and not buf, filled
-    return ids, x
+    assert into.filled == n and dec.done and not buf, into.filled
+    return into.ids, into.x
 
 
 def decode_psycopg(messages: list[bytes], n: int, d: int, conn) -> tuple[np.ndarray, np.ndarray]:
