@@ -16,7 +16,6 @@ from .sources import Chunk, Source, open_source, plan_chunks
 from . import _fs
 from ._faults import fault_point
 from .store import exclusive_lock, prepare_store, recheck_done_chunks
-from .tasks import check_vectors  # noqa: F401  (re-exported: was defined here)
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +102,16 @@ def _training_worker(client: Any, requested: str) -> str | None:
     if gpus:
         return gpus[0]
     if requested == "gpu":
-        names = "; ".join(f"{addr} (host {p['host']}): {p['reason']}" for addr, p in sorted(probes.items()))
+        names = _describe_probes(probes)
         raise BackendUnavailable(f"backend 'gpu' was requested but no Dask worker has a usable GPU: {names}. "
                                  "Start the workers on GPU machines (e.g. `dask cuda worker ADDRESS`) with the GPU "
                                  "extra installed, or use backend 'cpu' (or 'auto').")
     return None
+
+
+def _describe_probes(probes: dict[str, dict[str, Any]]) -> str:
+    """'address (host h): why' for each worker's tasks.probe_gpu answer, in address order."""
+    return "; ".join(f"{addr} (host {p['host']}): {p['reason']}" for addr, p in sorted(probes.items()))
 
 
 @dataclass
@@ -193,7 +197,7 @@ def require_gpu_everywhere(runner: Any) -> None:
         return
     bad = {addr: p for addr, p in runner.run(probe_gpu).items() if not p["gpu"]}
     if bad:
-        names = "; ".join(f"{addr} (host {p['host']}): {p['reason']}" for addr, p in sorted(bad.items()))
+        names = _describe_probes(bad)
         raise BackendUnavailable(f"backend 'gpu' was requested but {len(bad)} Dask worker(s) have no usable GPU: "
                                  f"{names}. Start the workers on GPU machines (e.g. `dask cuda worker ADDRESS`) "
                                  "with the GPU extra installed, or use backend 'auto' (each worker picks) or 'cpu'.")
