@@ -62,7 +62,9 @@ def configure(*, debug: bool = False, quiet: bool = False) -> None:
         logging.getLogger("distributed").setLevel(logging.WARNING)
     for h in (*root.handlers, *logging.getLogger("distributed").handlers):
         _set_filter(h, _filter_expected)
-    if not debug:  # our clusters serve no dashboard, so which port its idle HTTP server got does not matter
+    # the dashboard, when on, asks for a free port and its link is logged; with it off, which port the idle
+    # HTTP server got does not matter
+    if not debug:
         warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
 
 
