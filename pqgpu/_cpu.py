@@ -27,9 +27,15 @@ from numba.extending import intrinsic
 __all__ = ["PreparedCodebook", "accumulate", "assign", "assign_with_distances", "prepare"]
 
 # Rows per register tile: R rows x V vectors of L centroids are accumulated in registers, so each centroid
-# load feeds R FMAs and each broadcast x value feeds V FMAs. R=4, V=4 uses 16 of the 32 AVX-512 registers
-# for accumulators; with 16 registers (AVX2) V is capped at 2.
-_R = 4
+# load feeds R FMAs and each broadcast x value feeds V FMAs. Per row the tile also keeps three vectors (best,
+# its block, second best), so it needs R (V + 3) + V vector registers. R=4 fits the 32 of AVX-512 up to V=2
+# (22); at V=4 it would need all 32, so R=3 (25). With the 16 of AVX2, V <= 2: R=3 at V=2 (17), R=4 at V=1
+# (17; not measured). On AVX2 (Zen 3) R=3 against R=4 at V=2 measured +11 % at dsub 4, +12 % at nbits 12,
+# -5..0 % at dsub 8-16 (benchmarks/bench_kernel_ab.py, a loaded machine).
+def _rows_per_tile(L: int, V: int) -> int:
+    return 3 if V == 4 or (L == 8 and V == 2) else 4
+
+
 # Rows per parallel task: big enough to amortise the per-subspace setup, small enough to balance threads.
 _CHUNK_ROWS = 256
 # Centroid slab (dsub x S floats) processed per pass over a chunk's rows: sized to stay in L1 (32 KiB).
@@ -248,7 +254,7 @@ def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V):
     d = x.shape[1]
     M, _, dsub, W = ct.shape
     ldk = norms.shape[1]
-    R = _R
+    R = 3 if V == 4 or (L == 8 and V == 2) else 4  # _rows_per_tile(L, V), inlined for numba
     rows = e - s
     buf = np.empty((R, slab), np.float32)
     mins = np.empty(R, np.float32)
@@ -542,41 +548,43 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
         bv = b.load(best[r])
         mv = _hmin(b, bv, L, lambda p, q: b.fcmp_ordered("<", p, q))
         mvs = _splat(b, mv, L)
-        # The first occurrence of the minimum lies in the lowest block among the lanes that hold it:
-        # any lane holding it earlier would have recorded that earlier block.
-        cand = b.select(b.fcmp_ordered("==", bv, mvs), b.load(bblk[r]), ir.Constant(it, [2**31 - 1] * L))
-        base = b.mul(b.sext(_hmin(b, cand, L, lambda p, q: b.icmp_signed("<", p, q)), _i64), _c64(W))
+        lim = _splat(b, b.fadd(mv, b.load(b.gep(thr, [_c64(r)]))), L)
+        # Lanes holding the minimum. With one, the first occurrence lies in the block that lane recorded
+        # (the first to reach its best). Two lanes holding it is a tie: the row is marked near, and the exact
+        # re-rank, not idx, then decides.
+        held = b.fcmp_ordered("==", bv, mvs)
+        hbits = b.zext(b.bitcast(held, ir.IntType(L)), _i64)
+        lane = b.trunc(b.and_(b.call(cttz, [hbits, ir.Constant(ir.IntType(1), 0)]), _c64(L - 1)), _i32)
+        base = b.mul(b.sext(b.extract_element(b.load(bblk[r]), lane), _i64), _c64(W))
         rb = b.add(b.mul(_c64(r), ldb), base)
-        mask = None
-        rest = None  # the best block's values other than the minimum
-        for v in range(V):
-            val = b.load(_vptr(b, buf, b.add(rb, _c64(v * L)), L), align=4)
-            eq = b.fcmp_ordered("==", val, mvs)
-            bits = b.zext(b.bitcast(eq, ir.IntType(L)), _i64)
-            mask = bits if mask is None else b.or_(mask, b.shl(bits, _c64(v * L)))
-            val = b.select(eq, inf_v, val)
-            rest = val if rest is None else _vmin(b, val, rest)
+        vals = [b.load(_vptr(b, buf, b.add(rb, _c64(v * L)), L), align=4) for v in range(V)]
+        mask = _bits(b, [b.fcmp_ordered("==", val, mvs) for val in vals], L)
+        close = _bits(b, [b.fcmp_ordered("<=", val, lim) for val in vals], L)
         # No match only when no distance is finite (NaN in x): report index 0 then.
         found = b.icmp_unsigned("!=", mask, _c64(0))
         off = b.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)])
-        pos = b.select(found, b.add(base, off), _c64(0))
         b.store(mv, b.gep(mins, [_c64(r)]))
-        b.store(pos, b.gep(idx, [_c64(r)]))
-        # Runner-up: in lanes other than the winner's, every value is >= that lane's best; in the winner's
-        # lane, values of other blocks are >= its second block minimum and those of the best block are in
-        # `rest` (which holds all of that block but the minimum; a minimum occurring twice is a tie).
-        lane = b.trunc(b.and_(off, _c64(L - 1)), _i32)
-        own = b.icmp_signed("==", ir.Constant(it, list(range(L))), _splat(b, lane, L))
-        # Each lane of cand is attained by some k != idx, and the runner-up is one of them, so "any lane
-        # within the margin" is "runner-up within the margin", without reducing cand to its minimum.
-        cand = _vmin(b, b.select(own, b.load(second[r]), bv), rest)
-        lim = _splat(b, b.fadd(mv, b.load(b.gep(thr, [_c64(r)]))), L)
-        within = b.bitcast(b.fcmp_ordered("<=", cand, lim), ir.IntType(L))
-        twice = b.icmp_unsigned(">", b.call(ctpop, [mask]), _c64(1))
-        hit = b.or_(twice, b.icmp_unsigned("!=", within, ir.Constant(ir.IntType(L), 0)))
+        b.store(b.select(found, b.add(base, off), _c64(0)), b.gep(idx, [_c64(r)]))
+        # A runner-up within the margin lies either in the best block (then `close` has a second bit), or in
+        # another lane (whose best is <= it), or in the winner's lane in another block (>= that lane's
+        # second). So: near = a second bit in `close`, or any lane of cand within the margin, or a tie.
+        cand = b.select(held, b.load(second[r]), bv)
+        within = b.icmp_unsigned("!=", b.bitcast(b.fcmp_ordered("<=", cand, lim), ir.IntType(L)),
+                                 ir.Constant(ir.IntType(L), 0))
+        two = b.or_(b.call(ctpop, [close]), b.call(ctpop, [hbits]))  # either count >= 2 <=> their or >= 2
+        hit = b.or_(within, b.icmp_unsigned(">", two, _c64(1)))
         b.store(b.zext(hit, _i64), b.gep(near, [_c64(r)]))
     b.ret_void()
     return fn
+
+
+def _bits(b, masks, L):
+    """V masks <L x i1> -> one i64 bitmask, mask v in bits v*L .. v*L + L - 1 (concatenated mask registers)."""
+    while len(masks) > 1:
+        n = masks[0].type.count
+        pairs = ir.Constant(ir.VectorType(_i32, 2 * n), list(range(2 * n)))
+        masks = [b.shuffle_vector(masks[i], masks[i + 1], pairs) for i in range(0, len(masks), 2)]
+    return b.zext(b.bitcast(masks[0], ir.IntType(masks[0].type.count)), _i64)
 
 
 def _data(context, builder, aryty, ary, off):
@@ -594,7 +602,7 @@ def _tile(typingctx, x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, m
 
     def codegen(context, builder, sig, args):
         a = sig.args
-        fn = _tile_fn(builder.module, lanes, vecs, _R)
+        fn = _tile_fn(builder.module, lanes, vecs, _rows_per_tile(lanes, vecs))
         builder.call(fn, [
             _data(context, builder, a[0], args[0], args[1]), args[2],
             _data(context, builder, a[3], args[3], args[4]),
