@@ -389,6 +389,21 @@ def test_cli_search_nprobe_out_of_range_exits_cleanly(built, tmp_path, capsys):
     assert "--nprobe: expected an integer from 1 to nlist=24" in capsys.readouterr().err
 
 
+def test_write_codes_postgres_refuses_an_ivf_store(built, capsys, monkeypatch):
+    """Residual codes without their lists cannot be decoded: refused before any connection (the DSN points at a
+    closed port, so an attempt would fail with a connection error instead), the store unchanged."""
+    _, store, *_ = built
+    monkeypatch.delenv("PQGPU_PG_DSN", raising=False)
+    before = {p: p.stat().st_mtime_ns for p in Path(store.path).rglob("*") if p.is_file()}
+    rc = cli.main(["write-codes-postgres", "--store", store.path, "--set", "postgres.table=items",
+                   "--set", "postgres.dsn=postgresql://nobody@127.0.0.1:9/none"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_ERROR
+    assert "is an IVF-PQ store (nlist=24)" in err and "Nothing was written" in err
+    assert "Traceback" not in err
+    assert {p: p.stat().st_mtime_ns for p in Path(store.path).rglob("*") if p.is_file()} == before
+
+
 def test_quantizer_file_contradicting_nlist(tmp_path):
     from pqgpu.codebook import Codebook
     from pqgpu.ivf import load_quantizer
