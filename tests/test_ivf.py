@@ -324,6 +324,30 @@ def test_inverted_layout_resumes_byte_identically_after_kill(built, tmp_path):
         np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
 
 
+def test_inverted_build_keeps_no_chunk_by_list_starts_and_checks_counts(built, tmp_path):
+    """The build stores per-chunk counts (int32) only, and a chunk whose lists disagree with its counts (here
+    two swapped counts: the grand total still adds up) is refused, not scattered to wrong places."""
+    from pqgpu.errors import StoreError
+    from pqgpu.invert import build_inverted
+    from pqgpu.store import open_store
+
+    _, store, *_ = built
+    ivf = store.group["ivf"]
+    assert "starts" not in ivf and ivf["counts"].dtype == np.int32
+    assert ivf["counts"].shape == (store.n_chunks, 24) and int(ivf["counts"][...].sum()) == store.n
+    path = tmp_path / "damaged.zarr"
+    shutil.copytree(store.path, path)
+    g = open_store(path, mode="r+").group
+    g["ivf"].attrs.update({"complete": False, "starts_done": False})
+    row = g["ivf/counts"][2]
+    a, b = np.flatnonzero(row != row[np.argmax(row)])[0], np.argmax(row)
+    row[[a, b]] = row[[b, a]]
+    g["ivf/counts"][2] = row
+    with pytest.raises(StoreError, match="chunk 2's lists disagree with its counts"):
+        build_inverted(path)
+    assert not open_store(path).group["ivf"].attrs["complete"]
+
+
 def test_reencoded_chunk_rebuilds_the_layout(built, tmp_path, client):
     """A chunk encoded again (its done flag cleared) makes the old inverted layout stale: encode rebuilds it."""
     from pqgpu.pipeline import encode
