@@ -212,8 +212,10 @@ def scatter_chunk(path: str, i: int, present: np.ndarray, sizes: np.ndarray, sta
     return hi - lo
 
 
-def copy_chunk(path: str, j: int) -> int:
-    """Dask task (phase 4): output chunk j of the inverted arrays from the staging files into Zarr."""
+def copy_chunk(path: str, j: int, count: int = 1) -> int:
+    """Dask task (phase 4): output chunks j .. j + count - 1 of the inverted arrays from the staging files into
+    Zarr, each marked done once written (several per task: the store is opened once for all of them)."""
+    from ._faults import fault_point
     from .store import open_store
 
     store = open_store(path, mode="r+")
@@ -221,17 +223,33 @@ def copy_chunk(path: str, j: int) -> int:
     ivf = g["ivf"]
     icr = int(ivf.attrs["chunk_rows"])
     n, cs = store.n, int(g.attrs["code_size"])
-    lo, hi = j * icr, min(n, (j + 1) * icr)
     staging = _staging(path)
-    ivf["codes"][lo:hi] = np.asarray(_memmap(staging, "codes", n, cs)[lo:hi])
-    ivf["rows"][lo:hi] = np.asarray(_memmap(staging, "rows", n, cs)[lo:hi])
-    if "ids" in ivf:
-        ivf["ids"][lo:hi] = np.asarray(_memmap(staging, "ids", n, cs)[lo:hi]).astype(ivf["ids"].dtype)
-    from ._faults import fault_point
+    out = {name: ivf[name] for name in ("codes", "rows", "ids") if name in ivf}
+    done = ivf["copy_done"]
+    rows = 0
+    for jj in range(j, j + count):
+        lo, hi = jj * icr, min(n, (jj + 1) * icr)
+        for name, arr in out.items():
+            arr[lo:hi] = np.asarray(_memmap(staging, name, n, cs)[lo:hi]).astype(arr.dtype, copy=False)
+        fault_point("ivf-copy", jj)
+        done[jj] = True
+        rows += hi - lo
+    return rows
 
-    fault_point("ivf-copy", j)
-    ivf["copy_done"][j] = True
-    return hi - lo
+
+def _copy_items(ivf: Any, per_task: int) -> Iterator[tuple[int, tuple[int]]]:
+    """(first, (count,)) for runs of at most per_task consecutive output chunks not yet copied."""
+    todo = np.flatnonzero(~np.asarray(ivf["copy_done"][...]))
+    start = prev = None
+    for j in todo.tolist():
+        if start is not None and (j != prev + 1 or j - start >= per_task):
+            yield start, (prev + 1 - start,)
+            start = None
+        if start is None:
+            start = j
+        prev = j
+    if start is not None:
+        yield start, (prev + 1 - start,)
 
 
 def _run(client: Any, fn: Any, path: str, items: Iterable[tuple[int, tuple]], what: str) -> None:
@@ -274,7 +292,7 @@ def _run(client: Any, fn: Any, path: str, items: Iterable[tuple[int, tuple]], wh
             client.cancel(list(flying))
             raise
     if count:
-        log.info("IVF layout: %s of %d chunks in %.2f s", what, count, time.perf_counter() - t0)
+        log.info("IVF layout: %s, %d tasks in %.2f s", what, count, time.perf_counter() - t0)
 
 
 def build_inverted(store_or_path: Any, *, client: Any = None) -> None:
@@ -295,7 +313,9 @@ def build_inverted(store_or_path: Any, *, client: Any = None) -> None:
     _run(client, scatter_chunk, store.path, _scatter_items(store, ivf), "scatter")
     if not ivf["scatter_done"][...].all():
         raise StoreError(f"{store.path}: some inverted-list scatter tasks did not finish; run `pqgpu encode` again.")
-    _run(client, copy_chunk, store.path, ((int(j), ()) for j in np.flatnonzero(~ivf["copy_done"][...])), "copy")
+    # as many rows per copy task as per encode chunk: fewer, larger tasks than one per output chunk
+    per_task = max(1, int(store.group.attrs["chunk_rows"]) // int(ivf.attrs["chunk_rows"]))
+    _run(client, copy_chunk, store.path, _copy_items(ivf, per_task), "copy")
     if not ivf["copy_done"][...].all():
         raise StoreError(f"{store.path}: some inverted-list copy tasks did not finish; run `pqgpu encode` again.")
     ivf.attrs["complete"] = True

@@ -324,6 +324,32 @@ def test_inverted_layout_resumes_byte_identically_after_kill(built, tmp_path):
         np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
 
 
+def test_grouped_copy_tasks_resume_byte_identically(built, tmp_path):
+    """Copy tasks covering several output chunks (here 3 of 200 rows per 700-row encode chunk), killed inside a
+    task after some of its chunks: the rerun copies only what is not done, and the layout is the same bytes."""
+    from pqgpu.invert import _copy_items, build_inverted
+    from pqgpu.store import open_store
+
+    _, store, *_ = built
+    path = tmp_path / "grouped.zarr"
+    shutil.copytree(store.path, path)
+    ref = {name: store.group[f"ivf/{name}"][...] for name in ("codes", "rows", "offsets")}
+    g = open_store(path, mode="r+").group
+    g["ivf"].attrs.update({"complete": False, "starts_done": False, "chunk_rows": 200})
+    code = "import sys; from pqgpu.invert import build_inverted; build_inverted(sys.argv[1])"
+    env = dict(os.environ, PQGPU_FAULT="ivf-copy:4:kill", PYTHONPATH=str(Path(pqgpu.__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    ivf = open_store(path).group["ivf"]
+    assert ivf["copy_done"].shape == (16,) and ivf["copy_done"][...].tolist() == [True] * 4 + [False] * 12
+    assert list(_copy_items(ivf, 3)) == [(j, (3,)) for j in (4, 7, 10, 13)]  # chunk 4 onwards, 3 per task
+    build_inverted(path)
+    g = open_store(path).group
+    assert g["ivf"].attrs["complete"] and g["ivf/codes"].chunks[0] == 200
+    for name, want in ref.items():
+        np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
+
+
 def test_inverted_build_keeps_no_chunk_by_list_starts_and_checks_counts(built, tmp_path):
     """The build stores per-chunk counts (int32) only, and a chunk whose lists disagree with its counts (here
     two swapped counts: the grand total still adds up) is refused, not scattered to wrong places."""
