@@ -188,7 +188,8 @@ def scatter_chunk(path: str, i: int, present: np.ndarray, sizes: np.ndarray, sta
     lists = np.asarray(g["lists"][lo:hi]).astype(np.int64)
     order = np.argsort(lists, kind="stable")
     sorted_lists = lists[order]
-    have, have_sizes = np.unique(sorted_lists, return_counts=True)
+    heads = np.flatnonzero(np.diff(sorted_lists, prepend=-1))  # where each list's run starts (already sorted)
+    have, have_sizes = sorted_lists[heads], np.diff(heads, append=hi - lo)
     if not (np.array_equal(have, present) and np.array_equal(have_sizes, sizes)):
         raise StoreError(f"{path}: chunk {i}'s lists disagree with its counts in ivf/counts (the store was changed "
                          "or damaged). Re-encode with `pqgpu encode --overwrite`.")
@@ -214,7 +215,7 @@ def scatter_chunk(path: str, i: int, present: np.ndarray, sizes: np.ndarray, sta
 
 def copy_chunk(path: str, j: int, count: int = 1) -> int:
     """Dask task (phase 4): output chunks j .. j + count - 1 of the inverted arrays from the staging files into
-    Zarr, each marked done once written (several per task: the store is opened once for all of them)."""
+    Zarr, in one write per array (Zarr writes the chunks concurrently), then marked done together."""
     from ._faults import fault_point
     from .store import open_store
 
@@ -224,17 +225,15 @@ def copy_chunk(path: str, j: int, count: int = 1) -> int:
     icr = int(ivf.attrs["chunk_rows"])
     n, cs = store.n, int(g.attrs["code_size"])
     staging = _staging(path)
-    out = {name: ivf[name] for name in ("codes", "rows", "ids") if name in ivf}
-    done = ivf["copy_done"]
-    rows = 0
-    for jj in range(j, j + count):
-        lo, hi = jj * icr, min(n, (jj + 1) * icr)
-        for name, arr in out.items():
+    lo, hi = j * icr, min(n, (j + count) * icr)
+    for name in ("codes", "rows", "ids"):
+        if name in ivf:
+            arr = ivf[name]
             arr[lo:hi] = np.asarray(_memmap(staging, name, n, cs)[lo:hi]).astype(arr.dtype, copy=False)
+    for jj in range(j, j + count):
         fault_point("ivf-copy", jj)
-        done[jj] = True
-        rows += hi - lo
-    return rows
+    ivf["copy_done"][j:j + count] = True
+    return hi - lo
 
 
 def _copy_items(ivf: Any, per_task: int) -> Iterator[tuple[int, tuple[int]]]:

@@ -325,8 +325,8 @@ def test_inverted_layout_resumes_byte_identically_after_kill(built, tmp_path):
 
 
 def test_grouped_copy_tasks_resume_byte_identically(built, tmp_path):
-    """Copy tasks covering several output chunks (here 3 of 200 rows per 700-row encode chunk), killed inside a
-    task after some of its chunks: the rerun copies only what is not done, and the layout is the same bytes."""
+    """Copy tasks covering several output chunks (here 3 of 200 rows per 700-row encode chunk), killed inside the
+    second task after its write: the rerun copies only what is not done, and the layout is the same bytes."""
     from pqgpu.invert import _copy_items, build_inverted
     from pqgpu.store import open_store
 
@@ -341,8 +341,8 @@ def test_grouped_copy_tasks_resume_byte_identically(built, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr
     ivf = open_store(path).group["ivf"]
-    assert ivf["copy_done"].shape == (16,) and ivf["copy_done"][...].tolist() == [True] * 4 + [False] * 12
-    assert list(_copy_items(ivf, 3)) == [(j, (3,)) for j in (4, 7, 10, 13)]  # chunk 4 onwards, 3 per task
+    assert ivf["copy_done"].shape == (16,) and ivf["copy_done"][...].tolist() == [True] * 3 + [False] * 13
+    assert list(_copy_items(ivf, 3)) == [(j, (3,)) for j in (3, 6, 9, 12)] + [(15, (1,))]
     build_inverted(path)
     g = open_store(path).group
     assert g["ivf"].attrs["complete"] and g["ivf/codes"].chunks[0] == 200

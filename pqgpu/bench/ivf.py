@@ -3,6 +3,9 @@ the same data in the same run, then recall@10 and queries/s per nprobe for both.
 
     python -m pqgpu.bench.ivf [--quick] [--n N --d D --nlist L --M M --nbits B] [--out DIR]
 
+pqgpu builds as `pqgpu run` does with Dask workers: training is a task on a worker (which reads the sample
+there), then the encode tasks and the inverted layout run on the same workers.
+
 Writes DIR/ivf.json, DIR/ivf.md and DIR/ivf.png (recall vs queries/s). Per-row costs (train per sample row, encode and invert per row) are
 reported so that larger builds can be projected on paper.
 """
@@ -69,7 +72,7 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
         with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
             t0 = time.perf_counter()
-            train(cfg)
+            train(cfg, client=client)  # a task on the worker, as `pqgpu run` trains with Dask workers
             t_train = time.perf_counter() - t0
             t0 = time.perf_counter()
             encode(cfg, client=client)
