@@ -350,6 +350,27 @@ def test_grouped_copy_tasks_resume_byte_identically(built, tmp_path):
         np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
 
 
+def test_streamed_counts_and_windowed_tasks_give_the_same_layout(built, tmp_path, client, monkeypatch):
+    """Counts read two chunks at a time and scatter tasks submitted a few at a time (5 chunks, a window of 4 on
+    the 2 one-thread workers): the same bytes as the layout built before."""
+    from pqgpu.invert import build_inverted
+    from pqgpu.store import open_store
+
+    _, store, *_ = built
+    path = tmp_path / "streamed.zarr"
+    shutil.copytree(store.path, path)
+    ref = {name: store.group[f"ivf/{name}"][...] for name in ("codes", "rows", "offsets")}
+    g = open_store(path, mode="r+").group
+    g["ivf"].attrs.update({"complete": False, "starts_done": False})
+    g["ivf/codes"][...] = 0
+    monkeypatch.setattr("pqgpu.invert.COUNTS_BLOCK_BYTES", 2 * 4 * 24)
+    assert store.n_chunks == 5
+    build_inverted(path, client=client)
+    g = open_store(path).group
+    for name, want in ref.items():
+        np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
+
+
 def test_inverted_build_keeps_no_chunk_by_list_starts_and_checks_counts(built, tmp_path):
     """The build stores per-chunk counts (int32) only, and a chunk whose lists disagree with its counts (here
     two swapped counts: the grand total still adds up) is refused, not scattered to wrong places."""
