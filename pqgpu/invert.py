@@ -15,15 +15,16 @@ Build (count, then scatter, then copy), every phase resumable:
     chunk c's rows of list l start (offsets[l] + the rows of l in chunks before c) is computed by a second
     streaming pass over the counts while the tasks are submitted, and handed to each task for the lists its
     chunk holds only: nothing of size n_chunks x nlist is ever stored or held (a resume recomputes it);
- 4. copy: one task per output Zarr chunk copies the staging bytes into `ivf/codes`, `ivf/rows`, `ivf/ids`.
+ 4. copy: one task per encode chunk's worth of output Zarr chunks copies the staging bytes into `ivf/codes`,
+    `ivf/rows`, `ivf/ids` (each output chunk has its done flag).
 Positions depend only on the lists, so a killed build resumes to byte-identical arrays. Within a list rows
 keep increasing row order: the order faiss's `add` gives them.
 
 Memory and disk at 1B rows, nlist 65,536, chunk_rows 65,536 (15,259 chunks): the driver holds offsets and the
-running starts (2 x 0.5 MiB), one block of counts rows (COUNTS_BLOCK_BYTES, 16 MiB, plus its int64 copy) and
-the arguments of the tasks in flight (at most 2 per worker thread, each <= min(nlist, chunk_rows) lists x 20 B,
-about 0.8 MiB): under 64 MiB whatever n is. A task holds one chunk (its lists, codes and ids) and its
-arguments. On disk, `ivf/counts` is 15,259 x 65,536 x 4 B = 4 GB before compression and about 0.5 GB after
+running starts (2 x 0.5 MiB), one block of counts rows (COUNTS_BLOCK_BYTES = 16 MiB) and the arguments of the
+tasks in flight: at most 2 per worker thread, 16 B per list present in the chunk (about 41,000 of the 65,536
+lists at these sizes: 0.66 MiB). That is ~18 MiB + 1.3 MiB per worker thread, whatever n is (the scheduler
+holds the same arguments). A task holds one chunk (its lists, codes and ids) and its arguments. On disk, `ivf/counts` is 15,259 x 65,536 x 4 B = 4 GB before compression and about 0.5 GB after
 (mostly 0, 1 and 2 at this ratio of rows to lists: 35 KB per chunk with Zarr's default zstd, measured on
 uniformly random lists), instead of the 2 x 8 GB of int64 counts and starts an earlier layout kept; the
 staging files hold n x (code_size + 16) bytes while the build runs, as before.
@@ -93,9 +94,9 @@ def _iter_counts(ivf: Any, n_chunks: int) -> Iterator[tuple[int, np.ndarray]]:
     counts = ivf["counts"]
     step = max(1, COUNTS_BLOCK_BYTES // (counts.dtype.itemsize * counts.shape[1]))
     for c0 in range(0, n_chunks, step):
-        block = np.asarray(counts[c0:min(n_chunks, c0 + step)]).astype(np.int64)
+        block = np.asarray(counts[c0:min(n_chunks, c0 + step)])
         for j in range(block.shape[0]):
-            yield c0 + j, block[j]
+            yield c0 + j, block[j].astype(np.int64)
 
 
 def _prepare(store: Any) -> tuple[Any, Path]:
@@ -171,7 +172,8 @@ def _scatter_items(store: Any, ivf: Any) -> Iterator[tuple[int, tuple[np.ndarray
     for c, row in _iter_counts(ivf, store.n_chunks):
         if not done[c]:
             present = np.flatnonzero(row)
-            yield c, (present, row[present], running[present].copy())
+            # int32 lists and sizes (< 2**31 rows per chunk), int64 starts: 16 B per list present
+            yield c, (present.astype(np.int32), row[present].astype(np.int32), running[present])
         running += row
 
 
