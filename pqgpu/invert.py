@@ -1,20 +1,33 @@
 """The inverted layout of an IVF store: rows grouped by list, built with memory bounded by the chunk size.
 
 Store nodes (beside codes/ids/done): `lists` int32 (n,), `codebook/coarse` float32 (nlist, d),
-`ivf/counts` int64 (n_chunks, nlist) (rows of chunk c in each list, written by the encode task),
-`ivf/starts` int64 (n_chunks, nlist) (where chunk c's rows of list l go), `ivf/offsets` int64 (nlist + 1),
-`ivf/codes` uint8 (n, code_size), `ivf/rows` int64 (n,) (store row of each inverted row), `ivf/ids` (n,)
-(integer ids only), and done flags `ivf/scatter_done` (n_chunks,), `ivf/copy_done` (output chunks,).
+`ivf/counts` int32 (n_chunks, nlist) (rows of chunk c in each list, written by the encode task; compressed),
+`ivf/offsets` int64 (nlist + 1), `ivf/codes` uint8 (n, code_size), `ivf/rows` int64 (n,) (store row of each
+inverted row), `ivf/ids` (n,) (integer ids only), and done flags `ivf/scatter_done` (n_chunks,),
+`ivf/copy_done` (output chunks,).
 
 Build (count, then scatter, then copy), every phase resumable:
  1. counts: each encode task writes its chunk's per-list counts (with its lists, before its done flag);
- 2. offsets and starts: one streaming pass over the counts in the driver (memory O(nlist));
+ 2. offsets: one streaming pass over the counts in the driver;
  3. scatter: one Dask task per encoded chunk writes its rows, in row order within each list, straight to
     their final positions in flat staging files beside the store (`<store>.ivf-staging/`, memory-mapped:
-    tasks write disjoint bytes, so they never race, unlike read-modify-write of shared Zarr chunks);
- 4. copy: one task per output Zarr chunk copies the staging bytes into `ivf/codes`, `ivf/rows`, `ivf/ids`.
+    tasks write disjoint bytes, so they never race, unlike read-modify-write of shared Zarr chunks). Where
+    chunk c's rows of list l start (offsets[l] + the rows of l in chunks before c) is computed by a second
+    streaming pass over the counts while the tasks are submitted, and handed to each task for the lists its
+    chunk holds only: nothing of size n_chunks x nlist is ever stored or held (a resume recomputes it);
+ 4. copy: one task per encode chunk's worth of output Zarr chunks copies the staging bytes into `ivf/codes`,
+    `ivf/rows`, `ivf/ids` (each output chunk has its done flag).
 Positions depend only on the lists, so a killed build resumes to byte-identical arrays. Within a list rows
 keep increasing row order: the order faiss's `add` gives them.
+
+Memory and disk at 1B rows, nlist 65,536, chunk_rows 65,536 (15,259 chunks): the driver holds offsets and the
+running starts (2 x 0.5 MiB), one block of counts rows (COUNTS_BLOCK_BYTES = 16 MiB) and the arguments of the
+tasks in flight: at most 2 per worker thread, 16 B per list present in the chunk (about 41,000 of the 65,536
+lists at these sizes: 0.66 MiB). That is ~18 MiB + 1.3 MiB per worker thread, whatever n is (the scheduler
+holds the same arguments). A task holds one chunk (its lists, codes and ids) and its arguments. On disk, `ivf/counts` is 15,259 x 65,536 x 4 B = 4 GB before compression and about 0.5 GB after
+(mostly 0, 1 and 2 at this ratio of rows to lists: 35 KB per chunk with Zarr's default zstd, measured on
+uniformly random lists), instead of the 2 x 8 GB of int64 counts and starts an earlier layout kept; the
+staging files hold n x (code_size + 16) bytes while the build runs, as before.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import zarr
@@ -34,6 +47,8 @@ from .errors import StoreError
 log = logging.getLogger(__name__)
 
 MAX_IVF_CHUNK_ROWS = 16384
+# Counts rows read per block by the driver's streaming passes.
+COUNTS_BLOCK_BYTES = 16 << 20
 
 
 def is_ivf_store(store: Any) -> bool:
@@ -48,7 +63,8 @@ def add_ivf_nodes(group: Any, codebook: Any, n: int, chunk_rows: int) -> None:
     group.create_array("lists", shape=(n,), chunks=(cr,), dtype="int32", fill_value=-1)
     group["codebook"].create_array("coarse", data=codebook.coarse)
     ivf = group.create_group("ivf")
-    ivf.create_array("counts", shape=(n_chunks, nlist), chunks=(1, nlist), dtype="int64", fill_value=0)
+    # int32: a count is at most one chunk's rows; one Zarr chunk per encode chunk, so tasks never share one
+    ivf.create_array("counts", shape=(n_chunks, nlist), chunks=(1, nlist), dtype="int32", fill_value=0)
     ivf.attrs.update({"nlist": nlist, "complete": False, "chunk_rows": ivf_chunk_rows(chunk_rows)})
     group.attrs["nlist"] = nlist
 
@@ -64,7 +80,7 @@ def write_chunk_lists(path: str, i: int, start: int, lists: np.ndarray) -> None:
     group = zarr.open_group(path, mode="r+")
     group["lists"][start:start + lists.shape[0]] = lists
     counts = group["ivf/counts"]
-    counts[i] = np.bincount(lists, minlength=counts.shape[1]).astype(np.int64)
+    counts[i] = np.bincount(lists, minlength=counts.shape[1]).astype(counts.dtype)
 
 
 # -- phases ---------------------------------------------------------------------------------------------
@@ -73,28 +89,34 @@ def _staging(path: str) -> Path:
     return Path(str(path).rstrip("/") + ".ivf-staging")
 
 
+def _iter_counts(ivf: Any, n_chunks: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(chunk, its per-list counts int64 (nlist,)) in chunk order, read COUNTS_BLOCK_BYTES at a time."""
+    counts = ivf["counts"]
+    step = max(1, COUNTS_BLOCK_BYTES // (counts.dtype.itemsize * counts.shape[1]))
+    for c0 in range(0, n_chunks, step):
+        block = np.asarray(counts[c0:min(n_chunks, c0 + step)])
+        for j in range(block.shape[0]):
+            yield c0 + j, block[j].astype(np.int64)
+
+
 def _prepare(store: Any) -> tuple[Any, Path]:
-    """Phase 2: offsets and starts (once), staging files and done flags (when missing)."""
+    """Phase 2: offsets (once; `starts_done` says where the lists start is known), output arrays, staging
+    files and done flags (when missing)."""
     g = store.group
     ivf = g["ivf"]
     nlist = int(ivf.attrs["nlist"])
     n, n_chunks = store.n, store.n_chunks
     if not ivf.attrs.get("starts_done"):
-        counts = ivf["counts"]
         total = np.zeros(nlist, np.int64)
-        for c in range(n_chunks):
-            total += counts[c]
+        for _, row in _iter_counts(ivf, n_chunks):
+            total += row
         if int(total.sum()) != n:
             raise StoreError(f"{store.path}: the per-chunk list counts add up to {int(total.sum())} rows, not "
                              f"{n}. Re-encode with `pqgpu encode --overwrite`.")
         offsets = np.zeros(nlist + 1, np.int64)
         np.cumsum(total, out=offsets[1:])
-        starts = ivf.require_array("starts", shape=(n_chunks, nlist), chunks=(1, nlist), dtype="int64",
-                                   fill_value=0)
-        running = offsets[:-1].copy()
-        for c in range(n_chunks):
-            starts[c] = running
-            running += counts[c]
+        if "starts" in ivf:  # the (n_chunks, nlist) array of an earlier layout: no longer needed
+            del ivf["starts"]
         ivf.require_array("offsets", shape=(nlist + 1,), chunks=(nlist + 1,), dtype="int64")[...] = offsets
         icr = int(ivf.attrs["chunk_rows"])
         n_out = max(1, -(-n // icr))
@@ -142,8 +164,22 @@ def _memmap(staging: Path, name: str, n: int, code_size: int) -> np.memmap:
     return np.memmap(staging / f"{name}.bin", dtype=np.int64, mode="r+", shape=(n,))
 
 
-def scatter_chunk(path: str, i: int) -> int:
-    """Dask task (phase 3): chunk i's rows to their final inverted positions in the staging files."""
+def _scatter_items(store: Any, ivf: Any) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """(chunk, (lists present, their row counts, where its rows of each start)) for every chunk not yet
+    scattered: the starts of chunk c are offsets + the counts of chunks before c, summed while streaming."""
+    running = np.asarray(ivf["offsets"][...])[:-1].copy()
+    done = np.asarray(ivf["scatter_done"][...])
+    for c, row in _iter_counts(ivf, store.n_chunks):
+        if not done[c]:
+            present = np.flatnonzero(row)
+            # int32 lists and sizes (< 2**31 rows per chunk), int64 starts: 16 B per list present
+            yield c, (present.astype(np.int32), row[present].astype(np.int32), running[present])
+        running += row
+
+
+def scatter_chunk(path: str, i: int, present: np.ndarray, sizes: np.ndarray, starts: np.ndarray) -> int:
+    """Dask task (phase 3): chunk i's rows to their final inverted positions in the staging files; its rows of
+    list present[j] (sizes[j] of them) go to starts[j] onwards, in row order."""
     from ._faults import fault_point
     from .store import open_store
 
@@ -152,11 +188,15 @@ def scatter_chunk(path: str, i: int) -> int:
     lo, hi = store.chunk_range(i)
     n, cs = store.n, int(g.attrs["code_size"])
     lists = np.asarray(g["lists"][lo:hi]).astype(np.int64)
-    starts = np.asarray(g["ivf/starts"][i])
     order = np.argsort(lists, kind="stable")
     sorted_lists = lists[order]
+    heads = np.flatnonzero(np.diff(sorted_lists, prepend=-1))  # where each list's run starts (already sorted)
+    have, have_sizes = sorted_lists[heads], np.diff(heads, append=hi - lo)
+    if not (np.array_equal(have, present) and np.array_equal(have_sizes, sizes)):
+        raise StoreError(f"{path}: chunk {i}'s lists disagree with its counts in ivf/counts (the store was changed "
+                         "or damaged). Re-encode with `pqgpu encode --overwrite`.")
     first = np.searchsorted(sorted_lists, sorted_lists, side="left")  # first sorted position of each row's list
-    dest = starts[sorted_lists] + (np.arange(hi - lo) - first)
+    dest = np.repeat(starts, sizes) + (np.arange(hi - lo) - first)
     staging = _staging(path)
     codes = _memmap(staging, "codes", n, cs)
     codes[dest] = np.asarray(g["codes"][lo:hi])[order]
@@ -175,8 +215,10 @@ def scatter_chunk(path: str, i: int) -> int:
     return hi - lo
 
 
-def copy_chunk(path: str, j: int) -> int:
-    """Dask task (phase 4): output chunk j of the inverted arrays from the staging files into Zarr."""
+def copy_chunk(path: str, j: int, count: int = 1) -> int:
+    """Dask task (phase 4): output chunks j .. j + count - 1 of the inverted arrays from the staging files into
+    Zarr, in one write per array (Zarr writes the chunks concurrently), then marked done together."""
+    from ._faults import fault_point
     from .store import open_store
 
     store = open_store(path, mode="r+")
@@ -184,40 +226,74 @@ def copy_chunk(path: str, j: int) -> int:
     ivf = g["ivf"]
     icr = int(ivf.attrs["chunk_rows"])
     n, cs = store.n, int(g.attrs["code_size"])
-    lo, hi = j * icr, min(n, (j + 1) * icr)
     staging = _staging(path)
-    ivf["codes"][lo:hi] = np.asarray(_memmap(staging, "codes", n, cs)[lo:hi])
-    ivf["rows"][lo:hi] = np.asarray(_memmap(staging, "rows", n, cs)[lo:hi])
-    if "ids" in ivf:
-        ivf["ids"][lo:hi] = np.asarray(_memmap(staging, "ids", n, cs)[lo:hi]).astype(ivf["ids"].dtype)
-    from ._faults import fault_point
-
-    fault_point("ivf-copy", j)
-    ivf["copy_done"][j] = True
+    lo, hi = j * icr, min(n, (j + count) * icr)
+    for name in ("codes", "rows", "ids"):
+        if name in ivf:
+            arr = ivf[name]
+            arr[lo:hi] = np.asarray(_memmap(staging, name, n, cs)[lo:hi]).astype(arr.dtype, copy=False)
+    for jj in range(j, j + count):
+        fault_point("ivf-copy", jj)
+    ivf["copy_done"][j:j + count] = True
     return hi - lo
 
 
-def _run(client: Any, fn: Any, path: str, items: list[int], what: str) -> None:
-    if not items:
-        return
-    t0 = time.perf_counter()
-    if client is None:
-        for i in items:
-            fn(path, i)
-    else:
-        from distributed import wait
+def _copy_items(ivf: Any, per_task: int) -> Iterator[tuple[int, tuple[int]]]:
+    """(first, (count,)) for runs of at most per_task consecutive output chunks not yet copied."""
+    todo = np.flatnonzero(~np.asarray(ivf["copy_done"][...]))
+    start = prev = None
+    for j in todo.tolist():
+        if start is not None and (j != prev + 1 or j - start >= per_task):
+            yield start, (prev + 1 - start,)
+            start = None
+        if start is None:
+            start = j
+        prev = j
+    if start is not None:
+        yield start, (prev + 1 - start,)
 
-        futures = [client.submit(fn, path, i, key=f"pqgpu-{what}-{i}-{os.getpid()}-{time.monotonic_ns()}",
-                                 pure=False, retries=0) for i in items]
+
+def _run(client: Any, fn: Any, path: str, items: Iterable[tuple[int, tuple]], what: str) -> None:
+    """fn(path, i, *args) for each (i, args) of items: here, or on the Dask client with at most two tasks per
+    worker thread in flight, so the driver holds the arguments of a few tasks, not of all."""
+    t0 = time.perf_counter()
+    count = 0
+    if client is None:
+        for i, args in items:
+            fn(path, i, *args)
+            count += 1
+    else:
+        from distributed import as_completed
+
+        workers = client.scheduler_info()["workers"].values()
+        window = max(4, 2 * sum(w.get("nthreads", 1) for w in workers))
+        todo = iter(items)
+        flying: set[Any] = set()
+        done = as_completed()
+
+        def submit_next() -> None:
+            nxt = next(todo, None)
+            if nxt is not None:
+                i, args = nxt
+                fut = client.submit(fn, path, i, *args, key=f"pqgpu-{what}-{i}-{os.getpid()}-{time.monotonic_ns()}",
+                                    pure=False, retries=0)
+                flying.add(fut)
+                done.add(fut)
+
         try:
-            wait(futures)
-            for f in futures:
-                if f.status == "error":
-                    raise f.exception()
+            for _ in range(window):
+                submit_next()
+            for fut in done:
+                flying.discard(fut)
+                if fut.status == "error":
+                    raise fut.exception()
+                count += 1
+                submit_next()
         except BaseException:
-            client.cancel(futures)
+            client.cancel(list(flying))
             raise
-    log.info("IVF layout: %s of %d chunks in %.2f s", what, len(items), time.perf_counter() - t0)
+    if count:
+        log.info("IVF layout: %s, %d tasks in %.2f s", what, count, time.perf_counter() - t0)
 
 
 def build_inverted(store_or_path: Any, *, client: Any = None) -> None:
@@ -235,10 +311,12 @@ def build_inverted(store_or_path: Any, *, client: Any = None) -> None:
         return
     store = _open_rw(store)
     ivf, staging = _prepare(store)
-    _run(client, scatter_chunk, store.path, [int(i) for i in np.flatnonzero(~ivf["scatter_done"][...])], "scatter")
+    _run(client, scatter_chunk, store.path, _scatter_items(store, ivf), "scatter")
     if not ivf["scatter_done"][...].all():
         raise StoreError(f"{store.path}: some inverted-list scatter tasks did not finish; run `pqgpu encode` again.")
-    _run(client, copy_chunk, store.path, [int(j) for j in np.flatnonzero(~ivf["copy_done"][...])], "copy")
+    # as many rows per copy task as per encode chunk: fewer, larger tasks than one per output chunk
+    per_task = max(1, int(store.group.attrs["chunk_rows"]) // int(ivf.attrs["chunk_rows"]))
+    _run(client, copy_chunk, store.path, _copy_items(ivf, per_task), "copy")
     if not ivf["copy_done"][...].all():
         raise StoreError(f"{store.path}: some inverted-list copy tasks did not finish; run `pqgpu encode` again.")
     ivf.attrs["complete"] = True

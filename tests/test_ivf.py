@@ -324,6 +324,77 @@ def test_inverted_layout_resumes_byte_identically_after_kill(built, tmp_path):
         np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
 
 
+def test_grouped_copy_tasks_resume_byte_identically(built, tmp_path):
+    """Copy tasks covering several output chunks (here 3 of 200 rows per 700-row encode chunk), killed inside the
+    second task after its write: the rerun copies only what is not done, and the layout is the same bytes."""
+    from pqgpu.invert import _copy_items, build_inverted
+    from pqgpu.store import open_store
+
+    _, store, *_ = built
+    path = tmp_path / "grouped.zarr"
+    shutil.copytree(store.path, path)
+    ref = {name: store.group[f"ivf/{name}"][...] for name in ("codes", "rows", "offsets")}
+    g = open_store(path, mode="r+").group
+    g["ivf"].attrs.update({"complete": False, "starts_done": False, "chunk_rows": 200})
+    code = "import sys; from pqgpu.invert import build_inverted; build_inverted(sys.argv[1])"
+    env = dict(os.environ, PQGPU_FAULT="ivf-copy:4:kill", PYTHONPATH=str(Path(pqgpu.__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    ivf = open_store(path).group["ivf"]
+    assert ivf["copy_done"].shape == (16,) and ivf["copy_done"][...].tolist() == [True] * 3 + [False] * 13
+    assert list(_copy_items(ivf, 3)) == [(j, (3,)) for j in (3, 6, 9, 12)] + [(15, (1,))]
+    build_inverted(path)
+    g = open_store(path).group
+    assert g["ivf"].attrs["complete"] and g["ivf/codes"].chunks[0] == 200
+    for name, want in ref.items():
+        np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
+
+
+def test_streamed_counts_and_windowed_tasks_give_the_same_layout(built, tmp_path, client, monkeypatch):
+    """Counts read two chunks at a time and scatter tasks submitted a few at a time (5 chunks, a window of 4 on
+    the 2 one-thread workers): the same bytes as the layout built before."""
+    from pqgpu.invert import build_inverted
+    from pqgpu.store import open_store
+
+    _, store, *_ = built
+    path = tmp_path / "streamed.zarr"
+    shutil.copytree(store.path, path)
+    ref = {name: store.group[f"ivf/{name}"][...] for name in ("codes", "rows", "offsets")}
+    g = open_store(path, mode="r+").group
+    g["ivf"].attrs.update({"complete": False, "starts_done": False})
+    g["ivf/codes"][...] = 0
+    monkeypatch.setattr("pqgpu.invert.COUNTS_BLOCK_BYTES", 2 * 4 * 24)
+    assert store.n_chunks == 5
+    build_inverted(path, client=client)
+    g = open_store(path).group
+    for name, want in ref.items():
+        np.testing.assert_array_equal(g[f"ivf/{name}"][...], want)
+
+
+def test_inverted_build_keeps_no_chunk_by_list_starts_and_checks_counts(built, tmp_path):
+    """The build stores per-chunk counts (int32) only, and a chunk whose lists disagree with its counts (here
+    two swapped counts: the grand total still adds up) is refused, not scattered to wrong places."""
+    from pqgpu.errors import StoreError
+    from pqgpu.invert import build_inverted
+    from pqgpu.store import open_store
+
+    _, store, *_ = built
+    ivf = store.group["ivf"]
+    assert "starts" not in ivf and ivf["counts"].dtype == np.int32
+    assert ivf["counts"].shape == (store.n_chunks, 24) and int(ivf["counts"][...].sum()) == store.n
+    path = tmp_path / "damaged.zarr"
+    shutil.copytree(store.path, path)
+    g = open_store(path, mode="r+").group
+    g["ivf"].attrs.update({"complete": False, "starts_done": False})
+    row = g["ivf/counts"][2]
+    a, b = np.flatnonzero(row != row[np.argmax(row)])[0], np.argmax(row)
+    row[[a, b]] = row[[b, a]]
+    g["ivf/counts"][2] = row
+    with pytest.raises(StoreError, match="chunk 2's lists disagree with its counts"):
+        build_inverted(path)
+    assert not open_store(path).group["ivf"].attrs["complete"]
+
+
 def test_reencoded_chunk_rebuilds_the_layout(built, tmp_path, client):
     """A chunk encoded again (its done flag cleared) makes the old inverted layout stale: encode rebuilds it."""
     from pqgpu.pipeline import encode
@@ -387,6 +458,21 @@ def test_cli_search_nprobe_out_of_range_exits_cleanly(built, tmp_path, capsys):
     rc = cli.main(["search", store.path, "--queries", str(tmp_path / "q.npy"), "--nprobe", "99"])
     assert rc == cli.EXIT_ERROR
     assert "--nprobe: expected an integer from 1 to nlist=24" in capsys.readouterr().err
+
+
+def test_write_codes_postgres_refuses_an_ivf_store(built, capsys, monkeypatch):
+    """Residual codes without their lists cannot be decoded: refused before any connection (the DSN points at a
+    closed port, so an attempt would fail with a connection error instead), the store unchanged."""
+    _, store, *_ = built
+    monkeypatch.delenv("PQGPU_PG_DSN", raising=False)
+    before = {p: p.stat().st_mtime_ns for p in Path(store.path).rglob("*") if p.is_file()}
+    rc = cli.main(["write-codes-postgres", "--store", store.path, "--set", "postgres.table=items",
+                   "--set", "postgres.dsn=postgresql://nobody@127.0.0.1:9/none"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_ERROR
+    assert "is an IVF-PQ store (nlist=24)" in err and "Nothing was written" in err
+    assert "Traceback" not in err
+    assert {p: p.stat().st_mtime_ns for p in Path(store.path).rglob("*") if p.is_file()} == before
 
 
 def test_quantizer_file_contradicting_nlist(tmp_path):

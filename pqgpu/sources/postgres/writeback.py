@@ -44,6 +44,26 @@ def _iter_store(store_path: str, batch_rows: int) -> Iterator[tuple[np.ndarray, 
         yield np.ascontiguousarray(codes[s:e]), np.asarray(ids[s:e])
 
 
+def _refuse_ivf_store(store_path: str) -> None:
+    """StoreError for an IVF-PQ store (quantizer.nlist > 0), before anything connects or writes: its codes
+    are PQ codes of the residual to the row's coarse centroid, meaningless without the row's list and the
+    coarse centroids, so a bytea column of them alone could not be decoded or searched."""
+    import zarr
+
+    try:
+        g = zarr.open_group(store_path, mode="r")
+    except Exception:  # not a store: _iter_store says so, in its own words
+        return
+    if "lists" in g or g.attrs.get("nlist"):
+        raise StoreError(
+            f"{store_path} is an IVF-PQ store (nlist={g.attrs.get('nlist')}): its codes encode each row's residual "
+            "to its IVF list's coarse centroid, so without the list and the coarse centroids they cannot be "
+            "decoded or searched, and write-codes-postgres writes codes alone. Nothing was written. To keep PQ "
+            "codes in Postgres, encode a plain PQ store (quantizer.nlist: 0, with another quantizer.path and "
+            "encode.output) and write that one; to search this store use `pqgpu search --nprobe` or "
+            "`pqgpu export-faiss`.")
+
+
 def write_codes_postgres(pg: PostgresConfig, store_path: str, *, batch_rows: int | None = None,
                          progress: Callable[[int], None] | None = None) -> int:
     """Write each store row's code into ``pg.codes_column`` (bytea) of ``pg.table``, matched by id.
@@ -60,6 +80,7 @@ def write_codes_postgres(pg: PostgresConfig, store_path: str, *, batch_rows: int
                           "postgres.query.")
     if not pg.table:
         raise ConfigError("postgres.table is not set. Name the table that receives the codes.")
+    _refuse_ivf_store(store_path)
     batch = int(batch_rows if batch_rows is not None else pg.batch_rows)
     if batch <= 0:
         raise ConfigError(f"postgres.batch_rows: expected a positive integer. Got {batch}.")
