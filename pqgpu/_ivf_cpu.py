@@ -1,4 +1,5 @@
-"""Numba kernel for IVF-PQ search on the CPU: per (query, probed list) residual ADC tables and a heap scan.
+"""Numba kernels for IVF-PQ search on the CPU: the nprobe nearest lists, per (query, probed list) ADC tables
+(faiss's precomputed form, or direct from the residual) and a heap scan.
 
 Importing this module needs numba; pqgpu.ivf_search uses the array-API path without it.
 """
@@ -12,24 +13,57 @@ from ._cpu_adc import _heap_replace_top
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def scan_probes_precomputed(y, coarse, centroids, term2, probe, seg_lo, seg_hi, codes, rows, heap_d, heap_i):
-    """scan_probes with faiss's precomputed tables: ||y - c_l - r||^2 = ||y - c_l||^2 + (||r||^2 + 2<c_l, r>)
-    - 2<y, r>, with term2 (nlist, M * ksub) = ||r_mk||^2 + 2<c_l,m, r_mk> computed once per index, -2<y, r>
-    once per query: a probe then costs M * ksub additions instead of ksub * d multiply-adds."""
-    nq, d = y.shape
-    M, ksub, dsub = centroids.shape
+def select_probes(dist, probe, pdist):
+    """The nprobe = probe.shape[1] smallest coarse distances of each query, ascending (ties: lower list
+    first), by insertion into a sorted array: dist (nq, nlist) float32 -> probe (nq, nprobe) int64 lists
+    and pdist (nq, nprobe) float32 their distances, filled in place. nprobe <= nlist."""
+    nq, nlist = dist.shape
     nprobe = probe.shape[1]
     for q in nb.prange(nq):
-        tab = np.empty(M * ksub, np.float32)
-        term3 = np.empty(M * ksub, np.float32)
-        for m in range(M):
-            for c in range(ksub):
-                s = np.float32(0.0)
-                for t in range(dsub):
-                    s += y[q, m * dsub + t] * centroids[m, c, t]
-                term3[m * ksub + c] = np.float32(-2.0) * s
+        pd = pdist[q]
+        pl = probe[q]
+        filled = 0
+        for lst in range(nlist):
+            v = dist[q, lst]
+            if filled == nprobe and not v < pd[nprobe - 1]:
+                continue
+            pos = filled if filled < nprobe else nprobe - 1
+            while pos > 0 and pd[pos - 1] > v:
+                pd[pos] = pd[pos - 1]
+                pl[pos] = pl[pos - 1]
+                pos -= 1
+            pd[pos] = v
+            pl[pos] = lst
+            if filled < nprobe:
+                filled += 1
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _push(hd, hi, d, row):
+    if d < hd[0] or (d == hd[0] and row < hi[0]):
+        _heap_replace_top(hd, hi, d, row)
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def scan_tables(ip, term2, probe, dis0, seg_lo, seg_hi, codes, rows, heap_d, heap_i):
+    """Top-k over the probed lists with faiss's precomputed tables, updating the heaps in place:
+    ||y - c_l - r||^2 = ||y - c_l||^2 + (||r||^2 + 2<c_l, r>) - 2<y, r>, so a list's table is
+    term2[l] + ip[q] (M * ksub additions) and a row's distance dis0 + its M look-ups.
+
+    ip (nq, M * ksub) float32 -2<y_m, r_mk>; term2 (nlist, M * ksub) float32; probe (nq, nprobe) int64 and
+    dis0 (nq, nprobe) float32 ||y - c_l||^2; seg_lo / seg_hi (nlist,) int64: where list l lies in codes
+    (R, M) uint8|uint16 sub-codes and rows (R,) int64 store rows; heap_d / heap_i (nq, k) max-heaps by
+    (distance, row). Four rows at a time: four independent sums (each in sub-quantizer order) keep the
+    CPU's adders busy while the look-ups of the next row are in flight.
+    """
+    nq, MK = ip.shape
+    M = codes.shape[1]
+    ksub = MK // M
+    nprobe = probe.shape[1]
+    for q in nb.prange(nq):
+        tab = np.empty(MK, np.float32)
         hd = heap_d[q]
-        hi_ = heap_i[q]
+        hx = heap_i[q]
         for j in range(nprobe):
             lst = probe[q, j]
             if lst < 0:
@@ -38,19 +72,32 @@ def scan_probes_precomputed(y, coarse, centroids, term2, probe, seg_lo, seg_hi, 
             hi = seg_hi[lst]
             if hi <= lo:
                 continue
-            dis0 = np.float32(0.0)
-            for t in range(d):
-                diff = y[q, t] - coarse[lst, t]
-                dis0 += diff * diff
-            for e in range(M * ksub):
-                tab[e] = term2[lst, e] + term3[e]
-            for i in range(lo, hi):
-                acc = dis0
+            for e in range(MK):
+                tab[e] = term2[lst, e] + ip[q, e]
+            d0 = dis0[q, j]
+            i = lo
+            while i + 4 <= hi:
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
                 for m in range(M):
-                    acc += tab[m * ksub + codes[i, m]]
-                row = rows[i]
-                if acc < hd[0] or (acc == hd[0] and row < hi_[0]):
-                    _heap_replace_top(hd, hi_, acc, row)
+                    b = m * ksub
+                    s0 += tab[b + codes[i, m]]
+                    s1 += tab[b + codes[i + 1, m]]
+                    s2 += tab[b + codes[i + 2, m]]
+                    s3 += tab[b + codes[i + 3, m]]
+                _push(hd, hx, d0 + s0, rows[i])
+                _push(hd, hx, d0 + s1, rows[i + 1])
+                _push(hd, hx, d0 + s2, rows[i + 2])
+                _push(hd, hx, d0 + s3, rows[i + 3])
+                i += 4
+            while i < hi:
+                s = np.float32(0.0)
+                for m in range(M):
+                    s += tab[m * ksub + codes[i, m]]
+                _push(hd, hx, d0 + s, rows[i])
+                i += 1
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)

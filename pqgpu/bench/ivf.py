@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def exact_knn(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    from ..search import ExactKnn
+    from ..evaluation import ExactKnn
 
     knn = ExactKnn(q, k)
     for s in range(0, x.shape[0], 65536):
@@ -36,7 +36,7 @@ def exact_knn(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
 
 
 def recall(found: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    from ..search import recall_metrics
+    from ..evaluation import recall_metrics
 
     r = recall_metrics(found, gt, (10,))
     return r["1-recall@10"], r["10-recall@10"]
