@@ -45,22 +45,31 @@ def _push(hd, hi, d, row):
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def scan_tables(ip, term2, probe, dis0, seg_lo, seg_hi, codes, rows, heap_d, heap_i):
+def scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, codes, rows, heap_d, heap_i):
     """Top-k over the probed lists with faiss's precomputed tables, updating the heaps in place:
     ||y - c_l - r||^2 = ||y - c_l||^2 + (||r||^2 + 2<c_l, r>) - 2<y, r>, so a list's table is
-    term2[l] + ip[q] (M * ksub additions) and a row's distance dis0 + its M look-ups.
+    term2[l] + ip (M * ksub additions, ip = -2<y_m, r_mk> once per query) and a row's distance dis0 + its M
+    look-ups.
 
-    ip (nq, M * ksub) float32 -2<y_m, r_mk>; term2 (nlist, M * ksub) float32; probe (nq, nprobe) int64 and
+    y (nq, d) float32 rotated queries; cent_t (M, dsub, ksub) float32 the PQ centroids, transposed so that
+    ip is computed along ksub (vectorised; no BLAS call, whose threads would fight numba's for the cores);
+    term2 (nlist, M * ksub) float32; probe (nq, nprobe) int64 and
     dis0 (nq, nprobe) float32 ||y - c_l||^2; seg_lo / seg_hi (nlist,) int64: where list l lies in codes
     (R, M) uint8|uint16 sub-codes and rows (R,) int64 store rows; heap_d / heap_i (nq, k) max-heaps by
     (distance, row). Four rows at a time: four independent sums (each in sub-quantizer order) keep the
     CPU's adders busy while the look-ups of the next row are in flight.
     """
-    nq, MK = ip.shape
-    M = codes.shape[1]
-    ksub = MK // M
+    nq = y.shape[0]
+    M, dsub, ksub = cent_t.shape
+    MK = M * ksub
     nprobe = probe.shape[1]
     for q in nb.prange(nq):
+        ip = np.zeros(MK, np.float32)
+        for m in range(M):
+            for t in range(dsub):
+                yv = np.float32(-2.0) * y[q, m * dsub + t]
+                for c in range(ksub):
+                    ip[m * ksub + c] += yv * cent_t[m, t, c]
         tab = np.empty(MK, np.float32)
         hd = heap_d[q]
         hx = heap_i[q]
@@ -73,7 +82,7 @@ def scan_tables(ip, term2, probe, dis0, seg_lo, seg_hi, codes, rows, heap_d, hea
             if hi <= lo:
                 continue
             for e in range(MK):
-                tab[e] = term2[lst, e] + ip[q, e]
+                tab[e] = term2[lst, e] + ip[e]
             d0 = dis0[q, j]
             i = lo
             while i + 4 <= hi:

@@ -147,11 +147,8 @@ def scan_cpu(y: np.ndarray, cb: Any, probe: np.ndarray, dis0: np.ndarray, seg_lo
     heap_d = np.full((nq, k), MISSING_DISTANCE, np.float32)
     heap_i = np.full((nq, k), -1, np.int64)
     if term2 is not None:
-        # -2<y_m, r_mk> for every query at once: (nq, M, dsub) x (M, ksub, dsub) with BLAS
-        ip = np.einsum("qmt,mkt->qmk", y.reshape(nq, cb.M, cb.dsub), cb.centroids, optimize=True)
-        ip = np.ascontiguousarray(ip.reshape(nq, cb.M * cb.ksub), dtype=np.float32)
-        ip *= np.float32(-2.0)
-        _ivf_cpu.scan_tables(ip, term2, probe, dis0, seg_lo, seg_hi, sub, rows, heap_d, heap_i)
+        cent_t = np.ascontiguousarray(cb.centroids.transpose(0, 2, 1))
+        _ivf_cpu.scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, sub, rows, heap_d, heap_i)
     else:
         _ivf_cpu.scan_probes(y, cb.coarse, cb.centroids, probe, seg_lo, seg_hi, sub, rows, heap_d, heap_i)
     order = np.lexsort((heap_i, heap_d), axis=-1)
