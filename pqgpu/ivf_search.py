@@ -120,11 +120,14 @@ def precomputed_term2(cb: Any) -> np.ndarray | None:
         return None
     c = cb.centroids  # (M, ksub, dsub)
     rnorm = np.einsum("mkt,mkt->mk", c, c)
-    coarse_sub = np.ascontiguousarray(cb.coarse.reshape(cb.nlist, cb.M, cb.dsub).transpose(1, 0, 2))
-    cross = np.matmul(coarse_sub, c.transpose(0, 2, 1))  # (M, nlist, ksub)
-    cross *= np.float32(2.0)
-    cross += rnorm[:, None, :]
-    return np.ascontiguousarray(cross.transpose(1, 0, 2).reshape(cb.nlist, cb.M * cb.ksub), dtype=np.float32)
+    coarse_sub = cb.coarse.reshape(cb.nlist, cb.M, cb.dsub)
+    term2 = np.empty((cb.nlist, cb.M, cb.ksub), np.float32)
+    for m in range(cb.M):  # one GEMM per sub-quantizer: numpy's batched matmul is slow for these shapes
+        cross = coarse_sub[:, m, :] @ np.ascontiguousarray(c[m].T)
+        cross *= np.float32(2.0)
+        cross += rnorm[m][None, :]
+        term2[:, m, :] = cross
+    return term2.reshape(cb.nlist, cb.M * cb.ksub)
 
 
 def sub_codes(codes: np.ndarray, cb: Any) -> np.ndarray:

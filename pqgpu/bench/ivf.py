@@ -3,8 +3,9 @@ the same data in the same run, then recall@10 and queries/s per nprobe for both.
 
 Search is counted the same way for both: the index is loaded once from disk (pqgpu: `IvfIndex` reads the
 store's inverted layout from Zarr; faiss: `read_index` of the same index written to a file), the load time is
-reported apart, and queries/s is over the search calls (best of a few, after a warm-up call), with the same
-number of CPU threads for both. The one-call figure (`search_ivf_store`: open + load + search) is reported too.
+reported apart, and queries/s is over the search calls (best of 5, after a warm-up call, pqgpu and faiss
+taking turns), with the same number of CPU threads for both (--threads). The one-call figure
+(`search_ivf_store`: open the store, load, search) is reported too.
 
     python -m pqgpu.bench.ivf [--quick] [--n N --d D --nlist L --M M --nbits B] [--out DIR]
 
@@ -53,6 +54,14 @@ def numba_threads() -> int | None:
     except ImportError:
         return None
     return numba.get_num_threads()
+
+
+def set_numba_threads(threads: int) -> None:
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
 def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, nprobes: list[int], nq: int,
@@ -118,23 +127,29 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
         ours = IvfIndex(open_store(cfg.encode.output))
         t_load = time.perf_counter() - t0
 
-        def best_of(fn: Any, runs: int = 3) -> tuple[float, Any]:
-            fn()  # warm-up: numba compile, faiss's first-call allocations
-            times, out = [], None
+        def best_of_both(ours_fn: Any, faiss_fn: Any, runs: int = 5) -> tuple[float, Any, float, Any]:
+            """Best time of each over `runs` calls, taken in turns so both see the same machine load."""
+            ours_fn(), faiss_fn()  # warm-up: numba compile, faiss's first-call allocations
+            t_o, t_f = [], []
             for _ in range(runs):
                 t0 = time.perf_counter()
-                out = fn()
-                times.append(time.perf_counter() - t0)
-            return min(times), out
+                out_o = ours_fn()
+                t_o.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                out_f = faiss_fn()
+                t_f.append(time.perf_counter() - t0)
+            return min(t_o), out_o, min(t_f), out_f
 
+        faiss.omp_set_num_threads(threads)  # the same threads for both searches
+        set_numba_threads(threads)
         rows = []
         for p in nprobes:
-            t_ours, (_, found) = best_of(lambda: ours.search(q, 10, nprobe=p, backend="cpu"))
+            ivf.nprobe = p
+            t_ours, (_, found), t_faiss, (_, f_found) = best_of_both(
+                lambda: ours.search(q, 10, nprobe=p, backend="cpu"), lambda: index.search(q, 10))
             t0 = time.perf_counter()
             search_ivf_store(open_store(cfg.encode.output), q, 10, nprobe=p, backend="cpu")
             t_once = time.perf_counter() - t0
-            ivf.nprobe = p
-            t_faiss, (_, f_found) = best_of(lambda: index.search(q, 10))
             r1, r10 = recall(found, gt)
             f1, f10 = recall(f_found, gt)
             rows.append({"nprobe": p, "pqgpu 1-R@10": round(r1, 4), "faiss 1-R@10": round(f1, 4),
@@ -146,7 +161,7 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
         return {
             "params": {"n": n, "d": d, "nlist": nlist, "M": M, "nbits": nbits, "niter": niter, "nq": nq,
                        "train_size": train_size, "workers": workers, "threads_per_worker": threads,
-                       "faiss_threads": faiss.omp_get_max_threads()},
+                       "search_threads": threads},
             "build": {"pqgpu_train_s": round(t_train, 3), "pqgpu_encode_invert_s": round(t_encode_invert, 3),
                       "pqgpu_invert_alone_s": round(t_invert, 3), "pqgpu_build_s": round(build, 3),
                       "faiss_train_s": round(f_train, 3), "faiss_add_s": round(f_add, 3),
@@ -176,9 +191,9 @@ def report_markdown(r: dict[str, Any]) -> str:
              f"Per row: encode {pr['encode_us_per_row']} µs, invert {pr['invert_us_per_row']} µs, train "
              f"{pr['train_us_per_sample_row']} µs per sample row; faiss add {pr['faiss_add_us_per_row']} µs.", "",
              f"Index load from disk, apart from search: pqgpu IvfIndex {r['load']['pqgpu_ivf_index_s']} s (store), "
-             f"faiss read_index {r['load']['faiss_read_index_s']} s (file). Queries/s: best of 3 search calls of "
+             f"faiss read_index {r['load']['faiss_read_index_s']} s (file). Queries/s: best of 5 search calls (taking turns) of "
              f"{p['nq']} queries on the loaded index (numba threads {r['load']['numba_threads']}, faiss threads "
-             f"{p['faiss_threads']}); ratio = pqgpu / faiss.", "",
+             f"{p['search_threads']}); ratio = pqgpu / faiss.", "",
              markdown_table(r["search"])]
     return "\n".join(lines) + "\n"
 
