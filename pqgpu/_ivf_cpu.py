@@ -12,30 +12,72 @@ import numpy as np
 from ._cpu_adc import _heap_replace_top
 
 
+# Queries per pass over the coarse centroids in probe_lists: their partial dot products stay in L1.
+COARSE_QUERY_BLOCK = 4
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def probe_lists(y, coarse_t, cnorm, probe, pdist):
+    """The nprobe = probe.shape[1] nearest lists of each query and their coarse distances, in one parallel
+    pass (no BLAS call: its thread pool would fight numba's for the cores, see scan_tables).
+
+    y (nq, d) float32; coarse_t (d, nlist) float32 the coarse centroids transposed; cnorm (nlist,) float32
+    ||c||^2; fills probe (nq, nprobe) int64 and pdist (nq, nprobe) float32 with the lists, nearest first
+    (ties: lower list), and their distances ||y||^2 + ||c||^2 - 2<y, c> clipped at 0, as faiss's IndexFlatL2.
+    """
+    nq, d = y.shape
+    nlist = coarse_t.shape[1]
+    QB = COARSE_QUERY_BLOCK
+    for blk in nb.prange((nq + QB - 1) // QB):
+        q0 = blk * QB
+        nb_q = min(QB, nq - q0)
+        acc = np.zeros((QB, nlist), np.float32)
+        for t in range(d):
+            c_row = coarse_t[t]
+            for u in range(nb_q):
+                yv = y[q0 + u, t]
+                a = acc[u]
+                for lst in range(nlist):
+                    a[lst] += yv * c_row[lst]
+        dist = np.empty(nlist, np.float32)
+        for u in range(nb_q):
+            q = q0 + u
+            yn = np.float32(0.0)
+            for t in range(d):
+                yn += y[q, t] * y[q, t]
+            for lst in range(nlist):
+                dist[lst] = max(yn + cnorm[lst] - np.float32(2.0) * acc[u, lst], np.float32(0.0))
+            _select(dist, probe[q], pdist[q])
+
+
+@nb.njit(cache=True, nogil=True)
+def _select(dist, pl, pd):
+    """The len(pl) smallest of dist, ascending (ties: lower index first), by insertion into a sorted array."""
+    nlist = dist.shape[0]
+    nprobe = pl.shape[0]
+    filled = 0
+    for lst in range(nlist):
+        v = dist[lst]
+        if filled == nprobe and not v < pd[nprobe - 1]:
+            continue
+        pos = filled if filled < nprobe else nprobe - 1
+        while pos > 0 and pd[pos - 1] > v:
+            pd[pos] = pd[pos - 1]
+            pl[pos] = pl[pos - 1]
+            pos -= 1
+        pd[pos] = v
+        pl[pos] = lst
+        if filled < nprobe:
+            filled += 1
+
+
 @nb.njit(cache=True, nogil=True, parallel=True)
 def select_probes(dist, probe, pdist):
     """The nprobe = probe.shape[1] smallest coarse distances of each query, ascending (ties: lower list
-    first), by insertion into a sorted array: dist (nq, nlist) float32 -> probe (nq, nprobe) int64 lists
-    and pdist (nq, nprobe) float32 their distances, filled in place. nprobe <= nlist."""
-    nq, nlist = dist.shape
-    nprobe = probe.shape[1]
-    for q in nb.prange(nq):
-        pd = pdist[q]
-        pl = probe[q]
-        filled = 0
-        for lst in range(nlist):
-            v = dist[q, lst]
-            if filled == nprobe and not v < pd[nprobe - 1]:
-                continue
-            pos = filled if filled < nprobe else nprobe - 1
-            while pos > 0 and pd[pos - 1] > v:
-                pd[pos] = pd[pos - 1]
-                pl[pos] = pl[pos - 1]
-                pos -= 1
-            pd[pos] = v
-            pl[pos] = lst
-            if filled < nprobe:
-                filled += 1
+    first): dist (nq, nlist) float32 -> probe (nq, nprobe) int64 lists and pdist (nq, nprobe) float32 their
+    distances, filled in place. nprobe <= nlist."""
+    for q in nb.prange(dist.shape[0]):
+        _select(dist[q], probe[q], pdist[q])
 
 
 @nb.njit(cache=True, nogil=True, inline="always")

@@ -228,7 +228,7 @@ class IvfIndex:
         self.cnorm = np.einsum("ij,ij->i", cb.coarse, cb.coarse).astype(np.float32)
         self.term2 = precomputed_term2(cb)
         self.loaded = bool(load)
-        self.codes = self.rows = self._sub = None
+        self.codes = self.rows = self._sub = self._coarse_t = None
         if self.loaded:
             self.codes = np.asarray(ivf["codes"][...])
             self.rows = np.asarray(ivf["rows"][...])
@@ -242,6 +242,18 @@ class IvfIndex:
         if self.loaded:
             return load_lists(self.codes, self.rows, lists, self.offsets, 0)
         return load_lists(self._ivf["codes"], self._ivf["rows"], lists, self.offsets, self.gap)
+
+    def _probe_cpu(self, y: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """coarse_distances + select_probes in one numba pass (same lists and distances up to float32 rounding
+        of the dot products)."""
+        from . import _ivf_cpu
+
+        if self._coarse_t is None:
+            self._coarse_t = np.ascontiguousarray(self.cb.coarse.T)
+        probe = np.empty((y.shape[0], nprobe), np.int64)
+        pdist = np.empty((y.shape[0], nprobe), np.float32)
+        _ivf_cpu.probe_lists(y, self._coarse_t, self.cnorm, probe, pdist)
+        return probe, pdist
 
     def _batch(self, nprobe: int, cpu: bool) -> int:
         """Queries per batch: their coarse distances within COARSE_BYTES, the lists they read within
@@ -279,7 +291,10 @@ class IvfIndex:
         out_d, out_r = [], []
         for b0 in range(0, nq, batch):
             yb = y[b0:b0 + batch]
-            probe, dis0 = select_probes(coarse_distances(yb, cb.coarse, self.cnorm), nprobe, use_numba=use_cpu)
+            if use_cpu:
+                probe, dis0 = self._probe_cpu(yb, nprobe)
+            else:
+                probe, dis0 = select_probes(coarse_distances(yb, cb.coarse, self.cnorm), nprobe, use_numba=False)
             if use_cpu and self.loaded:  # the whole layout in memory: lists lie at their offsets
                 if self._sub is None:
                     self._sub = sub_codes(self.codes, cb)

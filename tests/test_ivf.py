@@ -453,3 +453,22 @@ def test_probe_selection_keeps_the_lower_list_on_ties(use_numba):
         ref = np.array([sorted(range(20), key=lambda lst: (row[lst], lst))[:nprobe] for row in dist])
         np.testing.assert_array_equal(probe, ref)
         np.testing.assert_array_equal(pdist, np.take_along_axis(dist, ref, axis=1))
+
+
+def test_coarse_probe_kernel_equals_exact_distances_and_ties():
+    """The fused numba coarse pass: lists and distances equal the exact ones, ties to the lower list (small
+    integer vectors: every distance is exact in float32, and many are equal)."""
+    pytest.importorskip("numba")
+    from pqgpu import _ivf_cpu
+
+    rng = np.random.default_rng(18)
+    y = rng.integers(0, 3, (30, 8)).astype(np.float32)  # 30 queries: not a multiple of the query block
+    coarse = rng.integers(0, 3, (20, 8)).astype(np.float32)
+    exact = ((y[:, None, :].astype(np.float64) - coarse[None]) ** 2).sum(-1)
+    for nprobe in (1, 7, 20):
+        probe = np.empty((30, nprobe), np.int64)
+        pdist = np.empty((30, nprobe), np.float32)
+        _ivf_cpu.probe_lists(y, np.ascontiguousarray(coarse.T), (coarse * coarse).sum(1), probe, pdist)
+        ref = np.array([sorted(range(20), key=lambda lst: (row[lst], lst))[:nprobe] for row in exact])
+        np.testing.assert_array_equal(probe, ref)
+        np.testing.assert_array_equal(pdist, np.take_along_axis(exact, ref, axis=1).astype(np.float32))
