@@ -114,7 +114,7 @@ def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.nda
 
 
 def precomputed_term2(cb: Any) -> np.ndarray | None:
-    """(nlist, M * ksub) float32 ||r_mk||^2 + 2<c_l,m, r_mk> (one batched matmul); None when it would exceed
+    """(nlist, M * ksub) float32 ||r_mk||^2 + 2<c_l,m, r_mk> (one GEMM per sub-quantizer); None when it would exceed
     PRECOMPUTED_BYTES (faiss has the same switch, precomputed_table_max_bytes)."""
     if cb.nlist * cb.M * cb.ksub * 4 > PRECOMPUTED_BYTES:
         return None

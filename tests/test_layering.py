@@ -139,8 +139,9 @@ def test_cycle_finder_sees_a_circle():
 def test_import_graph_reads_each_form_of_import(tmp_path):
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
-    files = {"__init__.py": "", "a.py": "from . import b\nfrom .sub.c import f\n", "b.py": "def g():\n    import pkg.a\n",
-             "sub/__init__.py": "", "sub/c.py": "from .. import b, __version__\nfrom ..b import g\n"}
+    files = {"__init__.py": "", "a.py": "from . import b\nfrom .sub.c import f\n",
+             "b.py": "def g():\n    import pkg.a\n", "sub/__init__.py": "",
+             "sub/c.py": "from .. import b, __version__\nfrom ..b import g\nfrom . import h\n"}
     for rel, text in files.items():
         (pkg / rel).write_text(text)
     modules = {"pkg": pkg / "__init__.py", "pkg.a": pkg / "a.py", "pkg.b": pkg / "b.py",
