@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench_recall_real import load_embeddings
 
     from pqgpu.ivf import train_ivf
-    from pqgpu.search import recall_metrics
+    from pqgpu.evaluation import recall_metrics
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20_000)

@@ -164,7 +164,7 @@ def _load_npy(path: str, what: str):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_config
-    from .search import format_table
+    from .evaluation import format_table
 
     cfg = _config(args)
     ks = tuple(int(k) for k in str(args.k).split(","))

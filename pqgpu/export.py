@@ -88,9 +88,10 @@ def export_faiss(store_or_path: Any, out_path: str | os.PathLike) -> Path:
     Returns the index path. faiss.read_index(out) then searches with the same results as pqgpu.search.
     """
     faiss = import_faiss()
-    from .search import _open, store_chunks
+    from .search import store_chunks
+    from .store import as_store
 
-    store = _open(store_or_path)
+    store = as_store(store_or_path)
     if store.is_complete():  # (store_chunks refuses an incomplete one)
         store.check_chunks_present()
     if "lists" in store.group:  # IVF store: an IndexIVFPQ, written without faiss (pqgpu.invert)

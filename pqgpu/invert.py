@@ -43,36 +43,12 @@ import numpy as np
 import zarr
 
 from .errors import StoreError
+from .store import as_store, check_inverted, is_ivf_store
 
 log = logging.getLogger(__name__)
 
-MAX_IVF_CHUNK_ROWS = 16384
 # Counts rows read per block by the driver's streaming passes.
 COUNTS_BLOCK_BYTES = 16 << 20
-
-
-def is_ivf_store(store: Any) -> bool:
-    return "lists" in store.group
-
-
-def add_ivf_nodes(group: Any, codebook: Any, n: int, chunk_rows: int) -> None:
-    """Create the IVF nodes of a fresh store (called by store.create_store for an IvfCodebook)."""
-    nlist = codebook.nlist
-    n_chunks = max(1, -(-n // chunk_rows))
-    cr = max(1, min(chunk_rows, n)) if n else 1
-    group.create_array("lists", shape=(n,), chunks=(cr,), dtype="int32", fill_value=-1)
-    group["codebook"].create_array("coarse", data=codebook.coarse)
-    ivf = group.create_group("ivf")
-    # int32: a count is at most one chunk's rows; one Zarr chunk per encode chunk, so tasks never share one
-    ivf.create_array("counts", shape=(n_chunks, nlist), chunks=(1, nlist), dtype="int32", fill_value=0)
-    ivf.attrs.update({"nlist": nlist, "complete": False, "chunk_rows": ivf_chunk_rows(chunk_rows)})
-    group.attrs["nlist"] = nlist
-
-
-def ivf_chunk_rows(chunk_rows: int) -> int:
-    """Rows per Zarr chunk of the inverted arrays: smaller than encode chunks, so a probed list of a few
-    thousand rows reads little beyond itself."""
-    return max(1, min(chunk_rows, MAX_IVF_CHUNK_ROWS))
 
 
 def write_chunk_lists(path: str, i: int, start: int, lists: np.ndarray) -> None:
@@ -299,9 +275,7 @@ def _run(client: Any, fn: Any, path: str, items: Iterable[tuple[int, tuple]], wh
 def build_inverted(store_or_path: Any, *, client: Any = None) -> None:
     """Build (or finish) the inverted layout of a complete IVF store. client: a Dask client, or None to run
     the tasks in this process."""
-    from .search import _open
-
-    store = _open(store_or_path)
+    store = as_store(store_or_path)
     if not is_ivf_store(store):
         raise StoreError(f"{store.path} is not an IVF store (it was encoded with quantizer.nlist: 0).")
     if not store.is_complete():
@@ -327,14 +301,6 @@ def _open_rw(store: Any) -> Any:
     from .store import open_store
 
     return open_store(store.path, mode="r+")
-
-
-def check_inverted(store: Any) -> None:
-    if not is_ivf_store(store):
-        raise StoreError(f"{store.path} is not an IVF store (it was encoded with quantizer.nlist: 0).")
-    if not store.group["ivf"].attrs.get("complete"):
-        raise StoreError(f"{store.path}: the inverted lists are not built yet (an encode was interrupted). Run "
-                         "`pqgpu encode` with the same config again to finish them.")
 
 
 def iter_lists(store: Any, block_rows: int | None = None, *, labels: str = "rows"

@@ -2,8 +2,10 @@
 
 Like faiss IndexIVFPQ (by_residual): a query y (rotated when there is OPQ) probes the nprobe lists whose
 coarse centroids c_l are nearest; a row of list l with residual code r scores sum_m ||(y - c_l)_m - r_m||^2.
-The scan loads the union of the probed lists of a query batch once (contiguous ranges of `ivf/codes`), then
-scores them with a fused numba kernel on the CPU or with array-API kernels (CuPy on the GPU).
+`IvfIndex` opens a store once, as faiss.read_index does (the inverted layout in memory when it fits), and
+serves any number of searches; `search_ivf_store` is the one-call form. Rows are scored by fused numba kernels
+on the CPU (faiss's precomputed tables: a list's table is term2[l] - 2<y, r>) or by array-API kernels (CuPy
+on the GPU) over the probed lists of each query batch.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
 from .codebook import as_float32_matrix
 from .errors import ConfigError
-from .invert import check_inverted
+from .evaluation import ExactKnn, check_k, evaluation_inputs, recall_metrics, reconstruction_pass
+from .store import check_inverted
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NPROBE = 16
 MISSING_DISTANCE = float(np.finfo(np.float32).max)
-# Budgets per query batch: coarse distances (nq, nlist) float32, codes rows loaded, residual tables.
+# Budgets per query batch: coarse distances (nq, nlist) float32, rows read from the store, residual tables.
 COARSE_BYTES = 128 << 20
 LOAD_ROWS = 1 << 22
 TABLE_BYTES = 256 << 20
 PRECOMPUTED_BYTES = 512 << 20
+# One-off searches whose probes cover the lists load the whole inverted layout (codes + rows) up to this size.
+LOAD_BYTES = 1 << 30
 
 
 def resolve_nprobe(nprobe: Any, nlist: int, where: str = "") -> int:
@@ -45,28 +50,40 @@ def resolve_nprobe(nprobe: Any, nlist: int, where: str = "") -> int:
     return int(nprobe)
 
 
-def coarse_probe(y: np.ndarray, coarse: np.ndarray, nprobe: int) -> np.ndarray:
-    """The nprobe nearest lists of each query, nearest first (ties: lower list): (nq, nprobe) int64."""
-    cnorm = (coarse.astype(np.float64) ** 2).sum(1).astype(np.float32)
-    dist = cnorm[None, :] - 2 * (y @ coarse.T)
-    nlist = coarse.shape[0]
-    if nprobe < nlist:
-        part = np.argpartition(dist, nprobe - 1, axis=1)[:, :nprobe]
-    else:
-        part = np.broadcast_to(np.arange(nlist), dist.shape)
-    pd = np.take_along_axis(dist, part, axis=1)
-    order = np.lexsort((part, pd), axis=-1)
-    return np.take_along_axis(part, order, axis=1).astype(np.int64)
+def coarse_distances(y: np.ndarray, coarse: np.ndarray, cnorm: np.ndarray) -> np.ndarray:
+    """(nq, nlist) float32 ||y||^2 + ||c||^2 - 2<y, c>, clipped at 0: what faiss's IndexFlatL2 quantizer
+    returns, and the dis0 that its by_residual scan adds to every table sum."""
+    dist = y @ coarse.T
+    dist *= np.float32(-2.0)
+    dist += cnorm[None, :]
+    dist += np.einsum("ij,ij->i", y, y)[:, None]
+    np.maximum(dist, np.float32(0.0), out=dist)
+    return dist
 
 
-def load_lists(store: Any, lists: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                            np.ndarray]:
-    """Codes and store rows of the given lists (sorted, unique), read as few contiguous ranges.
+def select_probes(dist: np.ndarray, nprobe: int, use_numba: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The nprobe nearest lists of each query, nearest first (ties: lower list), and their coarse distances:
+    (nq, nprobe) int64 and float32."""
+    nq, nlist = dist.shape
+    if use_numba:
+        from . import _ivf_cpu
+
+        probe = np.empty((nq, nprobe), np.int64)
+        pdist = np.empty((nq, nprobe), np.float32)
+        _ivf_cpu.select_probes(dist, probe, pdist)
+        return probe, pdist
+    probe = np.argsort(dist, axis=1, kind="stable")[:, :nprobe].astype(np.int64)  # stable: lower list first
+    return probe, np.take_along_axis(dist, probe, axis=1)
+
+
+def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.ndarray, gap: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Codes and store rows of the given lists (sorted, unique), read from codes_src (n, code_size) and
+    rows_src (n,) (Zarr or NumPy arrays in inverted order) as few contiguous ranges: lists closer than gap
+    rows share one read.
 
     Returns codes (R, code_size) uint8, rows (R,) int64, seg_lo and seg_hi (nlist,) int64 (list l lies at
     seg_lo[l]:seg_hi[l] of the loaded rows; empty for lists not loaded)."""
-    ivf = store.group["ivf"]
-    gap = int(ivf.attrs["chunk_rows"])
     lo_all, hi_all = offsets[lists], offsets[lists + 1]
     keep = hi_all > lo_all
     lo_all, hi_all, lists = lo_all[keep], hi_all[keep], lists[keep]
@@ -79,8 +96,8 @@ def load_lists(store: Any, lists: np.ndarray, offsets: np.ndarray) -> tuple[np.n
     codes_parts, rows_parts, bases = [], [], []
     pos = 0
     for a, b in ranges:
-        codes_parts.append(np.asarray(ivf["codes"][a:b]))
-        rows_parts.append(np.asarray(ivf["rows"][a:b]))
+        codes_parts.append(np.asarray(codes_src[a:b]))
+        rows_parts.append(np.asarray(rows_src[a:b]))
         bases.append((a, pos))
         pos += b - a
     nlist = offsets.shape[0] - 1
@@ -91,54 +108,52 @@ def load_lists(store: Any, lists: np.ndarray, offsets: np.ndarray) -> tuple[np.n
     which = np.searchsorted(starts, lo_all, side="right") - 1
     seg_lo[lists] = lo_all - starts[which] + loaded[which]
     seg_hi[lists] = seg_lo[lists] + (hi_all - lo_all)
-    cs = int(store.group.attrs["code_size"])
-    codes = np.concatenate(codes_parts) if codes_parts else np.zeros((0, cs), np.uint8)
+    codes = np.concatenate(codes_parts) if codes_parts else np.zeros((0, codes_src.shape[1]), np.uint8)
     rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, np.int64)
     return codes, rows, seg_lo, seg_hi
 
 
-_TERM2: dict[str, np.ndarray] = {}  # one entry: the tables of the last store searched, by codebook sha256
-
-
-def precomputed_term2(cb: Any, key: str | None = None) -> np.ndarray | None:
-    """(nlist, M * ksub) float32 ||r_mk||^2 + 2<c_l,m, r_mk> (one batched matmul); None when it would exceed
-    PRECOMPUTED_BYTES (faiss has the same switch, precomputed_table_max_bytes). key: cache it under this
-    name (the store's codebook sha256) so repeated searches of one store compute it once."""
+def precomputed_term2(cb: Any) -> np.ndarray | None:
+    """(nlist, M * ksub) float32 ||r_mk||^2 + 2<c_l,m, r_mk> (one GEMM per sub-quantizer); None when it would exceed
+    PRECOMPUTED_BYTES (faiss has the same switch, precomputed_table_max_bytes)."""
     if cb.nlist * cb.M * cb.ksub * 4 > PRECOMPUTED_BYTES:
         return None
-    if key is not None and key in _TERM2:
-        return _TERM2[key]
     c = cb.centroids  # (M, ksub, dsub)
     rnorm = np.einsum("mkt,mkt->mk", c, c)
-    coarse_sub = np.ascontiguousarray(cb.coarse.reshape(cb.nlist, cb.M, cb.dsub).transpose(1, 0, 2))
-    cross = np.matmul(coarse_sub, c.transpose(0, 2, 1))  # (M, nlist, ksub)
-    cross *= np.float32(2.0)
-    cross += rnorm[:, None, :]
-    term2 = np.ascontiguousarray(cross.transpose(1, 0, 2).reshape(cb.nlist, cb.M * cb.ksub), dtype=np.float32)
-    if key is not None:
-        _TERM2.clear()
-        _TERM2[key] = term2
-    return term2
+    coarse_sub = cb.coarse.reshape(cb.nlist, cb.M, cb.dsub)
+    term2 = np.empty((cb.nlist, cb.M, cb.ksub), np.float32)
+    for m in range(cb.M):  # one GEMM per sub-quantizer: numpy's batched matmul is slow for these shapes
+        cross = coarse_sub[:, m, :] @ np.ascontiguousarray(c[m].T)
+        cross *= np.float32(2.0)
+        cross += rnorm[m][None, :]
+        term2[:, m, :] = cross
+    return term2.reshape(cb.nlist, cb.M * cb.ksub)
 
 
-def scan_cpu(y: np.ndarray, cb: Any, probe: np.ndarray, seg_lo: np.ndarray, seg_hi: np.ndarray, codes: np.ndarray,
-             rows: np.ndarray, k: int, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (distances float32 (nq, k), rows int64 (nq, k)) with the numba kernel."""
+def sub_codes(codes: np.ndarray, cb: Any) -> np.ndarray:
+    """Packed codes (R, code_size) -> sub-codes (R, M) for the numba kernels: the codes themselves for
+    nbits 8, else unpacked to uint8 (nbits < 8) or uint16."""
+    if cb.nbits == 8:
+        return np.ascontiguousarray(codes)
+    return np.ascontiguousarray(np.asarray(kernels.unpack_codes(codes, cb.M, cb.nbits)).astype(
+        np.uint8 if cb.nbits < 8 else np.uint16))
+
+
+def scan_cpu(y: np.ndarray, cb: Any, probe: np.ndarray, dis0: np.ndarray, seg_lo: np.ndarray, seg_hi: np.ndarray,
+             sub: np.ndarray, rows: np.ndarray, k: int, term2: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (distances float32 (nq, k), rows int64 (nq, k)) with the numba kernels: faiss's precomputed
+    tables when term2 is given (a list's table is term2[l] - 2<y, r>, its distances dis0 + the table sum),
+    else a table per (query, list) from the residual y - c_l."""
     from . import _ivf_cpu
 
-    sub = codes if cb.nbits == 8 else np.asarray(kernels.unpack_codes(codes, cb.M, cb.nbits)).astype(
-        np.uint8 if cb.nbits < 8 else np.uint16)
     nq = y.shape[0]
     heap_d = np.full((nq, k), MISSING_DISTANCE, np.float32)
     heap_i = np.full((nq, k), -1, np.int64)
-    y = np.ascontiguousarray(y, dtype=np.float32)
-    term2 = precomputed_term2(cb, key)
     if term2 is not None:
-        _ivf_cpu.scan_probes_precomputed(y, cb.coarse, cb.centroids, term2, probe, seg_lo, seg_hi,
-                                         np.ascontiguousarray(sub), rows, heap_d, heap_i)
+        cent_t = np.ascontiguousarray(cb.centroids.transpose(0, 2, 1))
+        _ivf_cpu.scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, sub, rows, heap_d, heap_i)
     else:
-        _ivf_cpu.scan_probes(y, cb.coarse, cb.centroids, probe, seg_lo, seg_hi, np.ascontiguousarray(sub), rows,
-                             heap_d, heap_i)
+        _ivf_cpu.scan_probes(y, cb.coarse, cb.centroids, probe, seg_lo, seg_hi, sub, rows, heap_d, heap_i)
     order = np.lexsort((heap_i, heap_d), axis=-1)
     return np.take_along_axis(heap_d, order, axis=1), np.take_along_axis(heap_i, order, axis=1)
 
@@ -193,58 +208,131 @@ def scan_xp(y: np.ndarray, cb: Any, probe: np.ndarray, seg_lo: np.ndarray, seg_h
     return d_out, r_out
 
 
-def _query_batch(cb: Any, nprobe: int, n: int, gpu: bool) -> int:
-    avg_list = max(1, n // cb.nlist)
-    b = min(COARSE_BYTES // (4 * cb.nlist), LOAD_ROWS // (nprobe * avg_list))
-    if gpu:
-        b = min(b, TABLE_BYTES // (4 * nprobe * cb.M * cb.ksub))
-    return max(1, b)
+class IvfIndex:
+    """An IVF store opened for searching, like faiss.read_index: codebook, coarse centroids, list offsets,
+    faiss's precomputed tables and (load=True) the whole inverted layout in memory, so that repeated
+    searches read nothing more from the store. load=False reads only the probed lists of each query batch
+    from the store (one-off searches of stores larger than memory)."""
+
+    def __init__(self, store: Any, *, load: bool = True):
+        check_inverted(store)
+        t0 = time.perf_counter()
+        self.store = store
+        self.path = store.path
+        self.n = store.n
+        self.cb = cb = store.codebook()
+        ivf = store.group["ivf"]
+        self._ivf = ivf
+        self.gap = int(ivf.attrs["chunk_rows"])
+        self.offsets = np.asarray(ivf["offsets"][...])
+        self.cnorm = np.einsum("ij,ij->i", cb.coarse, cb.coarse).astype(np.float32)
+        self.term2 = precomputed_term2(cb)
+        self.loaded = bool(load)
+        self.codes = self.rows = self._sub = self._coarse_t = None
+        if self.loaded:
+            self.codes = np.asarray(ivf["codes"][...])
+            self.rows = np.asarray(ivf["rows"][...])
+        self.load_seconds = time.perf_counter() - t0
+        log.info("IVF index %s opened in %.3f s (%s)", self.path, self.load_seconds,
+                 f"{self.n} rows in memory" if self.loaded else "probed lists read per query batch")
+
+    def _lists(self, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Packed codes, rows and list segments holding the probed lists (read from the store unless loaded)."""
+        lists = np.unique(probe)
+        if self.loaded:
+            return load_lists(self.codes, self.rows, lists, self.offsets, 0)
+        return load_lists(self._ivf["codes"], self._ivf["rows"], lists, self.offsets, self.gap)
+
+    def _probe_cpu(self, y: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """coarse_distances + select_probes in one numba pass (same lists and distances up to float32 rounding
+        of the dot products)."""
+        from . import _ivf_cpu
+
+        if self._coarse_t is None:
+            self._coarse_t = np.ascontiguousarray(self.cb.coarse.T)
+        probe = np.empty((y.shape[0], nprobe), np.int64)
+        pdist = np.empty((y.shape[0], nprobe), np.float32)
+        _ivf_cpu.probe_lists(y, self._coarse_t, self.cnorm, probe, pdist)
+        return probe, pdist
+
+    def _batch(self, nprobe: int, cpu: bool) -> int:
+        """Queries per batch: their coarse distances within COARSE_BYTES, the lists they read within
+        LOAD_ROWS, on the GPU their residual tables within TABLE_BYTES."""
+        cb = self.cb
+        b = COARSE_BYTES // (4 * cb.nlist)
+        if not (cpu and self.loaded):
+            b = min(b, LOAD_ROWS // (nprobe * max(1, self.n // cb.nlist)))
+        if not cpu:
+            b = min(b, TABLE_BYTES // (4 * nprobe * cb.M * cb.ksub))
+        return max(1, b)
+
+    def search(self, queries: Any, k: int, *, nprobe: Any = None, backend: str = "auto",
+               xp: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k: distances float32 (nq, k) and store rows int64 (nq, k) (-1 and FLT_MAX where fewer than
+        k rows lie in the probed lists). xp: force an array namespace."""
+        k = check_k(k)
+        cb = self.cb
+        nprobe = resolve_nprobe(nprobe, cb.nlist, self.path)
+        y = np.ascontiguousarray(cb.rotate(as_float32_matrix(queries, "queries", d=cb.d)), dtype=np.float32)
+        use_cpu = xp is None and resolve_backend(backend) == "cpu"
+        if not use_cpu and xp is None:
+            xp = namespace("gpu")
+        if use_cpu:
+            try:
+                from . import _ivf_cpu  # noqa: F401
+            except ImportError:
+                import array_api_compat.numpy as xp
+
+                use_cpu = False
+                log.info("numba is not installed: IVF search runs on the array-API kernels (slower)")
+        nq = y.shape[0]
+        batch = self._batch(nprobe, use_cpu)
+        t0 = time.perf_counter()
+        out_d, out_r = [], []
+        for b0 in range(0, nq, batch):
+            yb = y[b0:b0 + batch]
+            if use_cpu:
+                probe, dis0 = self._probe_cpu(yb, nprobe)
+            else:
+                probe, dis0 = select_probes(coarse_distances(yb, cb.coarse, self.cnorm), nprobe, use_numba=False)
+            if use_cpu and self.loaded:  # the whole layout in memory: lists lie at their offsets
+                if self._sub is None:
+                    self._sub = sub_codes(self.codes, cb)
+                d, r = scan_cpu(yb, cb, probe, dis0, self.offsets[:-1], self.offsets[1:], self._sub, self.rows, k,
+                                self.term2)
+            else:
+                codes, rows, seg_lo, seg_hi = self._lists(probe)
+                if use_cpu:
+                    d, r = scan_cpu(yb, cb, probe, dis0, seg_lo, seg_hi, sub_codes(codes, cb), rows, k, self.term2)
+                else:
+                    d, r = scan_xp(yb, cb, probe, seg_lo, seg_hi, codes, rows, k, xp)
+            out_d.append(d)
+            out_r.append(r)
+        d = np.concatenate(out_d) if out_d else np.zeros((0, k), np.float32)
+        r = np.concatenate(out_r) if out_r else np.zeros((0, k), np.int64)
+        dt = time.perf_counter() - t0
+        log.info("IVF search: %d queries, k=%d, nprobe=%d of %d lists in %.3f s (%.1f queries/s)", nq, k, nprobe,
+                 cb.nlist, dt, nq / dt if dt > 0 else float("inf"))
+        return d, r
+
+
+def fits_in_memory(store: Any) -> bool:
+    """Whether the inverted codes and rows of a store take at most LOAD_BYTES."""
+    return store.n * (int(store.group.attrs["code_size"]) + 8) <= LOAD_BYTES
 
 
 def search_ivf_store(store: Any, queries: Any, k: int, *, nprobe: Any = None, backend: str = "auto",
-                     xp: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """IVF top-k over an opened IVF store. Returns distances float32 (nq, k) and store rows int64 (nq, k)
-    (-1 and FLT_MAX where fewer than k rows lie in the probed lists). xp: force an array namespace."""
-    from .search import check_k
-
-    k = check_k(k)
-    check_inverted(store)
-    cb = store.codebook()
-    nprobe = resolve_nprobe(nprobe, cb.nlist, store.path)
-    q = as_float32_matrix(queries, "queries", d=cb.d)
-    y = cb.rotate(q)
-    offsets = np.asarray(store.group["ivf/offsets"][...])
-    use_cpu = xp is None and resolve_backend(backend) == "cpu"
-    if not use_cpu and xp is None:
-        xp = namespace("gpu")
-    if use_cpu:
-        try:
-            from . import _ivf_cpu  # noqa: F401
-        except ImportError:
-            import array_api_compat.numpy as xp
-
-            use_cpu = False
-            log.info("numba is not installed: IVF search runs on the array-API kernels (slower)")
-    nq = y.shape[0]
-    batch = _query_batch(cb, nprobe, store.n, not use_cpu)
-    t0 = time.perf_counter()
-    out_d, out_r = [], []
-    for b0 in range(0, nq, batch):
-        yb = np.ascontiguousarray(y[b0:b0 + batch])
-        probe = coarse_probe(yb, cb.coarse, nprobe)
-        codes, rows, seg_lo, seg_hi = load_lists(store, np.unique(probe), offsets)
-        if use_cpu:
-            d, r = scan_cpu(yb, cb, probe, seg_lo, seg_hi, codes, rows, k, store.attrs.get("codebook_sha256"))
-        else:
-            d, r = scan_xp(yb, cb, probe, seg_lo, seg_hi, codes, rows, k, xp)
-        out_d.append(d)
-        out_r.append(r)
-    d = np.concatenate(out_d) if out_d else np.zeros((0, k), np.float32)
-    r = np.concatenate(out_r) if out_r else np.zeros((0, k), np.int64)
-    dt = time.perf_counter() - t0
-    log.info("IVF search: %d queries, k=%d, nprobe=%d of %d lists in %.3f s (%.1f queries/s)", nq, k, nprobe,
-             cb.nlist, dt, nq / dt if dt > 0 else float("inf"))
-    return d, r
+                     xp: Any = None, load: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """IVF top-k over an opened IVF store, in one call (IvfIndex(store).search for many calls). Returns
+    distances float32 (nq, k) and store rows int64 (nq, k) (-1 and FLT_MAX where fewer than k rows lie in the
+    probed lists). load: read the whole inverted layout first (None: when the queries probe at least as
+    many lists as there are and it fits in LOAD_BYTES; otherwise only the probed lists are read)."""
+    if load is None:
+        nq = len(queries) if hasattr(queries, "__len__") else 1
+        nlist = int(store.group.attrs.get("nlist", 1))
+        probes = nprobe if isinstance(nprobe, (int, np.integer)) and not isinstance(nprobe, bool) else DEFAULT_NPROBE
+        load = nq * max(1, int(probes)) >= nlist and fits_in_memory(store)
+    return IvfIndex(store, load=load).search(queries, k, nprobe=nprobe, backend=backend, xp=xp)
 
 
 # -- evaluation -----------------------------------------------------------------------------------------
@@ -253,8 +341,6 @@ def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] 
                  ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), nprobes: Iterable[int] | None = None,
                  backend: str = "auto") -> dict[str, Any]:
     """Recall@k and queries/s at each nprobe, reconstruction MSE and compression of an IVF store."""
-    from .search import ExactKnn, evaluation_inputs, recall_metrics, reconstruction_pass
-
     check_inverted(store)
     cb, n, q, ks, gt = evaluation_inputs(store, queries, ks, ground_truth, base_chunks)
     nq, kmax = q.shape[0], ks[-1]
@@ -274,10 +360,13 @@ def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] 
         "code_size": cb.code_size, "compression_ratio": round(4 * cb.d / cb.code_size, 2), "nq": nq,
         "ground_truth": "given" if ground_truth is not None else "exact (from base vectors)",
     }
+    # opened once, like faiss.read_index; queries/s count the search calls, the load is reported apart
+    index = IvfIndex(store, load=fits_in_memory(store))
+    result["index_load_seconds"] = round(index.load_seconds, 4)
     for p in nprobes:
-        search_ivf_store(store, q[:min(nq, 8)], kmax, nprobe=p, backend=backend)  # warm-up (kernel compile)
+        index.search(q[:min(nq, 8)], kmax, nprobe=p, backend=backend)  # warm-up (kernel compile)
         t0 = time.perf_counter()
-        _d, found = search_ivf_store(store, q, kmax, nprobe=p, backend=backend)
+        _d, found = index.search(q, kmax, nprobe=p, backend=backend)
         dt = time.perf_counter() - t0
         for key, value in recall_metrics(found, gt, ks).items():
             result[f"{key} (nprobe={p})"] = value

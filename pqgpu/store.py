@@ -25,6 +25,8 @@ from .errors import StoreError
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# Rows per Zarr chunk of the inverted IVF arrays (ivf/codes, ivf/rows, ivf/ids) at most.
+MAX_IVF_CHUNK_ROWS = 16384
 
 
 def versions() -> dict[str, str]:
@@ -240,6 +242,11 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> CodeStore:
     return CodeStore(path, group)
 
 
+def as_store(store_or_path: Any) -> CodeStore:
+    """An opened store as it is, or the store at a path opened for reading."""
+    return store_or_path if isinstance(store_or_path, CodeStore) else open_store(store_or_path)
+
+
 def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_rows: int, id_dtype: Any,
                  source: dict[str, Any]) -> CodeStore:
     """Create a fresh store (the caller has already decided that overwriting is allowed)."""
@@ -264,8 +271,6 @@ def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_r
     if codebook.rotation is not None:
         cbg.create_array("rotation", data=codebook.rotation)
     if getattr(codebook, "nlist", 0):  # IVF: lists, coarse centroids, inverted layout (pqgpu.invert)
-        from .invert import add_ivf_nodes
-
         add_ivf_nodes(group, codebook, n, chunk_rows)
     group.attrs.update({
         "format_version": FORMAT_VERSION, "d": codebook.d, "M": codebook.M, "nbits": codebook.nbits,
@@ -311,6 +316,40 @@ def _mismatches(store: CodeStore, codebook: Codebook, n: int, chunk_rows: int, s
     if int(a.get("chunk_rows", -1)) != chunk_rows:
         out.append(f"its chunk_rows is {a.get('chunk_rows')}, the config says {chunk_rows}")
     return out
+
+
+# -- IVF nodes (the inverted layout itself is built by pqgpu.invert) ------------------------------------
+
+def is_ivf_store(store: Any) -> bool:
+    return "lists" in store.group
+
+
+def add_ivf_nodes(group: Any, codebook: Any, n: int, chunk_rows: int) -> None:
+    """Create the IVF nodes of a fresh store (called by store.create_store for an IvfCodebook)."""
+    nlist = codebook.nlist
+    n_chunks = max(1, -(-n // chunk_rows))
+    cr = max(1, min(chunk_rows, n)) if n else 1
+    group.create_array("lists", shape=(n,), chunks=(cr,), dtype="int32", fill_value=-1)
+    group["codebook"].create_array("coarse", data=codebook.coarse)
+    ivf = group.create_group("ivf")
+    # int32: a count is at most one chunk's rows; one Zarr chunk per encode chunk, so tasks never share one
+    ivf.create_array("counts", shape=(n_chunks, nlist), chunks=(1, nlist), dtype="int32", fill_value=0)
+    ivf.attrs.update({"nlist": nlist, "complete": False, "chunk_rows": ivf_chunk_rows(chunk_rows)})
+    group.attrs["nlist"] = nlist
+
+
+def ivf_chunk_rows(chunk_rows: int) -> int:
+    """Rows per Zarr chunk of the inverted arrays: smaller than encode chunks, so a probed list of a few
+    thousand rows reads little beyond itself."""
+    return max(1, min(chunk_rows, MAX_IVF_CHUNK_ROWS))
+
+
+def check_inverted(store: Any) -> None:
+    if not is_ivf_store(store):
+        raise StoreError(f"{store.path} is not an IVF store (it was encoded with quantizer.nlist: 0).")
+    if not store.group["ivf"].attrs.get("complete"):
+        raise StoreError(f"{store.path}: the inverted lists are not built yet (an encode was interrupted). Run "
+                         "`pqgpu encode` with the same config again to finish them.")
 
 
 def write_chunk(path: str, i: int, start: int, codes: np.ndarray, ids: np.ndarray) -> int:

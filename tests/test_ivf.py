@@ -505,3 +505,56 @@ def test_direct_tables_equal_precomputed(built, monkeypatch):
     monkeypatch.setattr("pqgpu.ivf_search.PRECOMPUTED_BYTES", 0)
     d2, rows2 = search_ivf_store(store, q, 8, nprobe=4, backend="cpu")
     assert_same_topk(d2, rows2, d, rows)
+
+
+def test_opened_index_searches_from_memory_like_faiss(built, tmp_path):
+    """IvfIndex loads the inverted layout once (like faiss.read_index): with the store gone it still serves
+    searches at several nprobe, each equal to faiss's and to a search that reads the probed lists from Zarr."""
+    from pqgpu.ivf_search import IvfIndex, search_ivf_store
+    from pqgpu.store import open_store
+
+    _, store, *_, index = built
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store.path, copy)
+    opened = IvfIndex(open_store(copy))
+    shutil.rmtree(copy)
+    q = synthetic(40, 32, seed=16)
+    for nprobe in (1, 5, 24):
+        faiss_ivf(index).nprobe = nprobe
+        ref_d, ref_rows = index.search(q, 10)
+        d, rows = opened.search(q, 10, nprobe=nprobe, backend="cpu")
+        assert_same_topk(d, rows, ref_d, ref_rows)
+        d2, rows2 = search_ivf_store(store, q, 10, nprobe=nprobe, backend="cpu", load=False)
+        np.testing.assert_array_equal(d2, d)
+        np.testing.assert_array_equal(rows2, rows)
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_probe_selection_keeps_the_lower_list_on_ties(use_numba):
+    from pqgpu.ivf_search import select_probes
+
+    dist = np.random.default_rng(17).integers(0, 4, (30, 20)).astype(np.float32)  # many equal distances
+    for nprobe in (1, 6, 20):
+        probe, pdist = select_probes(dist, nprobe, use_numba=use_numba)
+        ref = np.array([sorted(range(20), key=lambda lst: (row[lst], lst))[:nprobe] for row in dist])
+        np.testing.assert_array_equal(probe, ref)
+        np.testing.assert_array_equal(pdist, np.take_along_axis(dist, ref, axis=1))
+
+
+def test_coarse_probe_kernel_equals_exact_distances_and_ties():
+    """The fused numba coarse pass: lists and distances equal the exact ones, ties to the lower list (small
+    integer vectors: every distance is exact in float32, and many are equal)."""
+    pytest.importorskip("numba")
+    from pqgpu import _ivf_cpu
+
+    rng = np.random.default_rng(18)
+    y = rng.integers(0, 3, (30, 8)).astype(np.float32)  # 30 queries: not a multiple of the query block
+    coarse = rng.integers(0, 3, (20, 8)).astype(np.float32)
+    exact = ((y[:, None, :].astype(np.float64) - coarse[None]) ** 2).sum(-1)
+    for nprobe in (1, 7, 20):
+        probe = np.empty((30, nprobe), np.int64)
+        pdist = np.empty((30, nprobe), np.float32)
+        _ivf_cpu.probe_lists(y, np.ascontiguousarray(coarse.T), (coarse * coarse).sum(1), probe, pdist)
+        ref = np.array([sorted(range(20), key=lambda lst: (row[lst], lst))[:nprobe] for row in exact])
+        np.testing.assert_array_equal(probe, ref)
+        np.testing.assert_array_equal(pdist, np.take_along_axis(exact, ref, axis=1).astype(np.float32))

@@ -8,7 +8,7 @@ import pytest
 import pqgpu
 from pqgpu.codebook import Codebook, opq_matrix_bytes, parse_opq_matrix, read_opq_matrix
 from pqgpu.opq import opq_rotation, procrustes, train_opq
-from pqgpu.search import recall_metrics
+from pqgpu.evaluation import recall_metrics
 
 from .helpers import NAMESPACES, assert_codes_match, synthetic
 

@@ -11,6 +11,7 @@ import pytest
 import pqgpu
 from pqgpu import kernels
 from pqgpu.codebook import Codebook
+from pqgpu.evaluation import format_table, recall_metrics
 from pqgpu.export import export_faiss
 from pqgpu.store import create_store, open_store, write_chunk
 
@@ -219,7 +220,7 @@ def test_search_errors(tmp_path):
 def test_recall_metrics_definitions():
     found = np.array([[5, 1, 2], [9, 8, 7], [3, -1, -1]])
     gt = np.array([[1, 2, 3], [9, 7, 0], [4, 3, -1]])
-    m = S.recall_metrics(found, gt, (1, 2, 3))
+    m = recall_metrics(found, gt, (1, 2, 3))
     assert m["1-recall@1"] == pytest.approx(1 / 3)   # only query 1 has its nearest neighbour first
     assert m["1-recall@2"] == pytest.approx(2 / 3)   # query 0 finds row 1 at rank 2
     assert m["2-recall@2"] == pytest.approx((1 + 1 + 1) / 3 / 2)   # -1 never matches
@@ -250,7 +251,7 @@ def test_evaluate_on_exactly_representable_data(tmp_path):
     gt = faiss.knn(q, x, 10)[1]
     res2 = S.evaluate(path, q, ground_truth=gt, ks=(1, 10))
     assert res2["10-recall@10"] == 1.0 and res2["mse"] is None
-    table = S.format_table(res)
+    table = format_table(res)
     assert "10-recall@10" in table and "1.0000" in table and "compression_ratio" in table
 
 
@@ -295,7 +296,7 @@ def test_pq_recall_close_to_faiss_trained_on_the_same_sample():
 
     def recall(index):
         _, found = index.search(q, 10)
-        return S.recall_metrics(found, gt, (10,))["10-recall@10"]
+        return recall_metrics(found, gt, (10,))["10-recall@10"]
 
     # One training run varies by about +-0.005 with the seed (for faiss too): compare means over seeds.
     ours, theirs = [], []
