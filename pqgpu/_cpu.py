@@ -28,12 +28,13 @@ __all__ = ["PreparedCodebook", "accumulate", "assign", "assign_with_distances", 
 
 # Rows per register tile: R rows x V vectors of L centroids are accumulated in registers, so each centroid
 # load feeds R FMAs and each broadcast x value feeds V FMAs. Per row the tile also keeps three vectors (best,
-# its block, second best), so it needs R (V + 3) + V vector registers. R=4 fits the 32 of AVX-512 up to V=2
-# (22); at V=4 it would need all 32, so R=3 (25). With the 16 of AVX2, V <= 2: R=3 at V=2 (17), R=4 at V=1
-# (17; not measured). On AVX2 (Zen 3) R=3 against R=4 at V=2 measured +11 % at dsub 4, +12 % at nbits 12,
-# -5..0 % at dsub 8-16 (benchmarks/bench_kernel_ab.py, a loaded machine).
+# its block, second best), updated once per block, so it needs about R (V + 3) + V vector registers and pays
+# a fixed cost per block that larger V amortises. With the 32 AVX-512 registers: V=4, R=3 (25); V<=2, R=4.
+# With the 16 of AVX2 (Zen 3, benchmarks/bench_kernel_ab.py, quiet): V=4, R=2 (18) beat V=2, R=4 (22) and
+# V=2, R=3 at nbits 8-12 (codebooks smaller than 4 vectors keep V<=2, R=4, faster there), and V=4, R=3 (25)
+# ran at 0.6x of V=4, R=2.
 def _rows_per_tile(L: int, V: int) -> int:
-    return 3 if V == 4 or (L == 8 and V == 2) else 4
+    return (2 if L == 8 else 3) if V == 4 else 4
 
 
 # Rows per parallel task: big enough to amortise the per-subspace setup, small enough to balance threads.
@@ -81,9 +82,8 @@ def prepare(centroids: np.ndarray, *, lanes: int | None = None) -> PreparedCodeb
     L = _host_lanes() if lanes is None else int(lanes)
     if L not in (8, 16):
         raise ValueError("lanes must be 8 or 16")
-    # Fewer vectors per block for tiny codebooks (less padding). With 8 lanes (AVX2: 16 registers) R x V
-    # accumulators must leave room for the centroid and broadcast registers, hence V <= 2 there.
-    V = 1 if ksub <= L else (2 if ksub <= 2 * L or L == 8 else 4)
+    # Fewer vectors per block for tiny codebooks (less padding); _rows_per_tile says how many rows then fit.
+    V = 1 if ksub <= L else (2 if ksub <= 2 * L else 4)
     W = L * V
     ldk = -(-ksub // W) * W
     c32 = c.astype(np.float32, copy=False)
@@ -254,7 +254,7 @@ def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V):
     d = x.shape[1]
     M, _, dsub, W = ct.shape
     ldk = norms.shape[1]
-    R = 3 if V == 4 or (L == 8 and V == 2) else 4  # _rows_per_tile(L, V), inlined for numba
+    R = (2 if L == 8 else 3) if V == 4 else 4  # _rows_per_tile(L, V), inlined for numba
     rows = e - s
     buf = np.empty((R, slab), np.float32)
     mins = np.empty(R, np.float32)
