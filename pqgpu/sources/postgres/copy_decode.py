@@ -8,14 +8,15 @@ Supported vector columns: pgvector ``vector`` and ``halfvec``, ``real[]``, ``dou
 Why not psycopg's own reader (``copy.set_types(["int8", "vector"])`` with pgvector's ``register_vector``
 loaders, then ``copy.rows()``): it builds Python objects per row and per vector; ours is clearly faster.
 ``python benchmarks/bench_pg_copy.py --repeat 5`` (200,000 x 768 pgvector ``vector``, one COPY into NumPy,
-both readers in the same run, median of 5 interleaved rounds; provisional: 2 cores shared with other
-jobs, load average 6-10, server on the same cores):
+both readers in the same run, median of 5 interleaved rounds, server on the same 2 cores). Quiet machine
+(load average 1.1; AMD Zen 3, 2026-11-30):
 
-- end to end from the server: ours 29,121 rows/s (27,032..33,326), psycopg 20,661 rows/s
-  (14,958..26,955); client CPU 1.45 s vs 3.01 s. Reading the bytes alone (psycopg's per-message
-  ``read()``, nothing decoded) reaches 37,294 rows/s with 0.73 s CPU: half of our client CPU;
-- decode only (the same stream captured in memory): ours 171,343 rows/s (0.40 s CPU), psycopg 107,235
-  rows/s (1.09 s CPU);
+- decode only (the same stream captured in memory): ours 640,274 rows/s (0.31 s CPU), psycopg 160,950
+  rows/s (1.24 s CPU): 4.0x;
+- end to end from the server: ours 45,581 rows/s, psycopg 39,243 rows/s (client CPU 2.51 s vs 4.43 s);
+  reading the bytes alone (psycopg's per-message ``read()``, nothing decoded) reaches 55,822 rows/s, so the
+  server and the transfer, not the decoder, bound a local COPY. An earlier run on a loaded machine
+  (load average 6-10) gave 29,121 vs 20,661 end to end and 171,343 vs 107,235 decode only;
 - ``real[]`` (``--rows 50000 --type real[]``, 3 rounds, psycopg loads a list of Python floats per row): decode only
   ours 80,815 rows/s (0.18 s CPU), psycopg 5,726 rows/s (2.42 s CPU), 14x; end to end 5,498 vs 5,102 rows/s
   (the server's array output, 6,893 rows/s bytes only, is the limit there).
