@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", default="bench-report")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from ..logs import configure
+
+    configure(quiet=True)  # Dask's own INFO lines (scheduler, nanny, workers) stay out of the report
     r = run(args.quick, n=args.n, d=args.d, nlist=args.nlist, M=args.M, nbits=args.nbits, niter=args.niter,
             nq=args.nq, workers=args.workers, threads=args.threads)
     out = Path(args.out)
