@@ -296,26 +296,38 @@ def test_export_equals_faiss_add(built, tmp_path):
     np.testing.assert_allclose(our_d, f_d, rtol=1e-4, atol=1e-4)
 
 
+def _unbuilt_copy(store, path, **attrs):
+    """A copy of the store at path with its inverted layout marked unbuilt (attrs added); returns the
+    original layout's arrays to compare the rebuilt one with."""
+    from pqgpu.store import open_store
+
+    shutil.copytree(store.path, path)
+    ref = {name: store.group[f"ivf/{name}"][...] for name in ("codes", "rows", "offsets")}
+    g = open_store(path, mode="r+").group
+    g["ivf"].attrs.update({"complete": False, "starts_done": False, **attrs})
+    return ref, g
+
+
+def _build_killed(path, fault):
+    """build_inverted(path) in a child process with PQGPU_FAULT=fault, which must SIGKILL it."""
+    code = "import sys; from pqgpu.invert import build_inverted; build_inverted(sys.argv[1])"
+    env = dict(os.environ, PQGPU_FAULT=fault, PYTHONPATH=str(Path(pqgpu.__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+
+
 def test_inverted_layout_resumes_byte_identically_after_kill(built, tmp_path):
     from pqgpu.invert import build_inverted
     from pqgpu.store import open_store
 
     _, store, *_ = built
     path = tmp_path / "copy.zarr"
-    shutil.copytree(store.path, path)
-    ref = {name: store.group[f"ivf/{name}"][...] for name in ("codes", "rows", "offsets")}
-    g = open_store(path, mode="r+").group
-    g["ivf"].attrs.update({"complete": False, "starts_done": False})
+    ref, g = _unbuilt_copy(store, path)
     g["ivf/codes"][...] = 0
-    code = ("import sys; from pqgpu.invert import build_inverted; build_inverted(sys.argv[1])")
-    env = dict(os.environ, PQGPU_FAULT="ivf-scatter:2:kill", PYTHONPATH=str(Path(pqgpu.__file__).resolve().parents[1]))
-    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == -9, r.stderr
+    _build_killed(path, "ivf-scatter:2:kill")
     g = open_store(path).group
     assert g["ivf/scatter_done"][...].sum() == 2 and not g["ivf"].attrs["complete"]
-    env["PQGPU_FAULT"] = "ivf-copy:1:kill"
-    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == -9, r.stderr
+    _build_killed(path, "ivf-copy:1:kill")
     assert open_store(path).group["ivf/scatter_done"][...].all()
     build_inverted(path)
     g = open_store(path).group
@@ -332,14 +344,8 @@ def test_grouped_copy_tasks_resume_byte_identically(built, tmp_path):
 
     _, store, *_ = built
     path = tmp_path / "grouped.zarr"
-    shutil.copytree(store.path, path)
-    ref = {name: store.group[f"ivf/{name}"][...] for name in ("codes", "rows", "offsets")}
-    g = open_store(path, mode="r+").group
-    g["ivf"].attrs.update({"complete": False, "starts_done": False, "chunk_rows": 200})
-    code = "import sys; from pqgpu.invert import build_inverted; build_inverted(sys.argv[1])"
-    env = dict(os.environ, PQGPU_FAULT="ivf-copy:4:kill", PYTHONPATH=str(Path(pqgpu.__file__).resolve().parents[1]))
-    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == -9, r.stderr
+    ref, _ = _unbuilt_copy(store, path, chunk_rows=200)
+    _build_killed(path, "ivf-copy:4:kill")
     ivf = open_store(path).group["ivf"]
     assert ivf["copy_done"].shape == (16,) and ivf["copy_done"][...].tolist() == [True] * 3 + [False] * 13
     assert list(_copy_items(ivf, 3)) == [(j, (3,)) for j in (3, 6, 9, 12)] + [(15, (1,))]
@@ -358,10 +364,7 @@ def test_streamed_counts_and_windowed_tasks_give_the_same_layout(built, tmp_path
 
     _, store, *_ = built
     path = tmp_path / "streamed.zarr"
-    shutil.copytree(store.path, path)
-    ref = {name: store.group[f"ivf/{name}"][...] for name in ("codes", "rows", "offsets")}
-    g = open_store(path, mode="r+").group
-    g["ivf"].attrs.update({"complete": False, "starts_done": False})
+    ref, g = _unbuilt_copy(store, path)
     g["ivf/codes"][...] = 0
     monkeypatch.setattr("pqgpu.invert.COUNTS_BLOCK_BYTES", 2 * 4 * 24)
     assert store.n_chunks == 5
