@@ -41,6 +41,9 @@ def _rows_per_tile(L: int, V: int) -> int:
 _CHUNK_ROWS = 256
 # Centroid slab (dsub x S floats) processed per pass over a chunk's rows: sized to stay in L1 (32 KiB).
 _SLAB_FLOATS = 8192
+# dsub values the tile kernel is compiled for as a constant (the others read it at run time): at dsub 4 the
+# constant trip count made the encode 11 % faster (benchmarks/bench_kernel_ab.py, Zen 3).
+_CONST_DSUB = (4, 8)
 # Bytes of sums one accumulate() task updates at random: about half of a 2 MiB L2.
 _ACC_TASK_BYTES = 1 << 20
 
@@ -146,7 +149,8 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, int], dtype) -> np.ndar
 
 def _run_assign(x, p: PreparedCodebook, out, dist) -> None:
     if x.shape[0]:
-        _assign_kernel(p.lanes, p.vecs)(x, p.ct, p.norms, p.cmax, p.ksub, p.slab, out, dist)
+        D = p.dsub if p.dsub in _CONST_DSUB else 0
+        _assign_kernel(p.lanes, p.vecs, D)(x, p.ct, p.norms, p.cmax, p.ksub, p.slab, out, dist)
 
 
 def accumulate(x: np.ndarray, codes: np.ndarray, ksub: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,9 +252,10 @@ def _decide(x, i, o, ct, m, ksub, coef, c2, dists, k, exact):
 
 
 @njit(cache=True, nogil=True)
-def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V):
+def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V, D):
     numba.literally(L)
     numba.literally(V)
+    numba.literally(D)
     d = x.shape[1]
     M, _, dsub, W = ct.shape
     ldk = norms.shape[1]
@@ -288,9 +293,9 @@ def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V):
                     thr[r] = coef * (rn[r0 + r] + c2)
                 if r0 < nfull:
                     _tile(x, (s + r0) * d + o, d, ct, coff, norms, m * ldk, dsub, nblk, buf, slab, mins, idxs, thr,
-                          nears, L, V)
+                          nears, L, V, D)
                 else:
-                    _tile(tail, o, d, ct, coff, norms, m * ldk, dsub, nblk, buf, slab, mins, idxs, thr, nears, L, V)
+                    _tile(tail, o, d, ct, coff, norms, m * ldk, dsub, nblk, buf, slab, mins, idxs, thr, nears, L, V, D)
                 for r in range(nr):
                     i = s + r0 + r
                     if nears[r]:
@@ -322,9 +327,9 @@ def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V):
                     thr[r] = coef * (rn[r0 + r] + c2)
                 if r0 < nfull:
                     _tile(x, (s + r0) * d + o, d, ct, coff, norms, noff, dsub, nblk, buf, slab, mins, idxs, thr,
-                          nears, L, V)
+                          nears, L, V, D)
                 else:
-                    _tile(tail, o, d, ct, coff, norms, noff, dsub, nblk, buf, slab, mins, idxs, thr, nears, L, V)
+                    _tile(tail, o, d, ct, coff, norms, noff, dsub, nblk, buf, slab, mins, idxs, thr, nears, L, V, D)
                 for r in range(nr):
                     i = r0 + r
                     # strict '<': an earlier slab keeps a tie, so the lowest index wins overall; either way a
@@ -349,18 +354,18 @@ def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V):
                     dist[s + i, m] = max(np.float32(0), _sub_norm(x, s + i, o, dsub) + bestv[i])
 
 
-# The tile shape (L, V) and dsub must be compile-time constants. They reach the kernels as closure constants
+# The tile shape (L, V) and the constant dsub D must be compile-time constants. They reach the kernels as closure constants
 # of one specialised kernel per value, not as numba.literally() arguments: a literal argument sends every
 # call back through numba's typing (milliseconds, and reference cycles that keep each call's arrays alive
 # until the garbage collector runs: hundreds of MiB per Dask worker).
 @functools.lru_cache(maxsize=None)
-def _assign_kernel(L: int, V: int):
+def _assign_kernel(L: int, V: int, D: int):
     @njit(cache=True, nogil=True, parallel=True)
     def kernel(x, ct, norms, cmax, ksub, slab, out, dist):
         n = x.shape[0]
         for c in prange((n + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
             _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, c * _CHUNK_ROWS,
-                         min(n, (c + 1) * _CHUNK_ROWS), L, V)
+                         min(n, (c + 1) * _CHUNK_ROWS), L, V, D)
 
     return kernel
 
@@ -465,7 +470,7 @@ def _hmin(b, vec, L, lt):
     return b.extract_element(vec, ir.Constant(_i32, 0))
 
 
-def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
+def _tile_fn(module: ir.Module, L: int, V: int, R: int, D: int) -> ir.Function:
     """void tile(x, ldx, ct, nm, dsub, nblk, buf, ldb, mins, idx, thr, near)
 
     For rows r < R (x + r*ldx, dsub floats) and centroids k < nblk*W (W = L*V; block b of ct holds
@@ -474,7 +479,7 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
     mins[r] = min_k dist[r, k] and idx[r] = the lowest k attaining it; near[r] = 1 if some k != idx[r] has
     dist[r, k] <= mins[r] + thr[r] (a runner-up within the margin thr[r] >= 0), else 0.
     """
-    name = f"pqgpu_pq_tile_L{L}_V{V}_R{R}"
+    name = f"pqgpu_pq_tile_L{L}_V{V}_R{R}_D{D}"
     if name in module.globals:
         return module.globals[name]
     fp = _f32.as_pointer()
@@ -495,6 +500,8 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
     for a in (0, 2, 3, 6, 8, 9, 10, 11):
         fn.args[a].add_attribute("noalias")
     x, ldx, ct, nm, dsub, nblk, buf, ldb, mins, idx, thr, near = fn.args
+    if D:
+        dsub = _c64(D)  # a constant trip count: LLVM unrolls the j loop and folds the offsets
     vt = ir.VectorType(_f32, L)
     it = ir.VectorType(_i32, L)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -515,7 +522,9 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
         b.store(inf_v, second[r])
         b.store(ir.Constant(it, [0] * L), bblk[r])
     W = L * V
-    with _for(b, _c64(0), nblk) as blk:
+
+    def accumulate(blk):
+        """acc[r][v] = the block's distances of row r (the FMA loop); returns the block's first index."""
         k0 = b.mul(blk, _c64(W))
         for v in range(V):
             nv = b.load(_vptr(b, nm, b.add(k0, _c64(v * L)), L), align=4)
@@ -529,6 +538,38 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int) -> ir.Function:
                 xs = _splat(b, b.load(b.gep(x, [b.add(b.mul(_c64(r), ldx), j)])), L)
                 for v in range(V):
                     b.store(b.call(fmuladd, [xs, cv[v], b.load(acc[r][v])]), acc[r][v])
+        return k0
+
+    # One block (codebooks of at most W centroids, e.g. nbits 4): the row's distances are all in registers
+    # after the FMA loop, so the per-block best / block / second bookkeeping below is skipped; near is then
+    # just a second distance within the margin.
+    one = b.append_basic_block("one_block")
+    many = b.append_basic_block("many_blocks")
+    b.cbranch(b.icmp_signed("==", nblk, _c64(1)), one, many)
+    b.position_at_end(one)
+    accumulate(_c64(0))
+    for r in range(R):
+        vals = [b.load(acc[r][v]) for v in range(V)]
+        rb = b.mul(_c64(r), ldb)
+        bm = None
+        for v, a in enumerate(vals):
+            b.store(a, _vptr(b, buf, b.add(rb, _c64(v * L)), L), align=4)  # for the exact test's runner-up
+            bm = a if bm is None else _vmin(b, a, bm)
+        mv = _hmin(b, bm, L, lambda p, q: b.fcmp_ordered("<", p, q))
+        mvs = _splat(b, mv, L)
+        lim = _splat(b, b.fadd(mv, b.load(b.gep(thr, [_c64(r)]))), L)
+        mask = _bits(b, [b.fcmp_ordered("==", val, mvs) for val in vals], L)
+        close = _bits(b, [b.fcmp_ordered("<=", val, lim) for val in vals], L)
+        found = b.icmp_unsigned("!=", mask, _c64(0))  # no match only when no distance is finite (NaN in x)
+        b.store(mv, b.gep(mins, [_c64(r)]))
+        b.store(b.select(found, b.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)]), _c64(0)),
+                b.gep(idx, [_c64(r)]))
+        # the minimum itself is within the margin: a second bit is a runner-up (or a tie) within it
+        b.store(b.zext(b.icmp_unsigned(">", b.call(ctpop, [close]), _c64(1)), _i64), b.gep(near, [_c64(r)]))
+    b.ret_void()
+    b.position_at_end(many)
+    with _for(b, _c64(0), nblk) as blk:
+        k0 = accumulate(blk)
         blk32 = _splat(b, b.trunc(blk, _i32), L)
         for r in range(R):
             rb = b.add(b.mul(_c64(r), ldb), k0)
@@ -592,17 +633,18 @@ def _data(context, builder, aryty, ary, off):
 
 
 @intrinsic
-def _tile(typingctx, x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, thr, near, L, V):
-    """Calls the IR tile kernel on flat offsets into C-contiguous arrays; L and V must be literals."""
-    if not isinstance(L, types.IntegerLiteral) or not isinstance(V, types.IntegerLiteral):
+def _tile(typingctx, x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, thr, near, L, V, D):
+    """Calls the IR tile kernel on flat offsets into C-contiguous arrays; L, V and D (dsub, or 0 for a
+    run-time dsub) must be literals."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (L, V, D)):
         return None
     if any(a.layout != "C" for a in (x, ct, nm, buf, mins, idx, thr, near)):
         raise TypeError("_tile needs C-contiguous arrays")
-    lanes, vecs = L.literal_value, V.literal_value
+    lanes, vecs, const_dsub = L.literal_value, V.literal_value, D.literal_value
 
     def codegen(context, builder, sig, args):
         a = sig.args
-        fn = _tile_fn(builder.module, lanes, vecs, _rows_per_tile(lanes, vecs))
+        fn = _tile_fn(builder.module, lanes, vecs, _rows_per_tile(lanes, vecs), const_dsub)
         builder.call(fn, [
             _data(context, builder, a[0], args[0], args[1]), args[2],
             _data(context, builder, a[3], args[3], args[4]),
@@ -615,5 +657,5 @@ def _tile(typingctx, x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, m
         ])
         return context.get_dummy_value()
 
-    sig = types.none(x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, thr, near, L, V)
+    sig = types.none(x, xoff, ldx, ct, ctoff, nm, nmoff, dsub, nblk, buf, ldb, mins, idx, thr, near, L, V, D)
     return sig, codegen
