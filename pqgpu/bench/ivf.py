@@ -9,8 +9,11 @@ The one-call figure (`search_ivf_store`: open the store, load, search) is report
 
     python -m pqgpu.bench.ivf [--quick] [--n N --d D --nlist L --M M --nbits B] [--out DIR]
 
-pqgpu builds as `pqgpu run` does with Dask workers: training is a task on a worker (which reads the sample
-there), then the encode tasks and the inverted layout run on the same workers.
+pqgpu builds as `pqgpu run` does. With --runner auto (the default) that is whatever `pqgpu run` picks for the
+size with the default cluster settings: threads of this process below cluster.IN_PROCESS_MAX_VALUES (train,
+encode and invert here), Dask worker processes above. --runner processes always starts a LocalCluster of
+--workers processes: training is a task on a worker (which reads the sample there), then the encode tasks
+and the inverted layout run on the same workers.
 
 Writes DIR/ivf.json, DIR/ivf.md and DIR/ivf.png (recall vs queries/s). Per-row costs (train per sample row, encode and invert per row) are
 reported so that larger builds can be projected on paper.
@@ -80,14 +83,26 @@ def set_numba_threads(threads: int) -> None:
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
+def _time_invert_again(store_path: str, client: Any) -> float:
+    """Seconds to build the inverted layout alone: reset it and build it again (same bytes, see tests)."""
+    from ..invert import build_inverted
+    from ..store import open_store
+
+    store = open_store(store_path, mode="r+")
+    store.group["ivf"].attrs.update({"complete": False, "starts_done": False})
+    t0 = time.perf_counter()
+    build_inverted(store, client=client)
+    return time.perf_counter() - t0
+
+
 def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, nprobes: list[int], nq: int,
-                  train_size: int, workers: int, threads: int) -> dict[str, Any]:
+                  train_size: int, workers: int, threads: int, runner: str = "auto") -> dict[str, Any]:
     import faiss
-    from distributed import Client, LocalCluster
+
+    from ..cluster import choose_in_process
 
     from ..config import config_from_dict
     from ..export import export_faiss
-    from ..invert import build_inverted
     from ..ivf_search import IvfIndex, search_ivf_store
     from ..pipeline import encode, train
     from ..sample import make_sample
@@ -105,22 +120,33 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
                           "train_size": train_size, "niter": niter},
             "encode": {"output": str(tmp / "codes.zarr"), "chunk_rows": 65536, "backend": "cpu"},
         })
-        with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
-            c0 = _cluster_cpu_seconds(client)
+        in_process = runner == "auto" and choose_in_process(cfg.cluster, n * d)
+        if in_process:
+            # as `pqgpu run` does a small local run: training here, the encode on a pool of this process's
+            # threads (pipeline.encode picks it), the inverted layout here
+            c0 = _process_cpu_seconds()
             t0 = time.perf_counter()
-            train(cfg, client=client)  # a task on the worker, as `pqgpu run` trains with Dask workers
+            train(cfg)
             t_train = time.perf_counter() - t0
             t0 = time.perf_counter()
-            encode(cfg, client=client)
+            encode(cfg)
             t_encode_invert = time.perf_counter() - t0
-            c_build = _cluster_cpu_seconds(client) - c0
-            # the inverted layout alone: reset it and build it again (same bytes, see tests)
-            store = open_store(cfg.encode.output, mode="r+")
-            store.group["ivf"].attrs.update({"complete": False, "starts_done": False})
-            t0 = time.perf_counter()
-            build_inverted(store, client=client)
-            t_invert = time.perf_counter() - t0
+            c_build = _process_cpu_seconds() - c0
+            t_invert = _time_invert_again(cfg.encode.output, None)
+        else:
+            from distributed import Client, LocalCluster
+
+            with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                              dashboard_address=None) as cluster, Client(cluster) as client:
+                c0 = _cluster_cpu_seconds(client)
+                t0 = time.perf_counter()
+                train(cfg, client=client)  # a task on the worker, as `pqgpu run` trains with Dask workers
+                t_train = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                encode(cfg, client=client)
+                t_encode_invert = time.perf_counter() - t0
+                c_build = _cluster_cpu_seconds(client) - c0
+                t_invert = _time_invert_again(cfg.encode.output, client)
 
         sample = x[np.random.default_rng(1234).choice(n, min(train_size, n), replace=False)]
         index = faiss.index_factory(d, f"IVF{nlist},PQ{M}x{nbits}")
@@ -188,7 +214,9 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
         build = t_train + t_encode_invert
         return {
             "params": {"n": n, "d": d, "nlist": nlist, "M": M, "nbits": nbits, "niter": niter, "nq": nq,
-                       "train_size": train_size, "workers": workers, "threads_per_worker": threads,
+                       "train_size": train_size,
+                       "runner": "in-process threads" if in_process else f"{workers} Dask worker process(es)",
+                       "workers": None if in_process else workers, "threads_per_worker": threads,
                        "search_threads": threads},
             "build": {"pqgpu_train_s": round(t_train, 3), "pqgpu_encode_invert_s": round(t_encode_invert, 3),
                       "pqgpu_invert_alone_s": round(t_invert, 3), "pqgpu_build_s": round(build, 3),
@@ -215,7 +243,7 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
 def report_markdown(r: dict[str, Any]) -> str:
     p, b, pr = r["params"], r["build"], r["per_row"]
     lines = [f"## IVF-PQ: n={p['n']:,}, d={p['d']}, nlist={p['nlist']}, M={p['M']}, nbits={p['nbits']}, "
-             f"niter={p['niter']}, {p['nq']} queries", "",
+             f"niter={p['niter']}, {p['nq']} queries; pqgpu built on {p.get('runner', 'Dask workers')}", "",
              "| build | pqgpu (train + encode + invert) | faiss (train + add) | ratio |", "|---|---|---|---|",
              f"| seconds | {b['pqgpu_build_s']} ({b['pqgpu_train_s']} + {b['pqgpu_encode_invert_s']}, invert alone "
              f"{b['pqgpu_invert_alone_s']}) | {b['faiss_build_s']} ({b['faiss_train_s']} + {b['faiss_add_s']}) | "
@@ -262,13 +290,13 @@ def plot_recall_qps(r: dict[str, Any], path: Path) -> bool:
 
 def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
     """The IVF benchmark at the quick or full size (keyword overrides: n, d, nlist, M, nbits, niter, nq,
-    workers, threads)."""
+    workers, threads, runner)."""
     p = {"n": 30_000, "d": 64, "nlist": 128, "M": 8} if quick else {"n": 300_000, "d": 128, "nlist": 1024, "M": 16}
     p.update({"nbits": 8, "niter": 10, "nq": 500, "workers": 1, "threads": 2})
     p.update({k: v for k, v in overrides.items() if v is not None})
     nprobes = [x for x in (1, 4, 16, 64) if x <= p["nlist"]]
     return run_ivf_bench(p["n"], p["d"], p["nlist"], p["M"], p["nbits"], p["niter"], nprobes, p["nq"],
-                         min(p["n"], 64 * p["nlist"]), p["workers"], p["threads"])
+                         min(p["n"], 64 * p["nlist"]), p["workers"], p["threads"], p.get("runner") or "auto")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nq", type=int)
     ap.add_argument("--workers", type=int)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--runner", choices=("auto", "processes"), default="auto",
+                    help="auto: as `pqgpu run` picks for the size (in-process threads for small runs); processes: "
+                         "always a LocalCluster of --workers processes")
     ap.add_argument("--out", default="bench-report")
     args = ap.parse_args(argv)
     from ..logs import configure
 
     configure(quiet=True)  # Dask's own INFO lines (scheduler, nanny, workers) stay out of the report
     r = run(args.quick, n=args.n, d=args.d, nlist=args.nlist, M=args.M, nbits=args.nbits, niter=args.niter,
-            nq=args.nq, workers=args.workers, threads=args.threads)
+            nq=args.nq, workers=args.workers, threads=args.threads, runner=args.runner)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ivf.json").write_text(json.dumps(r, indent=2, default=str))
