@@ -107,7 +107,8 @@ def main() -> None:
         q1, med, q3 = np.percentile(pooled, [25, 50, 75])
         differ = max(r[key]["differ"] for r in runs)
         print(f"| {key} | {np.median([r[key]['va'] for r in runs]):,.0f} | "
-              f"{np.median([r[key]['vb'] for r in runs]):,.0f} | {np.median(per):.3f} ({min(per):.3f}-{max(per):.3f}) | "
+              f"{np.median([r[key]['vb'] for r in runs]):,.0f} | "
+              f"{np.median(per):.3f} ({min(per):.3f}-{max(per):.3f}) | "
               f"{med:.3f} ({q1:.3f}-{q3:.3f}) |" + (f" rows with other codes: {differ}" if differ else ""), flush=True)
 
 

@@ -45,8 +45,9 @@ _CHUNK_ROWS = 256
 # 32 KiB slabs at d 96, dsub 8, nbits 12 (benchmarks/bench_kernel_ab.py --procs 4, Zen 3).
 _SLAB_FLOATS = 8192
 _MULTI_SLAB_FLOATS = 4096
-# dsub values the tile kernel is compiled for as a constant (the others read it at run time): at dsub 4 the
-# constant trip count made the encode 11 % faster (benchmarks/bench_kernel_ab.py, Zen 3).
+# dsub values the tile kernel is compiled for as a constant (the others read it at run time): the constant
+# trip count made the encode 8 % faster at dsub 4 and at dsub 8 (benchmarks/bench_kernel_ab.py --procs 6,
+# median over processes, Zen 3).
 _CONST_DSUB = (4, 8)
 # Bytes of sums one accumulate() task updates at random: about half of a 2 MiB L2.
 _ACC_TASK_BYTES = 1 << 20
@@ -358,10 +359,10 @@ def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V, D):
                     dist[s + i, m] = max(np.float32(0), _sub_norm(x, s + i, o, dsub) + bestv[i])
 
 
-# The tile shape (L, V) and the constant dsub D must be compile-time constants. They reach the kernels as closure constants
-# of one specialised kernel per value, not as numba.literally() arguments: a literal argument sends every
-# call back through numba's typing (milliseconds, and reference cycles that keep each call's arrays alive
-# until the garbage collector runs: hundreds of MiB per Dask worker).
+# The tile shape (L, V) and the constant dsub D must be compile-time constants. They reach the kernels as
+# closure constants of one specialised kernel per value, not as numba.literally() arguments: a literal
+# argument sends every call back through numba's typing (milliseconds, and reference cycles that keep each
+# call's arrays alive until the garbage collector runs: hundreds of MiB per Dask worker).
 @functools.lru_cache(maxsize=None)
 def _assign_kernel(L: int, V: int, D: int):
     @njit(cache=True, nogil=True, parallel=True)
