@@ -32,6 +32,10 @@ GRID = [(768, 4, 8, 100_000), (768, 8, 8, 100_000), (768, 16, 8, 100_000), (96, 
         (768, 8, 4, 100_000)]
 
 
+def _grid(text: str) -> list[tuple[int, int, int, int]]:
+    return [tuple(int(v) for v in point.split(",")) for point in text.split(";") if point.strip()]
+
+
 def _load(path: str, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
@@ -47,7 +51,7 @@ def _measure(args) -> dict:
     loaded = {k: _load(getattr(args, k), f"kernel_{k}") for k in order}
     mods = [loaded["a"], loaded["b"]]
     res = {}
-    for d, dsub, nbits, n in GRID:
+    for d, dsub, nbits, n in args.grid:
         n = max(1000, int(n * args.scale))
         x, c = make_problem(n, d, dsub, nbits)
         preps = [m.prepare(c) for m in mods]
@@ -82,6 +86,8 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time each call by this thread's CPU time (run with NUMBA_NUM_THREADS=1): what the call "
                          "costs a core, less sensitive than wall time to other processes on a shared machine")
+    ap.add_argument("--grid", type=_grid, default=GRID,
+                    help="points 'd,dsub,nbits,n' separated by ';' (default: the issue 16 grid)")
     ap.add_argument("--child", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child >= 0:
@@ -94,7 +100,7 @@ def main() -> None:
     runs = []
     for i in range(args.procs):
         cmd = [sys.executable, __file__, args.a, args.b, "--rounds", str(args.rounds), "--scale", str(args.scale),
-               "--child", str(i)] + (["--cpu-time"] if args.cpu_time else [])
+               "--grid", ";".join(",".join(map(str, g)) for g in args.grid), "--child", str(i)] + (["--cpu-time"] if args.cpu_time else [])
         runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         print(f"process {i + 1}/{args.procs}: " + ", ".join(
             f"{float(np.median(v['ratios'])):.3f}" for v in runs[-1].values()), flush=True)
