@@ -41,8 +41,9 @@ def _rows_per_tile(L: int, V: int) -> int:
 _CHUNK_ROWS = 256
 # Centroid slab (dsub x S floats) processed per pass over a chunk's rows. A codebook of up to _SLAB_FLOATS
 # (32 KiB) is one slab: each row is decided right after its tile. Larger ones go in slabs of _MULTI_SLAB_FLOATS
-# (16 KiB), which leave room in a 32 KiB L1 for the tile's distance buffer and the rows: 12 % faster than
-# 32 KiB slabs at d 96, dsub 8, nbits 12 (benchmarks/bench_kernel_ab.py --procs 4, Zen 3).
+# (16 KiB), which leave room in a 32 KiB L1 for the tile's distance buffer and the rows. Against 32 KiB slabs
+# (benchmarks/bench_kernel_ab.py --procs 12, Zen 3): 1.07x on the coarse quantizer's shape (dsub 128,
+# 1,024 centroids), 0.99x at d 96, dsub 8, nbits 12 (within the noise: a 4-process run had shown 1.13x).
 _SLAB_FLOATS = 8192
 _MULTI_SLAB_FLOATS = 4096
 # dsub values the tile kernel is compiled for as a constant (the others read it at run time): the constant
