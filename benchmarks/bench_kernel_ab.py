@@ -4,13 +4,15 @@ Timing the versions in separate processes on a shared 2-core VM moved the same k
 processes; interleaving calls in one process and taking the per-round ratio cancels most of that drift.
 
     git archive c8a7568 pqgpu/_cpu.py | tar -x -C /tmp/old       # the kernel before the near-tie re-rank
-    python benchmarks/bench_kernel_ab.py /tmp/old/pqgpu/_cpu.py pqgpu/_cpu.py --rounds 7 --procs 6
+    python benchmarks/bench_kernel_ab.py /tmp/old/pqgpu/_cpu.py pqgpu/_cpu.py --rounds 7 --procs 12
 
 Within one process the same kernel compiled twice (an A/A run) still differed by up to 13 % at some grid
-points, consistently over rounds: where each compiled kernel lands in memory matters. So the measurement is
-repeated in --procs fresh processes (alternating which version loads first) and the table gives, per grid
-point, each version's median vectors/s, the median over processes of each process's median B/A with its
-range, and all rounds pooled with their interquartile range, as Markdown.
+points, consistently over rounds: where each compiled kernel and its codebook copy land in memory matters,
+and per-process medians fall in two groups about 0.9 and 1.1 (benchmarks/RESULTS.md, session 5). So the
+measurement is repeated in --procs fresh processes (12 or more for a ±5 % question; alternating which version
+loads first), and the table gives, per grid point, each version's median vectors/s, the median over
+processes of each process's median B/A with its range, and all rounds pooled with their interquartile
+range, as Markdown.
 """
 
 from __future__ import annotations
