@@ -23,14 +23,17 @@ def test_bench_tiny_writes_report(tmp_path):
     assert (tmp_path / "rep" / "encode_throughput.png").stat().st_size > 1000
 
 
-def test_ivf_bench_tiny_builds_as_pqgpu_run_and_matches_faiss():
+@pytest.mark.parametrize("runner,built_on", [("auto", "in-process threads"),
+                                             ("processes", "1 Dask worker process(es)")])
+def test_ivf_bench_tiny_builds_as_pqgpu_run_and_matches_faiss(runner, built_on):
     """The IVF bench at a toy size: with --runner auto it builds on this process's threads (as `pqgpu run`
-    picks for a small local run), and faiss searching the exported store finds the same ids as our search."""
+    picks for a small local run), with processes on a worker process; either way faiss searching the
+    exported store finds the same ids as our search."""
     from pqgpu.bench import ivf
 
-    r = ivf.run_ivf_bench(3000, 16, 16, 4, 8, 3, [1, 4], 20, 2000, 1, 2, runner="auto")
-    assert r["params"]["runner"] == "in-process threads"
+    r = ivf.run_ivf_bench(3000, 16, 16, 4, 8, 3, [1, 4], 20, 2000, 1, 2, runner=runner)
+    assert r["params"]["runner"] == built_on
     b = r["build"]
     assert b["pqgpu_build_s"] == pytest.approx(b["pqgpu_train_s"] + b["pqgpu_encode_invert_s"], abs=2e-3)
     assert all(row["same ids"] >= 0.99 for row in r["search"])
-    assert "pqgpu built on in-process threads" in ivf.report_markdown(r)
+    assert f"pqgpu built on {built_on}" in ivf.report_markdown(r)

@@ -100,7 +100,6 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
     import faiss
 
     from ..cluster import choose_in_process
-
     from ..config import config_from_dict
     from ..export import export_faiss
     from ..ivf_search import IvfIndex, search_ivf_store
@@ -120,33 +119,28 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
                           "train_size": train_size, "niter": niter},
             "encode": {"output": str(tmp / "codes.zarr"), "chunk_rows": 65536, "backend": "cpu"},
         })
+        def timed_build(client: Any, cpu_seconds: Any) -> tuple[float, float, float, float]:
+            """(train s, encode + invert s, CPU s of both, invert alone s) on the client, or without one as
+            `pqgpu run` does a small local run: training here, the encode on this process's threads."""
+            c0 = cpu_seconds()
+            t0 = time.perf_counter()
+            train(cfg, client=client)  # with a client: a task on the worker, as `pqgpu run` trains there
+            t1 = time.perf_counter()
+            encode(cfg, client=client)
+            t2 = time.perf_counter()
+            c_build = cpu_seconds() - c0
+            return t1 - t0, t2 - t1, c_build, _time_invert_again(cfg.encode.output, client)
+
         in_process = runner == "auto" and choose_in_process(cfg.cluster, n * d)
         if in_process:
-            # as `pqgpu run` does a small local run: training here, the encode on a pool of this process's
-            # threads (pipeline.encode picks it), the inverted layout here
-            c0 = _process_cpu_seconds()
-            t0 = time.perf_counter()
-            train(cfg)
-            t_train = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            encode(cfg)
-            t_encode_invert = time.perf_counter() - t0
-            c_build = _process_cpu_seconds() - c0
-            t_invert = _time_invert_again(cfg.encode.output, None)
+            t_train, t_encode_invert, c_build, t_invert = timed_build(None, _process_cpu_seconds)
         else:
             from distributed import Client, LocalCluster
 
             with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                               dashboard_address=None) as cluster, Client(cluster) as client:
-                c0 = _cluster_cpu_seconds(client)
-                t0 = time.perf_counter()
-                train(cfg, client=client)  # a task on the worker, as `pqgpu run` trains with Dask workers
-                t_train = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                encode(cfg, client=client)
-                t_encode_invert = time.perf_counter() - t0
-                c_build = _cluster_cpu_seconds(client) - c0
-                t_invert = _time_invert_again(cfg.encode.output, client)
+                t_train, t_encode_invert, c_build, t_invert = timed_build(
+                    client, lambda: _cluster_cpu_seconds(client))
 
         sample = x[np.random.default_rng(1234).choice(n, min(train_size, n), replace=False)]
         index = faiss.index_factory(d, f"IVF{nlist},PQ{M}x{nbits}")
