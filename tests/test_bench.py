@@ -37,3 +37,16 @@ def test_ivf_bench_tiny_builds_as_pqgpu_run_and_matches_faiss(runner, built_on):
     assert b["pqgpu_build_s"] == pytest.approx(b["pqgpu_train_s"] + b["pqgpu_encode_invert_s"], abs=2e-3)
     assert all(row["same ids"] >= 0.99 for row in r["search"])
     assert f"pqgpu built on {built_on}" in ivf.report_markdown(r)
+
+
+def test_ivf_bench_gpu_without_a_gpu_is_one_clear_error(tmp_path, capsys):
+    from pqgpu.backend import gpu_status
+    from pqgpu.bench import ivf
+
+    if gpu_status()[0]:
+        pytest.skip("a GPU is visible")
+    rc = ivf.main(["--n", "3000", "--d", "16", "--nlist", "16", "--M", "4", "--nq", "20", "--backend", "gpu",
+                   "--out", str(tmp_path / "rep")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "backend 'gpu' was requested" in err and "Traceback" not in err
+    assert not (tmp_path / "rep").exists()  # no report from a run that did not happen

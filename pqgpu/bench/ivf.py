@@ -7,7 +7,7 @@ reported apart), and queries/s is over search calls (best of 5 after a warm-up, 
 number of CPU threads (--threads). faiss's own index (its train + add) gives the recall columns and its q/s too.
 The one-call figure (`search_ivf_store`: open the store, load, search) is reported as well.
 
-    python -m pqgpu.bench.ivf [--quick] [--n N --d D --nlist L --M M --nbits B] [--out DIR]
+    python -m pqgpu.bench.ivf [--quick] [--n N --d D --nlist L --M M --nbits B] [--backend cpu|gpu] [--out DIR]
 
 pqgpu builds as `pqgpu run` does. With --runner auto (the default) that is whatever `pqgpu run` picks for the
 size with the default cluster settings: threads of this process below cluster.IN_PROCESS_MAX_VALUES (train,
@@ -96,7 +96,8 @@ def _time_invert_again(store_path: str, client: Any) -> float:
 
 
 def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, nprobes: list[int], nq: int,
-                  train_size: int, workers: int, threads: int, runner: str = "auto") -> dict[str, Any]:
+                  train_size: int, workers: int, threads: int, runner: str = "auto",
+                  backend: str = "cpu") -> dict[str, Any]:
     import faiss
 
     from ..cluster import choose_in_process
@@ -117,7 +118,7 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
             "source": {"format": "npy", "path": str(tmp / "data" / "shard-*.npy"), "id_column": None},
             "quantizer": {"path": str(tmp / "ivf.faiss"), "M": M, "nbits": nbits, "nlist": nlist,
                           "train_size": train_size, "niter": niter},
-            "encode": {"output": str(tmp / "codes.zarr"), "chunk_rows": 65536, "backend": "cpu"},
+            "encode": {"output": str(tmp / "codes.zarr"), "chunk_rows": 65536, "backend": backend},
         })
         def timed_build(client: Any, cpu_seconds: Any) -> tuple[float, float, float, float]:
             """(train s, encode + invert s, CPU s of both, invert alone s) on the client, or without one as
@@ -192,10 +193,10 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
             faiss.extract_index_ivf(same).nprobe = p
             faiss.extract_index_ivf(own).nprobe = p
             (t_ours, (_, found)), (t_same, (_, s_found)), (t_own, (_, f_found)) = best_in_turns(
-                [lambda: ours.search(q, 10, nprobe=p, backend="cpu"), lambda: same.search(q, 10),
+                [lambda: ours.search(q, 10, nprobe=p, backend=backend), lambda: same.search(q, 10),
                  lambda: own.search(q, 10)])
             t0 = time.perf_counter()
-            search_ivf_store(open_store(cfg.encode.output), q, 10, nprobe=p, backend="cpu")
+            search_ivf_store(open_store(cfg.encode.output), q, 10, nprobe=p, backend=backend)
             t_once = time.perf_counter() - t0
             r1, r10 = recall(found, gt)
             f1, f10 = recall(f_found, gt)
@@ -208,7 +209,7 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
         build = t_train + t_encode_invert
         return {
             "params": {"n": n, "d": d, "nlist": nlist, "M": M, "nbits": nbits, "niter": niter, "nq": nq,
-                       "train_size": train_size,
+                       "train_size": train_size, "backend": backend,
                        "runner": "in-process threads" if in_process else f"{workers} Dask worker process(es)",
                        "workers": None if in_process else workers, "threads_per_worker": threads,
                        "search_threads": threads},
@@ -237,7 +238,8 @@ def run_ivf_bench(n: int, d: int, nlist: int, M: int, nbits: int, niter: int, np
 def report_markdown(r: dict[str, Any]) -> str:
     p, b, pr = r["params"], r["build"], r["per_row"]
     lines = [f"## IVF-PQ: n={p['n']:,}, d={p['d']}, nlist={p['nlist']}, M={p['M']}, nbits={p['nbits']}, "
-             f"niter={p['niter']}, {p['nq']} queries; pqgpu built on {p.get('runner', 'Dask workers')}", "",
+             f"niter={p['niter']}, {p['nq']} queries; pqgpu built on {p.get('runner', 'Dask workers')}, backend "
+             f"{p.get('backend', 'cpu')}", "",
              "| build | pqgpu (train + encode + invert) | faiss (train + add) | ratio |", "|---|---|---|---|",
              f"| seconds | {b['pqgpu_build_s']} ({b['pqgpu_train_s']} + {b['pqgpu_encode_invert_s']}, invert alone "
              f"{b['pqgpu_invert_alone_s']}) | {b['faiss_build_s']} ({b['faiss_train_s']} + {b['faiss_add_s']}) | "
@@ -284,13 +286,14 @@ def plot_recall_qps(r: dict[str, Any], path: Path) -> bool:
 
 def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
     """The IVF benchmark at the quick or full size (keyword overrides: n, d, nlist, M, nbits, niter, nq,
-    workers, threads, runner)."""
+    workers, threads, runner, backend)."""
     p = {"n": 30_000, "d": 64, "nlist": 128, "M": 8} if quick else {"n": 300_000, "d": 128, "nlist": 1024, "M": 16}
     p.update({"nbits": 8, "niter": 10, "nq": 500, "workers": 1, "threads": 2})
     p.update({k: v for k, v in overrides.items() if v is not None})
     nprobes = [x for x in (1, 4, 16, 64) if x <= p["nlist"]]
     return run_ivf_bench(p["n"], p["d"], p["nlist"], p["M"], p["nbits"], p["niter"], nprobes, p["nq"],
-                         min(p["n"], 64 * p["nlist"]), p["workers"], p["threads"], p.get("runner") or "auto")
+                         min(p["n"], 64 * p["nlist"]), p["workers"], p["threads"], p.get("runner") or "auto",
+                         p.get("backend") or "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nq", type=int)
     ap.add_argument("--workers", type=int)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--backend", choices=("cpu", "gpu"), default="cpu",
+                    help="pqgpu's training, encode and search backend (gpu: CuPy, an error without a GPU); faiss "
+                         "stays faiss-cpu, the target's reference")
     ap.add_argument("--runner", choices=("auto", "processes"), default="auto",
                     help="auto: as `pqgpu run` picks for the size (in-process threads for small runs); processes: "
                          "always a LocalCluster of --workers processes")
@@ -313,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..logs import configure
 
     configure(quiet=True)  # Dask's own INFO lines (scheduler, nanny, workers) stay out of the report
-    r = run(args.quick, n=args.n, d=args.d, nlist=args.nlist, M=args.M, nbits=args.nbits, niter=args.niter,
-            nq=args.nq, workers=args.workers, threads=args.threads, runner=args.runner)
+    from ..errors import PqgpuError
+
+    try:
+        r = run(args.quick, n=args.n, d=args.d, nlist=args.nlist, M=args.M, nbits=args.nbits, niter=args.niter,
+                nq=args.nq, workers=args.workers, threads=args.threads, runner=args.runner, backend=args.backend)
+    except PqgpuError as exc:  # e.g. --backend gpu without a GPU: the one paragraph, no traceback
+        print(f"pqgpu.bench.ivf: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ivf.json").write_text(json.dumps(r, indent=2, default=str))
