@@ -4,7 +4,7 @@ Timing the versions in separate processes on a shared 2-core VM moved the same k
 processes; interleaving calls in one process and taking the per-round ratio cancels most of that drift.
 
     git archive c8a7568 pqgpu/_cpu.py | tar -x -C /tmp/old       # the kernel before the near-tie re-rank
-    python benchmarks/bench_kernel_ab.py /tmp/old/pqgpu/_cpu.py pqgpu/_cpu.py --rounds 7 --procs 12
+    python benchmarks/bench_kernel_ab.py /tmp/old/pqgpu/_cpu.py pqgpu/_cpu.py --scale 0.5   # 7 rounds x 12 processes
 
 Within one process the same kernel compiled twice (an A/A run) still differed by up to 13 % at some grid
 points, consistently over rounds: where each compiled kernel and its codebook copy land in memory matters,
@@ -79,11 +79,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", help="path of version A's _cpu.py (the baseline)")
     ap.add_argument("b", help="path of version B's _cpu.py")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--procs", type=int, default=1,
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--procs", type=int, default=12,
                     help="repeat the whole measurement in this many fresh processes and report the median over "
-                         "processes of each process's median ratio (with its range): where a compiled kernel lands "
-                         "in memory moved an A/A comparison by up to 13 %% within one process")
+                         "processes of each process's median ratio (with its range): where a compiled kernel and "
+                         "its data land in memory moved an A/A comparison by up to 13 %% within one process")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every n by this")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time each call by this thread's CPU time (run with NUMBA_NUM_THREADS=1): what the call "
@@ -102,7 +102,8 @@ def main() -> None:
     runs = []
     for i in range(args.procs):
         cmd = [sys.executable, __file__, args.a, args.b, "--rounds", str(args.rounds), "--scale", str(args.scale),
-               "--grid", ";".join(",".join(map(str, g)) for g in args.grid), "--child", str(i)] + (["--cpu-time"] if args.cpu_time else [])
+               "--grid", ";".join(",".join(map(str, g)) for g in args.grid), "--child", str(i)]
+        cmd += ["--cpu-time"] if args.cpu_time else []
         runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         print(f"process {i + 1}/{args.procs}: " + ", ".join(
             f"{float(np.median(v['ratios'])):.3f}" for v in runs[-1].values()), flush=True)

@@ -15,8 +15,8 @@ encode and invert here), Dask worker processes above. --runner processes always 
 --workers processes: training is a task on a worker (which reads the sample there), then the encode tasks
 and the inverted layout run on the same workers.
 
-Writes DIR/ivf.json, DIR/ivf.md and DIR/ivf.png (recall vs queries/s). Per-row costs (train per sample row, encode and invert per row) are
-reported so that larger builds can be projected on paper.
+Writes DIR/ivf.json, DIR/ivf.md and DIR/ivf.png (recall vs queries/s). Per-row costs (train per sample row,
+encode and invert per row) are reported so that larger builds can be projected on paper.
 """
 
 from __future__ import annotations
