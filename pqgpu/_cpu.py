@@ -546,6 +546,25 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int, D: int) -> ir.Function:
                     b.store(b.call(fmuladd, [xs, cv[v], b.load(acc[r][v])]), acc[r][v])
         return k0
 
+    def answer(r, vals, mv, base, also_near):
+        """Row r's results from vals, the V vectors of distances at centroid base that hold the minimum mv:
+        mins[r] = mv, idx[r] = base + the first lane equal to mv, near[r] = a second distance within the margin
+        among vals, or also_near (an i1, or None)."""
+        mvs = _splat(b, mv, L)
+        lim = _splat(b, b.fadd(mv, b.load(b.gep(thr, [_c64(r)]))), L)
+        mask = _bits(b, [b.fcmp_ordered("==", val, mvs) for val in vals], L)
+        close = _bits(b, [b.fcmp_ordered("<=", val, lim) for val in vals], L)
+        # No match only when no distance is finite (NaN in x): report index 0 then.
+        found = b.icmp_unsigned("!=", mask, _c64(0))
+        off = b.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)])
+        b.store(mv, b.gep(mins, [_c64(r)]))
+        b.store(b.select(found, b.add(base, off), _c64(0)), b.gep(idx, [_c64(r)]))
+        # the minimum itself is within the margin: a second bit in `close` is a runner-up (or a tie) within it
+        hit = b.icmp_unsigned(">", b.call(ctpop, [close]), _c64(1))
+        if also_near is not None:
+            hit = b.or_(hit, also_near(lim))
+        b.store(b.zext(hit, _i64), b.gep(near, [_c64(r)]))
+
     # One block (codebooks of at most W centroids, e.g. nbits 4): the row's distances are all in registers
     # after the FMA loop, so the per-block best / block / second bookkeeping below is skipped; near is then
     # just a second distance within the margin.
@@ -561,17 +580,7 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int, D: int) -> ir.Function:
         for v, a in enumerate(vals):
             b.store(a, _vptr(b, buf, b.add(rb, _c64(v * L)), L), align=4)  # for the exact test's runner-up
             bm = a if bm is None else _vmin(b, a, bm)
-        mv = _hmin(b, bm, L, lambda p, q: b.fcmp_ordered("<", p, q))
-        mvs = _splat(b, mv, L)
-        lim = _splat(b, b.fadd(mv, b.load(b.gep(thr, [_c64(r)]))), L)
-        mask = _bits(b, [b.fcmp_ordered("==", val, mvs) for val in vals], L)
-        close = _bits(b, [b.fcmp_ordered("<=", val, lim) for val in vals], L)
-        found = b.icmp_unsigned("!=", mask, _c64(0))  # no match only when no distance is finite (NaN in x)
-        b.store(mv, b.gep(mins, [_c64(r)]))
-        b.store(b.select(found, b.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)]), _c64(0)),
-                b.gep(idx, [_c64(r)]))
-        # the minimum itself is within the margin: a second bit is a runner-up (or a tie) within it
-        b.store(b.zext(b.icmp_unsigned(">", b.call(ctpop, [close]), _c64(1)), _i64), b.gep(near, [_c64(r)]))
+        answer(r, vals, _hmin(b, bm, L, lambda p, q: b.fcmp_ordered("<", p, q)), _c64(0), None)
     b.ret_void()
     b.position_at_end(many)
     with _for(b, _c64(0), nblk) as blk:
@@ -594,33 +603,26 @@ def _tile_fn(module: ir.Module, L: int, V: int, R: int, D: int) -> ir.Function:
     for r in range(R):
         bv = b.load(best[r])
         mv = _hmin(b, bv, L, lambda p, q: b.fcmp_ordered("<", p, q))
-        mvs = _splat(b, mv, L)
-        lim = _splat(b, b.fadd(mv, b.load(b.gep(thr, [_c64(r)]))), L)
         # Lanes holding the minimum. With one, the first occurrence lies in the block that lane recorded
         # (the first to reach its best). Two lanes holding it is a tie: the row is marked near, and the exact
         # re-rank, not idx, then decides.
-        held = b.fcmp_ordered("==", bv, mvs)
+        held = b.fcmp_ordered("==", bv, _splat(b, mv, L))
         hbits = b.zext(b.bitcast(held, ir.IntType(L)), _i64)
         lane = b.trunc(b.and_(b.call(cttz, [hbits, ir.Constant(ir.IntType(1), 0)]), _c64(L - 1)), _i32)
         base = b.mul(b.sext(b.extract_element(b.load(bblk[r]), lane), _i64), _c64(W))
         rb = b.add(b.mul(_c64(r), ldb), base)
         vals = [b.load(_vptr(b, buf, b.add(rb, _c64(v * L)), L), align=4) for v in range(V)]
-        mask = _bits(b, [b.fcmp_ordered("==", val, mvs) for val in vals], L)
-        close = _bits(b, [b.fcmp_ordered("<=", val, lim) for val in vals], L)
-        # No match only when no distance is finite (NaN in x): report index 0 then.
-        found = b.icmp_unsigned("!=", mask, _c64(0))
-        off = b.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)])
-        b.store(mv, b.gep(mins, [_c64(r)]))
-        b.store(b.select(found, b.add(base, off), _c64(0)), b.gep(idx, [_c64(r)]))
-        # A runner-up within the margin lies either in the best block (then `close` has a second bit), or in
-        # another lane (whose best is <= it), or in the winner's lane in another block (>= that lane's
-        # second). So: near = a second bit in `close`, or any lane of cand within the margin, or a tie.
-        cand = b.select(held, b.load(second[r]), bv)
-        within = b.icmp_unsigned("!=", b.bitcast(b.fcmp_ordered("<=", cand, lim), ir.IntType(L)),
-                                 ir.Constant(ir.IntType(L), 0))
-        two = b.or_(b.call(ctpop, [close]), b.call(ctpop, [hbits]))  # either count >= 2 <=> their or >= 2
-        hit = b.or_(within, b.icmp_unsigned(">", two, _c64(1)))
-        b.store(b.zext(hit, _i64), b.gep(near, [_c64(r)]))
+
+        def outside(lim, held=held, hbits=hbits, bv=bv, r=r):
+            # A runner-up within the margin lies either in the best block (a second bit in `close`, which
+            # answer() tests), or in another lane (whose best is <= it), or in the winner's lane in another
+            # block (>= that lane's second), or it is a tie between lanes.
+            cand = b.select(held, b.load(second[r]), bv)
+            within = b.icmp_unsigned("!=", b.bitcast(b.fcmp_ordered("<=", cand, lim), ir.IntType(L)),
+                                     ir.Constant(ir.IntType(L), 0))
+            return b.or_(within, b.icmp_unsigned(">", b.call(ctpop, [hbits]), _c64(1)))
+
+        answer(r, vals, mv, base, outside)
     b.ret_void()
     return fn
 

@@ -35,8 +35,9 @@ class Step:
 
 
 # The timeouts add up to the default budget (390 s): with the kit's install (~10 s) the check stays within
-# 7 minutes on the GPU machine. gpu_tests has 90 s: 17 tests, six of them IVF-PQ (tests/test_ivf_gpu.py),
-# several calling numba CPU kernels that compile on the machine's cold cache. Each step's size knobs are --param names (see pqgpu/bench/gpu.py).
+# 7 minutes on the GPU machine. gpu_tests has 90 s: 17 tests, six of them IVF-PQ (tests/test_ivf_gpu.py);
+# several of the others compare with numba CPU kernels, which compile on the machine's cold cache. Each
+# step's size knobs are --param names (see pqgpu/bench/gpu.py).
 STEPS = [
     Step("versions", "(a) versions, nvidia-smi, which packages import", 30),
     Step("gpu_tests", "(b) pytest -m gpu (PQ, OPQ, IVF-PQ, the pipeline on CuPy)", 90),
