@@ -61,15 +61,16 @@ def train(cfg: Config, *, backend: str | None = None, client: Any = None) -> Cod
     return cb
 
 
-def _params(M: int, nbits: int, opq: bool) -> str:
-    return f"M={M}, nbits={nbits}, opq={'true' if opq else 'false'}"
+def _params(M: int, nbits: int, opq: bool, metric: str = "l2") -> str:
+    return f"M={M}, nbits={nbits}, opq={'true' if opq else 'false'}, metric={metric}"
 
 
 def check_quantizer_matches(codebook: Codebook, q: QuantizerConfig, where: str, *, store: bool = False) -> None:
-    """ConfigError when a quantizer (file, or a store's codebook when store=True) has another M, nbits or
-    OPQ setting than the config: using it would silently give codes of another shape than asked for."""
-    have = (codebook.M, codebook.nbits, codebook.rotation is not None)
-    want = (q.M, q.nbits, q.opq)
+    """ConfigError when a quantizer (file, or a store's codebook when store=True) has another M, nbits,
+    OPQ setting or metric than the config: using it would silently give codes (or scores) of another kind
+    than asked for."""
+    have = (codebook.M, codebook.nbits, codebook.rotation is not None, codebook.metric)
+    want = (q.M, q.nbits, q.opq, q.metric)
     if have == want:
         return
     if store:
@@ -78,7 +79,9 @@ def check_quantizer_matches(codebook: Codebook, q: QuantizerConfig, where: str, 
             f"{_params(*want)}; its figures would describe another quantizer than the one configured. Either "
             "encode again with this config (`pqgpu run --retrain --overwrite`, which replaces quantizer.path and "
             "the store), or set encode.output (and quantizer.path) to the ones made with these settings.")
-    files = f"{where} (with {where}.opq)" if have[2] else str(where)
+    sidecars = [s for s, on in ((".opq", have[2]), (".metric", have[3] != "l2" and not getattr(codebook, "nlist", 0)))
+                if on]
+    files = f"{where} (with {' and '.join(where + s for s in sidecars)})" if sidecars else str(where)
     raise ConfigError(
         f"The quantizer {files} has {_params(*have)}, but the config asks for {_params(*want)}; pqgpu will not "
         "use a quantizer that disagrees with the config, and nothing was written. Either retrain it "

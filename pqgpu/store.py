@@ -103,8 +103,13 @@ class CodeStore:
             from .ivf import IvfCodebook
 
             return IvfCodebook(int(a["d"]), int(a["M"]), int(a["nbits"]), cb["centroids"][...], rotation,
-                               coarse=cb["coarse"][...])
-        return Codebook(int(a["d"]), int(a["M"]), int(a["nbits"]), cb["centroids"][...], rotation)
+                               self.metric, coarse=cb["coarse"][...])
+        return Codebook(int(a["d"]), int(a["M"]), int(a["nbits"]), cb["centroids"][...], rotation, self.metric)
+
+    @property
+    def metric(self) -> str:
+        """l2, ip or cosine (pqgpu.metric); stores made before metrics existed are l2."""
+        return str(self.group.attrs.get("metric", "l2"))
 
     def pending_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done[...])]
@@ -171,7 +176,7 @@ class CodeStore:
         missing = sorted(self.missing_chunks([int(i) for i in np.flatnonzero(done)]))
         return {
             "path": self.path, "n": a["n"], "d": a["d"], "M": a["M"], "nbits": a["nbits"],
-            "code_size": a["code_size"], "opq": "rotation" in self.group["codebook"],
+            "code_size": a["code_size"], "opq": "rotation" in self.group["codebook"], "metric": self.metric,
             "chunk_rows": a["chunk_rows"], "chunks_done": int(done.sum()) - len(missing), "chunks": int(done.size),
             "chunks_missing": missing,
             "complete": bool(done.all()) and not missing, "codebook_sha256": a["codebook_sha256"],
@@ -274,7 +279,7 @@ def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_r
         add_ivf_nodes(group, codebook, n, chunk_rows)
     group.attrs.update({
         "format_version": FORMAT_VERSION, "d": codebook.d, "M": codebook.M, "nbits": codebook.nbits,
-        "code_size": codebook.code_size, "n": int(n), "chunk_rows": int(chunk_rows),
+        "metric": codebook.metric, "code_size": codebook.code_size, "n": int(n), "chunk_rows": int(chunk_rows),
         "codebook_sha256": codebook.fingerprint(), "source": source, "created_by": versions(),
     })
     return CodeStore(path, group)
@@ -306,7 +311,9 @@ def prepare_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_
 def _mismatches(store: CodeStore, codebook: Codebook, n: int, chunk_rows: int, source: dict) -> list[str]:
     a = store.attrs
     out = []
-    if a.get("codebook_sha256") != codebook.fingerprint():
+    if store.metric != codebook.metric:
+        out.append(f"it was made with metric {store.metric}, the quantizer now has metric {codebook.metric}")
+    elif a.get("codebook_sha256") != codebook.fingerprint():
         out.append(f"it was made with another codebook (sha256 {str(a.get('codebook_sha256'))[:12]}…, "
                    f"now {codebook.fingerprint()[:12]}…)")
     if a.get("source") != source:

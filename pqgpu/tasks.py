@@ -73,10 +73,14 @@ class ChunkResult:
     host: str
 
 
-def check_vectors(source: Source, x: np.ndarray, start: int, d: int) -> np.ndarray:
-    """float32 (rows, d), with a NaN/Inf error that names the file and row it came from."""
+def check_vectors(source: Source, x: np.ndarray, start: int, d: int, metric: str = "l2") -> np.ndarray:
+    """float32 (rows, d), with a NaN/Inf error (and, for metric cosine, an all-zero row error) that names the
+    file and row it came from."""
     try:
-        return as_float32_matrix(x, "vectors", d=d, row_offset=start)
+        x = as_float32_matrix(x, "vectors", d=d, row_offset=start)
+        if metric == "cosine":
+            _refuse_zero_rows(source, x, start)
+        return x
     except InputError:
         finite = np.isfinite(np.asarray(x, dtype=np.float32)).all(axis=1) if np.asarray(x).ndim == 2 else None
         if finite is None or finite.all():
@@ -85,6 +89,20 @@ def check_vectors(source: Source, x: np.ndarray, start: int, d: int) -> np.ndarr
         path, local = source.locate(row)
         raise InputError(f"{path}: row {local} (global row {row}) has a NaN or Inf value. Fix or drop it and "
                          "run again; chunks already encoded are kept.") from None
+
+
+def _refuse_zero_rows(source: Source, x: np.ndarray, start: int, rows: np.ndarray | None = None) -> None:
+    """InputError naming the file and row of the first all-zero row of x (metric cosine cannot normalise it).
+    rows: the global row of each row of x (a training sample); default start + position."""
+    from .metric import zero_norm_rows
+
+    bad = zero_norm_rows(x)
+    if bad.size:
+        row = int(rows[bad[0]]) if rows is not None else start + int(bad[0])
+        path, local = source.locate(row)
+        raise InputError(f"{path}: row {local} (global row {row}) is all zeros ({bad.size} such row(s) in this "
+                         f"{'sample' if rows is not None else 'chunk'}); quantizer.metric cosine divides every row "
+                         "by its norm. Drop or fix zero vectors in the source, or use metric ip or l2.")
 
 
 def encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, requested_backend: str,
@@ -110,7 +128,7 @@ def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codeb
     t0 = time.perf_counter()
     x, ids = source.read_chunk(chunk)
     t1 = time.perf_counter()
-    x = check_vectors(source, x, chunk.start, codebook.d)
+    x = check_vectors(source, x, chunk.start, codebook.d, codebook.metric)
     if backend == "gpu":
         from .backend import pinned_copy
 
@@ -170,20 +188,23 @@ def train_task(cfg: Config, requested_backend: str) -> Trained:
         if not np.isfinite(x).all():
             _name_bad_sample_row(source, x, rows)
         x = as_float32_matrix(x, "training sample")
+        if q.metric == "cosine":
+            _refuse_zero_rows(source, x, 0, rows)
         log.info("training sample: %d of %d rows (d=%d) read in %.2f s", len(x), source.n, source.d, t_read)
         t1 = time.perf_counter()
         if q.nlist:  # IVF-PQ: coarse k-means, then PQ of the residuals (pqgpu.ivf)
             from .ivf import train_ivf
 
-            cb = train_ivf(x, q.M, q.nbits, q.nlist, niter=q.niter, seed=q.seed, backend=backend, opq=q.opq)
+            cb = train_ivf(x, q.M, q.nbits, q.nlist, niter=q.niter, seed=q.seed, backend=backend, opq=q.opq,
+                           metric=q.metric)
         elif q.opq:
             from .opq import train_opq
 
-            cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
+            cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend, metric=q.metric)
         else:
             from .training import train as train_pq
 
-            cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
+            cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend, metric=q.metric)
     me = where_am_i()
     return Trained(cb, backend, me["worker"], me["host"], len(x), t_read, time.perf_counter() - t1)
 
