@@ -77,6 +77,17 @@ def as_float32_matrix(x: Any, what: str = "input", *, d: int | None = None, row_
     return x
 
 
+def normalize_training(x: np.ndarray, backend: str) -> np.ndarray:
+    """Host rows (n, d) float32 L2-normalised on the resolved backend's device ("cpu" | "gpu") and brought back
+    (metric cosine, before training); InputError names the first zero row."""
+    if backend == "cpu":
+        return normalize_rows(x, "training vectors")
+    from .backend import namespace, to_device, to_host
+
+    xp = namespace("gpu")
+    return np.asarray(to_host(normalize_rows(to_device(x, xp), "training vectors")), dtype=np.float32)
+
+
 @dataclass(frozen=True, eq=False)
 class Codebook:
     """PQ parameters and centroids. centroids: float32 (M, ksub, dsub); rotation: float32 (d, d) or None,

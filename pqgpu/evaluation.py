@@ -1,4 +1,5 @@
-"""What exhaustive and IVF search both use to check arguments and to evaluate results: k checks, the exact
+"""What exhaustive and IVF search both use to check arguments and to evaluate results: k checks, queries as
+the metric sees them and scores back in its sense, the exact
 k-NN of a few queries over streamed base vectors, recall@k, the reconstruction pass and the result table.
 
 Below pqgpu.search and pqgpu.ivf_search (both import it; it imports neither), so data flows one way:
@@ -15,12 +16,28 @@ import numpy as np
 
 from .codebook import as_float32_matrix
 from .errors import ConfigError, InputError
+from .metric import normalize_rows
 
 
 def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"k: expected a positive integer. Got {k!r} instead.")
     return int(k)
+
+
+def prepare_queries(queries: Any, codebook: Any) -> np.ndarray:
+    """Validated float32 queries (nq, d) as the codes see them: normalised under cosine (an all-zero query is an
+    InputError naming it), then rotated."""
+    q = as_float32_matrix(queries, "queries", d=codebook.d)
+    if codebook.metric == "cosine":
+        q = normalize_rows(q, "queries")
+    return codebook.rotate(q)
+
+
+def to_metric(d: np.ndarray, metric: str) -> np.ndarray:
+    """Scan distances back in the metric's sense: as they are for l2, negated (similarities) for ip / cosine;
+    a missing result (row -1) then scores -FLT_MAX, as in faiss."""
+    return d if metric == "l2" else -d
 
 
 class ExactKnn:
@@ -30,8 +47,6 @@ class ExactKnn:
 
     def __init__(self, queries: np.ndarray, k: int, block_rows: int = 16384, metric: str = "l2"):
         if metric == "cosine":
-            from .metric import normalize_rows
-
             queries = normalize_rows(queries, "queries")
         self.metric = metric
         self.q = queries
@@ -129,8 +144,6 @@ def reconstruction_pass(base_chunks: Any, n: int, d: int, decode_rows: Callable[
     for block in base_chunks:
         x = as_float32_matrix(block, "base vectors", d=d, row_offset=pos)
         if metric == "cosine":
-            from .metric import normalize_rows
-
             x = normalize_rows(x, "base vectors", row_offset=pos)
         rows = x.shape[0]
         if pos + rows > n:

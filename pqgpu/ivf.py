@@ -5,8 +5,8 @@ the PQ code of the residual y - c_l, exactly what faiss's IndexIVFPQ (inside Ind
 computes for `add`. With metric ip or cosine (cosine: rows L2-normalised first) the list is
 argmax_l <y, c_l> and the coarse centroids come from spherical k-means with inner-product assignment, as
 faiss's IndexIVF trains its IndexFlatIP quantizer for METRIC_INNER_PRODUCT (cp.spherical = true); the
-residual PQ is L2 k-means either way. The trained quantizer is written as a faiss index file, in pure Python (faiss is not a
-runtime dependency). Layout, all little-endian, as faiss's index_write.cpp writes it:
+residual PQ is L2 k-means either way.
+The trained quantizer is written as a faiss index file, in pure Python (faiss is not a runtime dependency). Layout, all little-endian, as faiss's index_write.cpp writes it:
 
     index header  = d:int32 ntotal:int64 dummy:int64 dummy:int64 is_trained:uint8 metric_type:int32
                     (1 = L2, 0 = inner product; cosine = inner product behind an L2 normalisation)
@@ -37,10 +37,9 @@ from array_api_compat import array_namespace
 
 from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
-from .codebook import Codebook, as_float32_matrix, atomic_write_bytes, check_params
+from .codebook import Codebook, as_float32_matrix, atomic_write_bytes, check_params, normalize_training
 from .errors import ConfigError, InputError
-from .metric import (FAISS_METRIC_INNER_PRODUCT, FAISS_METRIC_L2, check_metric, faiss_metric_type, normalize_rows,
-                     normalize_training)
+from .metric import FAISS_METRIC_INNER_PRODUCT, FAISS_METRIC_L2, check_metric, faiss_metric_type, normalize_rows
 
 log = logging.getLogger(__name__)
 

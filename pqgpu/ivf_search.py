@@ -25,7 +25,8 @@ from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
 from .codebook import as_float32_matrix
 from .errors import ConfigError
-from .evaluation import ExactKnn, check_k, evaluation_inputs, recall_metrics, reconstruction_pass
+from .evaluation import (ExactKnn, check_k, evaluation_inputs, prepare_queries, recall_metrics,
+                         reconstruction_pass, to_metric)
 from .store import check_inverted
 
 log = logging.getLogger(__name__)
@@ -295,8 +296,6 @@ class IvfIndex:
         """Top-k: distances float32 (nq, k) and store rows int64 (nq, k) (-1 and FLT_MAX where fewer than
         k rows lie in the probed lists; metric ip / cosine: similarities, largest first, -FLT_MAX where
         missing). xp: force an array namespace."""
-        from .search import prepare_queries, to_metric
-
         k = check_k(k)
         cb = self.cb
         nprobe = resolve_nprobe(nprobe, cb.nlist, self.path)

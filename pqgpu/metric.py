@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from array_api_compat import array_namespace
 
 from .errors import ConfigError, InputError
@@ -50,13 +49,13 @@ def faiss_metric_type(metric: str) -> int:
     return FAISS_METRIC_L2 if check_metric(metric) == "l2" else FAISS_METRIC_INNER_PRODUCT
 
 
-def zero_norm_rows(x: Any) -> np.ndarray:
-    """Host indices of the rows of x (n, d) whose L2 norm is zero (cosine cannot normalise them)."""
-    from .backend import to_host
-
+def zero_norm_rows(x: Any) -> tuple[int, int]:
+    """(first row, count) of the rows of x (n, d), on any namespace, whose L2 norm is zero (cosine cannot
+    normalise them); (-1, 0) when there is none."""
     xp = array_namespace(x)
-    sq = xp.sum(x * x, axis=1)
-    return np.asarray(to_host(xp.nonzero(sq == 0)[0]), dtype=np.int64)
+    zero = xp.sum(x * x, axis=1) == 0
+    count = int(xp.count_nonzero(zero))
+    return (int(xp.argmax(xp.astype(zero, xp.int8))) if count else -1), count
 
 
 def normalize_rows(x: Any, what: str = "vectors", *, row_offset: int = 0) -> Any:
@@ -67,22 +66,11 @@ def normalize_rows(x: Any, what: str = "vectors", *, row_offset: int = 0) -> Any
     xp = array_namespace(x)
     norm = xp.sqrt(xp.sum(x * x, axis=1))
     if x.shape[0] and bool(xp.any(norm == 0)):
-        bad = zero_norm_rows(x)
-        raise InputError(f"{what}: row {row_offset + int(bad[0])} is all zeros ({bad.size} such row(s) in this "
+        first, count = zero_norm_rows(x)
+        raise InputError(f"{what}: row {row_offset + first} is all zeros ({count} such row(s) in this "
                          "block): quantizer.metric cosine divides every row by its norm. Drop or fix zero "
                          "vectors, or use metric ip or l2.")
     return x / norm[:, None]
-
-
-def normalize_training(x: np.ndarray, backend: str) -> np.ndarray:
-    """Host rows (n, d) float32 L2-normalised on the resolved backend's device ("cpu" | "gpu"), back on the
-    host; InputError names the first zero row."""
-    if backend == "cpu":
-        return normalize_rows(x, "training vectors")
-    from .backend import namespace, to_device, to_host
-
-    xp = namespace("gpu")
-    return np.asarray(to_host(normalize_rows(to_device(x, xp), "training vectors")), dtype=np.float32)
 
 
 def exact_scores(queries: Any, vectors: Any, metric: str) -> Any:

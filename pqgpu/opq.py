@@ -18,10 +18,10 @@ from array_api_compat import array_namespace
 
 from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
-from .codebook import Codebook, as_float32_matrix, check_params
+from .codebook import Codebook, as_float32_matrix, check_params, normalize_training
 from .errors import ConfigError, InputError
 from .kmeans import default_engine, split_empty_clusters, train_subquantizers
-from .metric import check_metric, normalize_training
+from .metric import check_metric
 
 log = logging.getLogger(__name__)
 

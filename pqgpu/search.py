@@ -29,7 +29,8 @@ from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
 from .codebook import Codebook, as_float32_matrix
 from .errors import ConfigError, InputError, StoreError
-from .evaluation import ExactKnn, check_k, evaluation_inputs, recall_metrics, reconstruction_pass
+from .evaluation import (ExactKnn, check_k, evaluation_inputs, prepare_queries, recall_metrics,
+                         reconstruction_pass, to_metric)
 from .store import as_store
 
 log = logging.getLogger(__name__)
@@ -137,23 +138,6 @@ def adc_tables(queries: Any, centroids: Any, metric: str) -> Any:
     if metric == "l2":
         return kernels.distance_tables(queries, centroids)
     return -kernels.inner_product_tables(queries, centroids)
-
-
-def prepare_queries(queries: Any, codebook: Codebook) -> np.ndarray:
-    """Validated float32 queries (nq, d) as the codes see them: normalised under cosine (an all-zero query is an
-    InputError naming it), then rotated."""
-    q = as_float32_matrix(queries, "queries", d=codebook.d)
-    if codebook.metric == "cosine":
-        from .metric import normalize_rows
-
-        q = normalize_rows(q, "queries")
-    return codebook.rotate(q)
-
-
-def to_metric(d: np.ndarray, metric: str) -> np.ndarray:
-    """Scan distances back in the metric's sense: as they are for l2, negated (similarities) for ip / cosine;
-    a missing result (row -1) then scores -FLT_MAX, as in faiss."""
-    return d if metric == "l2" else -d
 
 
 def make_scanner(queries: np.ndarray, codebook: Codebook, k: int, backend: str) -> Any:

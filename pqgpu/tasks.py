@@ -96,11 +96,11 @@ def _refuse_zero_rows(source: Source, x: np.ndarray, start: int, rows: np.ndarra
     rows: the global row of each row of x (a training sample); default start + position."""
     from .metric import zero_norm_rows
 
-    bad = zero_norm_rows(x)
-    if bad.size:
-        row = int(rows[bad[0]]) if rows is not None else start + int(bad[0])
+    first, count = zero_norm_rows(x)
+    if count:
+        row = int(rows[first]) if rows is not None else start + first
         path, local = source.locate(row)
-        raise InputError(f"{path}: row {local} (global row {row}) is all zeros ({bad.size} such row(s) in this "
+        raise InputError(f"{path}: row {local} (global row {row}) is all zeros ({count} such row(s) in this "
                          f"{'sample' if rows is not None else 'chunk'}); quantizer.metric cosine divides every row "
                          "by its norm. Drop or fix zero vectors in the source, or use metric ip or l2.")
 

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from .backend import device_count, free_device_memory, namespace, on_device, resolve_backend, to_device
-from .codebook import Codebook, as_float32_matrix, check_params
+from .codebook import Codebook, as_float32_matrix, check_params, normalize_training
 from .errors import ConfigError, InputError
 from .kmeans import ArrayEngine, train_split, train_subquantizers
-from .metric import check_metric, normalize_training
+from .metric import check_metric
 from .opq import train_opq
 
 
