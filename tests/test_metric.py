@@ -4,6 +4,7 @@ attribute, and bad input (unknown name, zero rows and queries, disagreeing metri
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,17 @@ def test_ivf_training_is_faiss_spherical_inner_product(metric):
     # with faiss's own coarse centroids, our lists are faiss's assignment and our residual PQ is trained alike
     lists, _ = IvfCodebook(D, 8, 6, cb.centroids, metric=metric, coarse=ref_coarse).encode_ivf(x, "cpu")
     np.testing.assert_array_equal(lists, ivf.quantizer.assign(xs, 1)[:, 0])
+
+
+@pytest.mark.parametrize("xp", NAMESPACES)
+def test_spherical_kmeans_runs_alike_on_every_namespace(xp):
+    from pqgpu.kmeans import InnerProductEngine, train_subquantizers
+
+    x = unit(varied_norms(1200, 23))
+    ref = train_subquantizers(x, 1, 12, niter=4, seed=2, engine=InnerProductEngine(), spherical=True)
+    got = train_subquantizers(xp.asarray(x), 1, 12, niter=4, seed=2, engine=InnerProductEngine(), spherical=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got[0], axis=1), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("xp", NAMESPACES)
@@ -480,3 +492,60 @@ def test_zero_row_under_cosine_names_file_and_row(tmp_path, capsys):
     with pytest.raises(InputError, match=r"part-1.npy: row 137 \(global row 437\) is all zeros"):
         check_vectors(src, x[400:500], 400, D, "cosine")
     check_vectors(src, x[400:500], 400, D, "ip")  # ip keeps zero rows: their score is 0
+
+
+# -- GPU (CuPy): the same code on the device; skipped without one, run by the GPU check's `pytest -m gpu` -------
+
+def _gpu_reason() -> str | None:
+    from pqgpu.backend import gpu_status
+
+    ok, reason = gpu_status()
+    return None if ok else reason
+
+
+gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a CUDA GPU: {_gpu_reason()}")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_gpu_flat_metric_codes_and_search_equal_faiss(metric):
+    from pqgpu.search import search_codes
+
+    x = varied_norms(3000, 30)
+    cb = train(x, 8, 8, niter=4, seed=1, backend="gpu", metric=metric)
+    codes = cb.encode(x, "gpu")  # cosine: normalised on the device (backend.encode_blocks)
+    xs = seen(x, metric)
+    assert_codes_match(codes, cb.to_faiss().compute_codes(xs), xs, cb.centroids, 8)
+    q = varied_norms(25, 31)
+    s, rows = search_codes(q, cb, [(0, codes)], 10, backend="gpu")
+    ref_s, ref_rows = faiss_flat(cb, codes).search(seen(q, metric), 10)
+    assert_same_scores(s, rows, ref_s, ref_rows)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_gpu_ivf_metric_lists_and_search_equal_faiss(tmp_path, metric):
+    from pqgpu.ivf_search import search_ivf_store
+    from pqgpu.pipeline import run
+    from pqgpu.store import open_store
+
+    x = varied_norms(2600, 32)
+    write_source(tmp_path / "data", x)
+    cfg = metric_config(tmp_path, metric, 16, True)
+    cfg = cfg.replace(encode=dataclasses.replace(cfg.encode, backend="gpu"))
+    run(cfg)
+    store = open_store(cfg.encode.output)
+    cb = store.codebook()
+    np.testing.assert_allclose(np.linalg.norm(cb.coarse, axis=1), 1.0, rtol=1e-5)
+    quantizer = faiss.IndexFlatIP(D)
+    quantizer.add(cb.coarse)
+    np.testing.assert_array_equal(store.group["lists"][...], quantizer.assign(cb.rotate(seen(x, metric)), 1)[:, 0])
+    q = varied_norms(20, 33)
+    s, rows = search_ivf_store(store, q, 10, nprobe=4, backend="gpu")
+    index = faiss.read_index(cfg.quantizer.path)
+    index.add(x)
+    faiss.extract_index_ivf(index).nprobe = 4
+    ref_s, ref_rows = index.search(q, 10)
+    assert_same_scores(s, rows, ref_s, ref_rows)
