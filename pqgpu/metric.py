@@ -76,8 +76,9 @@ def normalize_rows(x: Any, what: str = "vectors", *, row_offset: int = 0) -> Any
 def exact_scores(queries: Any, vectors: Any, metric: str) -> Any:
     """Exact metric between queries (nq, d) and vectors (n, d), float64, on their namespace -> (nq, n):
     l2: squared distances ||q - x||^2 (smaller is better); ip: <q, x>; cosine: <q, x> / (||q|| ||x||)
-    (larger is better). Computed in float64 from the differences / products, so re-ranking PQ candidates
-    with it orders them exactly (ties: callers keep the lower row). A zero vector under cosine is an error."""
+    (larger is better). Computed in float64 (one matmul; memory nq x n), so re-ranking PQ candidates with it
+    orders them as the exact metric does up to float64 rounding (ties: callers keep the lower row). A zero
+    vector under cosine is an error."""
     metric = check_metric(metric)
     xp = array_namespace(queries, vectors)
     q = xp.astype(queries, xp.float64)
@@ -85,7 +86,10 @@ def exact_scores(queries: Any, vectors: Any, metric: str) -> Any:
     if metric == "cosine":
         q = normalize_rows(q, "queries")
         x = normalize_rows(x, "vectors")
+    dots = xp.matmul(q, xp.permute_dims(x, (1, 0)))
     if metric != "l2":
-        return xp.matmul(q, xp.permute_dims(x, (1, 0)))
-    diff = q[:, None, :] - x[None, :, :]
-    return xp.sum(diff * diff, axis=2)
+        return dots
+    # ||q||^2 + ||x||^2 - 2 <q, x> in float64 (no (nq, n, d) temporary): its cancellation error, ~1e-16 of the
+    # norms, is far below the float32 resolution of the inputs
+    dist = xp.sum(q * q, axis=1)[:, None] + xp.sum(x * x, axis=1)[None, :] - 2.0 * dots
+    return xp.maximum(dist, xp.zeros_like(dist))
