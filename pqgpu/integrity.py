@@ -32,6 +32,7 @@ codes and ids together, no IVF or lists checksums) are still verified the way th
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -42,6 +43,9 @@ from .errors import StoreError
 log = logging.getLogger(__name__)
 
 ALGORITHM = "crc32c"
+# For pqgpu.bench.integrity only, which measures what the checks cost: PQGPU_BENCH_SKIP_CHECKS=1 makes readers
+# and resume skip them (verify still checks everything). Never set it to work around a damaged store.
+ENABLED = os.environ.get("PQGPU_BENCH_SKIP_CHECKS") != "1"
 
 
 def crc(values: Any, start: int = 0) -> int:
@@ -111,11 +115,14 @@ def chunk_crcs(values: dict[str, Any], columns: Sequence[str]) -> np.ndarray:
 class Checker:
     """A family's recorded CRCs, loaded once, against which the values just read are compared."""
 
-    def __init__(self, store_path: str, group: Any, family: Family):
+    def __init__(self, store_path: str, group: Any, family: Family, *, flags: bool = False):
+        """flags: also load the family's written-flags, to tell a chunk never written from a damaged one
+        (verify does; readers need not: a chunk never written fails its CRC all the same, the recorded one
+        being 0 and no CRC-32C of real data being 0 but for 1 in 2**32)."""
         self.path = store_path
         self.family = family
         self.sums = np.asarray(group[family.table][...])
-        self.flags = np.asarray(group[family.flags][...])
+        self.flags = np.asarray(group[family.flags][...]) if flags else None
         self.columns = {name: j for j, name in enumerate(family.arrays)}
 
     def problems(self, name: str, lo: int, values: Any) -> list[tuple[int, str]]:
@@ -129,7 +136,7 @@ class Checker:
             a, b = f.chunk_range(c)
             if b > hi or a >= b:
                 break
-            if not self.flags[c]:
+            if self.flags is not None and not self.flags[c]:
                 out.append((c, "never completed (its write was interrupted)"))
                 continue
             got = crc(values[a - lo:b - lo])
@@ -140,7 +147,7 @@ class Checker:
 
     def check(self, name: str, lo: int, values: Any) -> Any:
         """values as they are, or StoreError naming the damaged chunks and the way out."""
-        bad = self.problems(name, lo, values)
+        bad = self.problems(name, lo, values) if ENABLED else []
         if bad:
             raise StoreError(damage_message(self.path, [(name, c, why, self.family.chunk_range(c)) for c, why in bad]))
         return values
@@ -184,6 +191,64 @@ class Checker:
         return np.concatenate(out) if out else np.asarray(arr[0:0])
 
 
+VERIFY_BLOCK_BYTES = 64 << 20  # rows read per Zarr call by verify_family: many chunks, fetched concurrently
+
+
+def verify_family(store_path: str, group: Any, family: Family, chunks: Sequence[int] | None = None
+                  ) -> list[tuple[str, int, str, tuple[int, int]]]:
+    """Read every flagged chunk (or the given ones) of every array of the family in large blocks, one read
+    ahead, and compare each chunk with its CRC: [(array, chunk, why, (lo, hi))] for those that differ, are
+    unreadable or were never completed."""
+    import concurrent.futures
+
+    checker = Checker(store_path, group, family, flags=True)
+    todo = np.flatnonzero(checker.flags) if chunks is None else np.asarray(sorted(chunks), np.int64)
+    arrays = {name: group[name] for name in family.arrays}
+    row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize if a.dtype.kind in "iub" else 64
+                    for a in arrays.values())
+    per_block = max(1, VERIFY_BLOCK_BYTES // max(1, row_bytes * family.grid))
+    runs: list[tuple[int, int]] = []  # runs of consecutive chunks, at most per_block long
+    for c in todo.tolist():
+        if runs and c == runs[-1][1] and c - runs[-1][0] < per_block:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+
+    def read(run: tuple[int, int]) -> dict[str, Any]:
+        lo, hi = family.chunk_range(run[0])[0], family.chunk_range(run[1] - 1)[1]
+        out = {}
+        for name, arr in arrays.items():
+            try:
+                out[name] = checker.values(arr, name, lo, hi)
+            except StoreError as exc:
+                out[name] = exc
+        return out
+
+    bad: list[tuple[str, int, str, tuple[int, int]]] = []
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pqgpu-verify") as pool:
+        pending = pool.submit(read, runs[0]) if runs else None
+        for i, run in enumerate(runs):
+            values = pending.result()
+            if i + 1 < len(runs):
+                pending = pool.submit(read, runs[i + 1])
+            lo = family.chunk_range(run[0])[0]
+            for name, v in values.items():
+                if isinstance(v, StoreError):  # undecodable chunks: check the others one by one
+                    for c in range(*run):
+                        a, b = family.chunk_range(c)
+                        try:
+                            one = checker.values(arrays[name], name, a, b)
+                        except StoreError:
+                            bad.append((name, c, "unreadable (its chunk file cannot be decoded)", (a, b)))
+                            continue
+                        bad.extend((name, cc, why, family.chunk_range(cc)) for cc, why in checker.problems(name, a, one))
+                    continue
+                found = checker.problems(name, lo, v)
+                wanted = set(range(*run))
+                bad.extend((name, c, why, family.chunk_range(c)) for c, why in found if c in wanted)
+    return sorted(bad, key=lambda t: (t[1], family.arrays.index(t[0])))
+
+
 def damage_message(path: str, bad: list[tuple[str, int, str, tuple[int, int]]], limit: int = 10) -> str:
     """One paragraph: what is damaged (array, chunk, rows) and what to run."""
     items = [f"{name} chunk {c} (rows {a}-{b - 1}): {why}" for name, c, why, (a, b) in bad[:limit]]
@@ -202,7 +267,7 @@ def offsets_crc(offsets: np.ndarray) -> int:
 def check_offsets(path: str, ivf: Any, offsets: np.ndarray) -> np.ndarray:
     """ivf/offsets as read, or StoreError when they differ from the CRC recorded when they were written."""
     want = ivf.attrs.get("offsets_crc32c")
-    if want is not None and offsets_crc(offsets) != int(want):
+    if ENABLED and want is not None and offsets_crc(offsets) != int(want):
         raise StoreError(f"The code store {path} is damaged: ivf/offsets (where each inverted list starts) differ from "
                          "what was written. Search would read the wrong rows for every list. Run `pqgpu encode` "
                          f"with the same config to rebuild the inverted layout (`pqgpu verify {path}` for a full "

@@ -119,7 +119,7 @@ class CodeStore:
                 raise
             raise StoreError(integrity.codebook_problem(self.path, a.get("codebook_sha256"), "unreadable") or
                              f"{self.path}: the codebook cannot be read ({exc}).") from None
-        if check:
+        if check and integrity.ENABLED:
             problem = integrity.codebook_problem(self.path, a.get("codebook_sha256"), out.fingerprint())
             if problem:
                 raise StoreError(problem)
@@ -128,10 +128,10 @@ class CodeStore:
     def codebook_problem(self) -> str | None:
         """None when the codebook is the one recorded, else what is wrong (for verify and info)."""
         try:
-            self.codebook()
-        except StoreError as exc:
-            return str(exc)
-        return None
+            cb = self.codebook(check=False)
+        except Exception as exc:
+            return f"{self.path}: the codebook cannot be read ({exc})"
+        return integrity.codebook_problem(self.path, self.attrs.get("codebook_sha256"), cb.fingerprint())
 
     def checker(self) -> Any:
         """The recorded CRCs of codes, ids (and lists) per chunk, for readers to check what they read (None
@@ -184,22 +184,9 @@ class CodeStore:
         family = integrity.chunk_family(self.group)
         legacy = self.group["checksums"][...] if family is None and self.has_checksums else None
         if family is not None:
-            sums = np.asarray(self.group["checksums"][...])
-            arrays = [self.group[name] for name in family.arrays]
-            for i in chunks:
-                if i in bad:
-                    continue
-                lo, hi = self.chunk_range(i)
-                for j, (name, arr) in enumerate(zip(family.arrays, arrays)):
-                    try:
-                        got = integrity.crc(arr[lo:hi])
-                    except Exception as exc:  # a damaged compressed chunk fails to decode
-                        bad[i] = f"{name} unreadable ({type(exc).__name__}: {exc})"
-                        break
-                    if got != int(sums[i, j]):
-                        bad[i] = (f"{name} checksum mismatch (recorded {int(sums[i, j]):08x}, stored data gives "
-                                  f"{got:08x})")
-                        break
+            for name, c, why, _ in integrity.verify_family(self.path, self.group, family,
+                                                           [i for i in chunks if i not in bad]):
+                bad.setdefault(c, f"{name} {why}")
         elif legacy is not None:
             for i in chunks:
                 if i in bad:
@@ -504,6 +491,8 @@ def write_chunk(path: str, i: int, start: int, codes: np.ndarray, ids: np.ndarra
 def recheck_done_chunks(store: CodeStore) -> list[int]:
     """Before resuming: verify every done chunk and clear the done flag of those that are missing or
     damaged (named in a WARNING), so they are encoded again. Returns them."""
+    if not integrity.ENABLED:  # pqgpu.bench.integrity's baseline
+        return []
     report = store.verify(layout=False)
     if not report.checksums:
         log.warning("%s: no checksums recorded (made by an older pqgpu); checked that done chunks are present "
