@@ -315,3 +315,45 @@ def test_mixed_signed_and_unsigned_ids_that_do_not_fit_are_an_error(tmp_path):
                               pa.array(np.array([5, 6, 2**63 + 1] + list(range(10, 707)), np.uint64), pa.uint64())])
     with pytest.raises(InputError, match=r"shard-1.parquet: row 2 .*9223372036854775809"):
         run(config(tmp_path))
+
+
+# -- the fingerprint comparison, on its own ------------------------------------------------------------
+
+def _fp(*files, fmt="parquet", d=8):
+    return {"version": 2, "format": fmt, "path": "x", "id_column": "id", "vector_column": "embedding", "d": d,
+            "n": sum(f[1] for f in files),
+            "files": [{"path": p, "rows": r, "size": s, "mtime": "1", "tag": ""} for p, r, s in files]}
+
+
+def test_fingerprint_comparison_says_what_changed():
+    from pqgpu.sources.fingerprint import chunks_of_shards, compare
+
+    base = _fp(("/d/a", 10, 100), ("/d/b", 10, 100), ("/d/c", 5, 50))
+    assert compare(base, base).same
+    grown = _fp(("/d/a", 10, 100), ("/d/b", 10, 100), ("/d/c", 5, 50), ("/d/d", 3, 30))
+    assert compare(base, grown).added == ["/d/d"] and compare(base, grown).refused is None
+    assert "/d/b" in compare(base, _fp(("/d/a", 10, 100), ("/d/c", 5, 50))).refused
+    assert "sort among" in compare(base, _fp(("/d/a", 10, 100), ("/d/a2", 1, 1), ("/d/b", 10, 100),
+                                             ("/d/c", 5, 50))).refused
+    assert "/d/b had 10 rows and now has 11" in compare(base, _fp(("/d/a", 10, 100), ("/d/b", 11, 100),
+                                                                   ("/d/c", 5, 50))).refused
+    rewritten = compare(base, _fp(("/d/a", 10, 100), ("/d/b", 10, 101), ("/d/c", 5, 50)))
+    assert rewritten.refused is None and rewritten.changed == [1]
+    assert "dimension" in compare(base, _fp(("/d/a", 10, 100), ("/d/b", 10, 100), ("/d/c", 5, 50), d=16)).refused
+    # rows 10-19 of shard b lie in chunks 1 and 2 of 7 rows (rows 7-13, 14-20)
+    assert chunks_of_shards(base["files"], [1], 7) == [1, 2]
+
+
+def test_store_with_an_older_fingerprint_resumes_and_gets_the_new_one(tmp_path):
+    make_sample(tmp_path / "data", N, D, shards=3, fmt="parquet")
+    cfg = config(tmp_path)
+    run(cfg)
+    store = open_store(cfg.encode.output, mode="r+")
+    new = store.attrs["source"]
+    # what pqgpu wrote before: base names, rows, size, mtime in seconds as fsspec gave them
+    old = {k: new[k] for k in ("format", "path", "id_column", "vector_column", "n", "d")}
+    old["files"] = [[os.path.basename(f["path"]), f["rows"], f["size"], str(int(f["mtime"]) / 1e9)]
+                    for f in new["files"]]
+    store.group.attrs["source"] = old
+    assert encode(cfg).chunks_encoded == 0
+    assert open_store(cfg.encode.output).attrs["source"] == new
