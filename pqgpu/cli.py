@@ -108,8 +108,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     for key in ("path", "n", "d", "M", "nbits", "code_size", "opq", "nlist", "ids_dtype", "chunk_rows"):
         print(f"{key:>18}: {info[key]}")
-    print(f"{'progress':>18}: {info['chunks_done']}/{info['chunks']} chunks"
-          f"{' (complete)' if info['complete'] else ' (incomplete: run pqgpu encode to finish)'}")
+    if info["complete"]:
+        state = " (complete)"
+    elif info["codes"] == "complete" and info["codebook"] == "intact":
+        state = f" (inverted layout {info['layout']}: run pqgpu encode with the same config to finish or repair it)"
+    else:
+        state = " (incomplete or damaged: run pqgpu encode with the same config to finish or repair it)"
+    print(f"{'progress':>18}: {info['chunks_done']}/{info['chunks']} chunks{state}")
     print(f"{'codes':>18}: {info['codes']}")
     if info["layout"] is not None:
         print(f"{'inverted layout':>18}: {info['layout']}")

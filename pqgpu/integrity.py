@@ -303,7 +303,9 @@ def stream_crcs(arr: Any, chunks: Sequence[int], family: Family) -> dict[int, An
                     data = np.frombuffer(zstd.decode(f.read()), np.uint8)[:want]
                     got = data.size
         except FileNotFoundError:
-            return c, crc(np.full((hi - lo, *row_shape), arr.fill_value, dtype))
+            # the fill values Zarr would read; their CRC equals the recorded one only if nothing was lost
+            filled = crc(np.full((hi - lo, *row_shape), arr.fill_value, dtype))
+            return c, (filled, f"its chunk file {key} is missing")
         except Exception as exc:  # a damaged compressed chunk
             return c, exc
         if got != want:
@@ -337,7 +339,10 @@ def verify_family(store_path: str, group: Any, family: Family, chunks: Sequence[
             continue
         j = checker.columns[name]
         for c, got in stream_crcs(arr, todo, family).items():
-            if isinstance(got, Exception):
+            if isinstance(got, tuple):  # a missing file: lost data unless the chunk was all fill values
+                if got[0] != int(checker.sums[c, j]):
+                    bad.append((name, c, got[1], family.chunk_range(c)))
+            elif isinstance(got, Exception):
                 bad.append((name, c, f"unreadable ({type(got).__name__}: {got})", family.chunk_range(c)))
             elif got != int(checker.sums[c, j]):
                 bad.append((name, c, f"checksum mismatch (recorded {int(checker.sums[c, j]):08x}, stored data "
