@@ -151,7 +151,7 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
     with exclusive_lock(out):
         store = prepare_store(out, codebook=codebook, n=source.n, chunk_rows=chunk_rows,
                               id_dtype=source.id_dtype, source=source.fingerprint(), overwrite=overwrite)
-        if store.done[...].any():  # resuming: done chunks must still be there and intact
+        if store.done_flags().any():  # resuming: done chunks must still be there and intact
             recheck_done_chunks(store)
         pending = store.pending_chunks()
         if len(pending) < len(chunks):
