@@ -29,8 +29,6 @@ def _config(args: argparse.Namespace):
 def _shorthand(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Config values from the common-case arguments (source paths, --out, --M, ...). The config file gives
     way to them, and --set to nothing: file < these < --set."""
-    from .errors import ConfigError
-
     updates: dict[str, dict[str, Any]] = {}
 
     def put(section: str, key: str, value: Any) -> None:
@@ -41,11 +39,7 @@ def _shorthand(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if paths:
         from .sources import infer_format
 
-        fmt = args.format or infer_format(paths)
-        if fmt is None:
-            raise ConfigError(f"Cannot tell the format of {' '.join(paths[:3])}{' ...' if len(paths) > 3 else ''} "
-                              "from its extension (.parquet, .npy, .zarr), or a directory holds several kinds. "
-                              "Pass --format parquet, --format npy or --format zarr.")
+        fmt = args.format or infer_format(paths, key="SOURCE")
         put("source", "path", paths[0] if len(paths) == 1 else list(paths))
         put("source", "format", fmt)
     elif getattr(args, "format", None):
