@@ -163,6 +163,22 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
             cluster.close()
 
 
+def dask_cuda_version() -> tuple[str | None, str]:
+    """(dask-cuda's version, '') when it imports, else (None, why not): for doctor and the GPU check, so that
+    this module stays the only one that imports dask_cuda."""
+    try:
+        import dask_cuda
+    except Exception as exc:  # not installed, or its CUDA libraries fail to load
+        return None, f"{type(exc).__name__}: {exc}"
+    return str(getattr(dask_cuda, "__version__", "?")), ""
+
+
+def dask_cuda_status() -> str:
+    """One line for `pqgpu doctor`: the version, or why dask-cuda is not available."""
+    version, why = dask_cuda_version()
+    return version if version is not None else f"not available ({why.split(':')[0]})"
+
+
 def _visible_gpus() -> int:
     try:
         from dask_cuda.utils import get_n_gpus

@@ -284,3 +284,18 @@ def file_stamp(path: str) -> tuple:
     info = fs.info(p)
     mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
     return (int(info.get("size") or 0), str(mtime))
+
+
+def read_vectors(path: str | list[str], *, fmt: str | None = None, vector_column: str = "embedding",
+                 key: str = "--queries") -> np.ndarray:
+    """Every row of a small vector collection (queries) in any source format, by the same rules as a source
+    (format from the extension, Parquet list / fixed_size_list columns, Zarr arrays, 2-D .npy files; a
+    directory or glob of shards is concatenated in order): (n, d) in the stored float dtype. `key` names the
+    argument in errors."""
+    fmt = fmt or infer_format(path, key=key)
+    try:
+        src = open_source(SourceConfig(format=fmt, path=path, vector_column=vector_column))
+        return np.concatenate([x for _, x, _ in src.iter_chunks(max(src.n, 1))])
+    except InputError as exc:
+        raise InputError(str(exc).replace("source.path", key).replace("Set source.vector_column",
+                                                                      "Give its column with --vector-column")) from None
