@@ -453,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     configure(debug=args.debug, quiet=args.quiet)  # before Dask is imported (other commands never import it)
     progress.use_terminal_bars(not args.quiet and _terminal_columns() > 0)
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a reader that left early (BrokenPipeError) is handled below
+        return rc
     except PqgpuError as exc:
         if args.debug:
             raise
