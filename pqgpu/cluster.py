@@ -125,7 +125,8 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         try:
             yield client
         finally:
-            client.close()
+            with quiet_teardown():
+                client.close()
         return
     if cfg.kind == "local-cuda":
         try:
@@ -151,14 +152,14 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         client.register_plugin(plugin)
     log.info("Dask %s cluster: %d worker(s)", cfg.kind, len(client.scheduler_info()["workers"]))
     _log_dashboard(client)
-    failed = False
     try:
         yield client
-    except (PqgpuError, KeyboardInterrupt):
-        failed = True
-        raise
     finally:
-        with quiet_teardown(failed):
+        with quiet_teardown():
+            if plugin is not None:
+                from ._worker_logs import quiet_workers
+
+                quiet_workers(client)
             client.close()
             cluster.close()
 

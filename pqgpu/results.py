@@ -81,6 +81,22 @@ def encode_results(cols: dict[str, np.ndarray], fmt: str) -> bytes:
     return "".join(line + "\n" for line in lines).encode()
 
 
+def write_all(stream: Any, data: bytes) -> None:
+    """All of data to a binary stream that may take it in parts: a pipe can accept less than asked (a
+    non-blocking one, or one whose reader has gone, where the next write raises BrokenPipeError)."""
+    import select
+
+    view = memoryview(data)
+    while view:
+        try:
+            n = stream.write(view)
+        except BlockingIOError as exc:
+            n = exc.characters_written
+            select.select([], [stream], [], 1.0)
+        view = view[n or 0:]
+    stream.flush()
+
+
 def write_results(out: str, distances: Any, ids: Any) -> int:
     """Write the real results to `out` (atomically; '-' is stdout) in the format its suffix names. Returns
     the number of rows written."""
@@ -91,8 +107,7 @@ def write_results(out: str, distances: Any, ids: Any) -> int:
     data = encode_results(cols, fmt)
     if fmt == "stdout":
         sys.stdout.flush()  # text printed before stays ahead of these bytes
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
+        write_all(sys.stdout.buffer, data)
     else:
         atomic_write_bytes(Path(out), data)
     return len(cols["query"])
