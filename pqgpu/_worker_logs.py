@@ -10,7 +10,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .logs import begin_teardown, filtering_expected, install_filter
 
-_CLOSING = {Status.closing, Status.closing_gracefully, Status.closed, Status.failed}
+_CLOSING = {Status.closing, Status.closing_gracefully, Status.closed}
 
 
 class QuietExpectedErrors(WorkerPlugin):

@@ -635,3 +635,14 @@ def test_records_after_teardown_begins_are_dropped(monkeypatch):
         logger.removeHandler(handler)
         logging.getLogger("pqgpu.test-teardown").removeHandler(handler)
     assert seen == ["before", "ours"]
+
+
+def test_padded_slots_of_string_ids_are_left_out():
+    from pqgpu.results import encode_results, result_columns
+
+    big = np.finfo(np.float32).max
+    ids = np.array([["doc-1", None], ["doc-2", "doc-3"]], dtype=object)
+    cols = result_columns(np.array([[0.5, big], [1.5, 2.5]], np.float32), ids)
+    assert cols["id"].tolist() == ["doc-1", "doc-2", "doc-3"] and cols["query"].tolist() == [0, 1, 1]
+    assert encode_results(cols, "csv").decode().splitlines() == [
+        '"query","rank","id","distance"', '0,0,"doc-1",0.5', '1,0,"doc-2",1.5', '1,1,"doc-3",2.5']
