@@ -276,7 +276,8 @@ def search(store_or_path: Any, queries: Any, k: int, *, backend: str = "auto",
 
     queries: (nq, d) float; returns distances float32 (nq, k) (squared L2, ascending; for metric ip / cosine
     similarities, descending, as faiss's METRIC_INNER_PRODUCT) and the store's ids (nq, k): int64 with -1,
-    or object with None, where the store has fewer than k rows (distance FLT_MAX; similarity -FLT_MAX).
+    or object with None, where the store has fewer than k rows (distance FLT_MAX, np.finfo(np.float32).max,
+    as faiss pads; similarity -FLT_MAX: a real id -1 scores otherwise; pqgpu.results drops these).
     IVF stores (quantizer.nlist > 0) scan only the nprobe nearest lists (None: a stated default).
     """
     store = as_store(store_or_path)
