@@ -17,13 +17,14 @@ COARSE_QUERY_BLOCK = 4
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def probe_lists(y, coarse_t, cnorm, probe, pdist):
+def probe_lists(y, coarse_t, cnorm, probe, pdist, inner_product=False):
     """The nprobe = probe.shape[1] nearest lists of each query and their coarse distances, in one parallel
     pass (no BLAS call: its thread pool would fight numba's for the cores, see scan_tables).
 
     y (nq, d) float32; coarse_t (d, nlist) float32 the coarse centroids transposed; cnorm (nlist,) float32
     ||c||^2; fills probe (nq, nprobe) int64 and pdist (nq, nprobe) float32 with the lists, nearest first
     (ties: lower list), and their distances ||y||^2 + ||c||^2 - 2<y, c> clipped at 0, as faiss's IndexFlatL2.
+    inner_product: the lists of largest <y, c> instead (faiss IndexFlatIP), with pdist = -<y, c> (cnorm unused).
     """
     nq, d = y.shape
     nlist = coarse_t.shape[1]
@@ -45,8 +46,12 @@ def probe_lists(y, coarse_t, cnorm, probe, pdist):
             yn = np.float32(0.0)
             for t in range(d):
                 yn += y[q, t] * y[q, t]
-            for lst in range(nlist):
-                dist[lst] = max(yn + cnorm[lst] - np.float32(2.0) * acc[u, lst], np.float32(0.0))
+            if inner_product:
+                for lst in range(nlist):
+                    dist[lst] = -acc[u, lst]
+            else:
+                for lst in range(nlist):
+                    dist[lst] = max(yn + cnorm[lst] - np.float32(2.0) * acc[u, lst], np.float32(0.0))
             _select(dist, probe[q], pdist[q])
 
 

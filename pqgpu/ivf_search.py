@@ -281,13 +281,11 @@ class IvfIndex:
         of the dot products)."""
         from . import _ivf_cpu
 
-        if self.cb.metric != "l2":
-            return select_probes(coarse_distances(y, self.cb.coarse, self.cnorm, self.cb.metric), nprobe)
         if self._coarse_t is None:
             self._coarse_t = np.ascontiguousarray(self.cb.coarse.T)
         probe = np.empty((y.shape[0], nprobe), np.int64)
         pdist = np.empty((y.shape[0], nprobe), np.float32)
-        _ivf_cpu.probe_lists(y, self._coarse_t, self.cnorm, probe, pdist)
+        _ivf_cpu.probe_lists(y, self._coarse_t, self.cnorm, probe, pdist, self.cb.metric != "l2")
         return probe, pdist
 
     def _batch(self, nprobe: int, cpu: bool) -> int:

@@ -261,6 +261,23 @@ def test_ivf_lists_and_codes_equal_faiss(metric, xp):
     assert (codes_xp == codes[:700]).all(axis=1).mean() >= 0.999
 
 
+def test_inner_product_probes_are_faiss_flat_ip_search():
+    from pqgpu import _ivf_cpu
+    from pqgpu.ivf_search import coarse_distances, select_probes
+
+    y, coarse = varied_norms(37, 24), unit(varied_norms(50, 25))
+    probe = np.empty((37, 7), np.int64)
+    pdist = np.empty((37, 7), np.float32)
+    _ivf_cpu.probe_lists(y, np.ascontiguousarray(coarse.T), np.zeros(50, np.float32), probe, pdist, True)
+    flat_ip = faiss.IndexFlatIP(D)
+    flat_ip.add(coarse)
+    ref_d, ref_l = flat_ip.search(y, 7)
+    np.testing.assert_array_equal(probe, ref_l)
+    np.testing.assert_allclose(-pdist, ref_d, rtol=1e-5, atol=1e-5)
+    p2, d2 = select_probes(coarse_distances(y, coarse, None, "ip"), 7, use_numba=False)  # the GPU route's
+    np.testing.assert_array_equal(p2, probe)
+
+
 @pytest.mark.parametrize("metric,opq", [("ip", False), ("cosine", True)])
 def test_ivf_quantizer_file_is_faiss_inner_product_index(tmp_path, metric, opq):
     x = varied_norms(2500, 14)
