@@ -60,7 +60,10 @@ def _table(cols: dict[str, np.ndarray]) -> Any:
     import pyarrow as pa
 
     ids = cols["id"]
-    id_array = pa.array(ids.astype(np.int64)) if ids.dtype.kind in "iu" else pa.array(ids.tolist(), pa.string())
+    if ids.dtype.kind in "iu":  # int64, or uint64 kept as it is (ids of 2**63 and above)
+        id_array = pa.array(ids if ids.dtype == np.uint64 else ids.astype(np.int64))
+    else:
+        id_array = pa.array(ids.tolist(), pa.string())
     return pa.table({"query": cols["query"], "rank": cols["rank"], "id": id_array, "distance": cols["distance"]})
 
 
