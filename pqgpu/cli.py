@@ -18,6 +18,8 @@ log = logging.getLogger("pqgpu.cli")
 EXIT_ERROR = 2  # a PqgpuError: bad input, config, store or backend
 EXIT_BUG = 1  # anything unexpected
 DASK_COMMANDS = ("demo", "train", "encode", "run", "bench")
+REFINE_HELP = ("re-rank the top k*R ADC candidates exactly with the original vectors read back from the store's "
+               "source (which must be unchanged since encoding)")
 
 
 def _config(args: argparse.Namespace):
@@ -123,7 +125,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import search
 
     queries = _load_npy(args.queries, "--queries")
-    distances, ids = search(args.store, queries, args.k, backend=args.backend, nprobe=args.nprobe)
+    distances, ids = search(args.store, queries, args.k, backend=args.backend, nprobe=args.nprobe,
+                            refine=args.refine)
     if args.out:
         _write_results(args.out, distances, ids)
         print(f"wrote {queries.shape[0]} x {args.k} results to {args.out}")
@@ -170,7 +173,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ks = tuple(int(k) for k in str(args.k).split(","))
     gt = _load_npy(args.ground_truth, "--ground-truth") if args.ground_truth else None
     nprobes = tuple(int(p) for p in str(args.nprobe).split(",")) if args.nprobe else None
-    result = evaluate_config(cfg, _load_npy(args.queries, "--queries"), ground_truth=gt, ks=ks, nprobes=nprobes)
+    result = evaluate_config(cfg, _load_npy(args.queries, "--queries"), ground_truth=gt, ks=ks, nprobes=nprobes,
+                             refine=args.refine)
     out = Path(args.out) if args.out else Path(cfg.encode.output).with_suffix(".eval.json")
     from .codebook import atomic_write_bytes
 
@@ -351,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out")
     sp.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"])
     sp.add_argument("--nprobe", type=int, help="IVF stores: lists probed per query (default 16, at most nlist)")
+    sp.add_argument("--refine", type=int, metavar="R", help=REFINE_HELP)
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("evaluate", help="recall@k and reconstruction MSE")
@@ -360,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", default="1,10,100")
     sp.add_argument("--out", help="JSON results (default: <encode.output>.eval.json)")
     sp.add_argument("--nprobe", help="IVF stores: comma-separated nprobe values to evaluate (default 1,4,16,...)")
+    sp.add_argument("--refine", type=int, metavar="R", help=REFINE_HELP)
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("export-faiss", help="write a faiss IndexPQ holding the codes")
