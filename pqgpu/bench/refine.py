@@ -5,7 +5,7 @@ faiss's base index is an IndexPQ with pqgpu's trained centroids, so both re-rank
 quantizer: recall differences come from the re-rank, not the training. For each R: 10-recall@10 and
 1-recall@10 against exact neighbours, queries/s (best of --runs calls of --nq queries after a warm-up, taking
 turns, the same thread count), rows and bytes read from the source per call. Peak memory is the peak RSS of a
-fresh process that opens the store and searches once (ru_maxrss), without refine and with the largest R, next
+fresh process that opens the store and searches once (VmHWM), without refine and with the largest R, next
 to the sizes it is bounded by (codes, distinct candidates, source).
 
     python -m pqgpu.bench.refine [--quick] [--n N --d D --M M --nbits B --nq Q --refine 1,2,5,10] [--out DIR]
@@ -43,19 +43,57 @@ def _best(fn: Any, runs: int) -> float:
     return min(times)
 
 
+# The peak RSS of a child process: VmHWM of its own address space. Not ru_maxrss, which Linux carries over
+# execve from the forking parent (a bench process holding the vectors would inflate every child's figure).
+PEAK_SNIPPET = ("def peak_mib():\n"
+                "    for line in open('/proc/self/status'):\n"
+                "        if line.startswith('VmHWM:'):\n"
+                "            return int(line.split()[1]) / 1024\n")
+
+
 def _child_peak(store: str, queries: str, refine: int | None) -> dict[str, Any]:
     """Peak RSS (MiB) of a fresh process that searches the store once (refine None: ADC only)."""
-    code = ("import json, resource, sys, numpy as np, pqgpu\n"
+    code = (PEAK_SNIPPET + "import json, sys, numpy as np, pqgpu\n"
             "q = np.load(sys.argv[2]); R = int(sys.argv[3]) or None\n"
             f"pqgpu.search(sys.argv[1], q, {K}, backend='cpu', refine=R)\n"
-            "print(json.dumps({'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+            "print(json.dumps({'peak_rss_mib': peak_mib()}))\n")
     out = subprocess.run([sys.executable, "-c", code, store, queries, str(refine or 0)], capture_output=True,
                          text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def row_group_memory(tmp: Path, n: int, d: int, take: int = 1000) -> dict[str, Any]:
+    """Peak RSS growth of a fresh process that reads `take` random rows back from a Parquet file holding one
+    row group of n x d float32 (what a refine call costs when candidates fall in a large row group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..sample import sample_vectors
+
+    path = tmp / "one-row-group.parquet"
+    x = sample_vectors(n, d, seed=3)
+    pq.write_table(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)}), path,
+                   row_group_size=n)
+    del x
+    code = (PEAK_SNIPPET + "import json, sys, numpy as np\n"
+            "from pqgpu.config import SourceConfig\nfrom pqgpu.sources import open_source\n"
+            "src = open_source(SourceConfig(format='parquet', path=sys.argv[1]))\n"
+            "rows = np.sort(np.random.default_rng(1).choice(src.n, int(sys.argv[2]), replace=False))\n"
+            "import psutil\nbefore = psutil.Process().memory_info().rss / 2**20\n"
+            "_u, _v, st = src.take_rows(rows)\n"
+            "after = peak_mib()\n"
+            "print(json.dumps({'before': before, 'after': after, 'bytes': st['bytes'], 'seconds': st['seconds']}))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(take)], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    path.unlink()
+    return {"rows_in_row_group": n, "d": d, "rows_taken": take,
+            "column_chunk_mib": round(r["bytes"] / 2**20, 1), "peak_rss_growth_mib": round(r["after"] - r["before"], 1),
+            "read_s": round(r["seconds"], 3)}
+
+
 def run_refine_bench(n: int, d: int, M: int, nbits: int, nq: int, refines: list[int], runs: int = 3,
-                     threads: int = 2, workdir: str | None = None) -> dict[str, Any]:
+                     threads: int = 2, workdir: str | None = None,
+                     big_row_group: tuple[int, int] | None = None) -> dict[str, Any]:
     import faiss
 
     from .. import refine as refine_mod
@@ -134,9 +172,10 @@ def run_refine_bench(n: int, d: int, M: int, nbits: int, nq: int, refines: list[
              "candidates_mib": round(last["rows read"] * d * 4 / 2**20, 2),
              "source_mib": round(sum(os.path.getsize(f) for f in files) / 2**20, 2),
              "vectors_in_ram_mib (faiss)": round(x.nbytes / 2**20, 2)}
+    big = row_group_memory(tmp, *big_row_group) if big_row_group else None
     return {"benchmark": "refine", "params": {"n": n, "d": d, "M": M, "nbits": nbits, "nq": nq, "k": K,
                                               "threads": threads, "runs": runs, "build_s": round(build_s, 2)},
-            "environment": environment(), "rows": rows, "peak_rss_mib": mem, "sizes": sizes}
+            "environment": environment(), "rows": rows, "peak_rss_mib": mem, "sizes": sizes, "row_group": big}
 
 
 def report_markdown(r: dict[str, Any]) -> str:
@@ -151,6 +190,11 @@ def report_markdown(r: dict[str, Any]) -> str:
              + ", ".join(f"{k.replace('_', ' ')} {v:.0f} MiB" for k, v in m.items() if k != "adc_only")
              + f"; codes {s['codes_mib']} MiB, distinct candidates {s['candidates_mib']} MiB (float32), source "
              f"{s['source_mib']} MiB on disk, faiss's vectors in RAM {s['vectors_in_ram_mib (faiss)']} MiB.", ""]
+    b = r.get("row_group")
+    if b:
+        lines += [f"One large row group ({b['rows_in_row_group']:,} x {b['d']} float32, vector column chunk "
+                  f"{b['column_chunk_mib']} MiB): taking {b['rows_taken']} random rows raises a fresh process's peak RSS "
+                  f"above its RSS before the read by {b['peak_rss_growth_mib']} MiB, in {b['read_s']} s.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -183,9 +227,11 @@ def plot_recall_qps(r: dict[str, Any], path: Path) -> bool:
 
 def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
     p = {"n": 20_000, "d": 64, "M": 8, "nq": 200} if quick else {"n": 100_000, "d": 128, "M": 16, "nq": 1000}
-    p.update({"nbits": 8, "refines": [1, 2, 5, 10], "runs": 3, "threads": 2})
+    p.update({"nbits": 8, "refines": [1, 2, 5, 10], "runs": 3, "threads": 2,
+              "big_row_group": (50_000, 256) if quick else (400_000, 256)})
     p.update({k: v for k, v in overrides.items() if v is not None})
-    return run_refine_bench(p["n"], p["d"], p["M"], p["nbits"], p["nq"], p["refines"], p["runs"], p["threads"])
+    return run_refine_bench(p["n"], p["d"], p["M"], p["nbits"], p["nq"], p["refines"], p["runs"], p["threads"],
+                            big_row_group=p["big_row_group"])
 
 
 def main(argv: list[str] | None = None) -> int:
