@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 METRICS = ("l2", "ip", "cosine")
 # Score of a missing result (fewer than k candidates): as faiss, FLT_MAX for L2 and -FLT_MAX for similarities.
 FLT_MAX = float(np.finfo(np.float32).max)
-# Budget for the gathered (queries, k*R, d) float32 candidate vectors of one re-rank batch.
-RERANK_BYTES = 64 << 20
+# Budget for the gathered (queries, k*R, d) float32 candidate vectors of one re-rank batch; the L2 re-rank holds
+# about three such blocks at once (the gather, the difference, its square).
+RERANK_BYTES = 16 << 20
 
 
 def check_refine(refine: Any) -> int | None:

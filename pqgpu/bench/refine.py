@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,6 +174,8 @@ def run_refine_bench(n: int, d: int, M: int, nbits: int, nq: int, refines: list[
              "source_mib": round(sum(os.path.getsize(f) for f in files) / 2**20, 2),
              "vectors_in_ram_mib (faiss)": round(x.nbytes / 2**20, 2)}
     big = row_group_memory(tmp, *big_row_group) if big_row_group else None
+    if workdir is None:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"benchmark": "refine", "params": {"n": n, "d": d, "M": M, "nbits": nbits, "nq": nq, "k": K,
                                               "threads": threads, "runs": runs, "build_s": round(build_s, 2)},
             "environment": environment(), "rows": rows, "peak_rss_mib": mem, "sizes": sizes, "row_group": big}
