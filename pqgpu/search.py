@@ -269,7 +269,7 @@ def search(store_or_path: Any, queries: Any, k: int, *, backend: str = "auto",
                               "(every search scans all its codes). Drop --nprobe.")
         d, rows = search_store(store, queries, kk, backend=backend, chunk_rows=chunk_rows)
     if R:
-        q = as_float32_matrix(queries, "queries", d=store.codebook().d)
+        q = as_float32_matrix(queries, "queries", d=int(store.attrs["d"]))
         d, rows, _ = refine_rows(source, q, rows, k, store_metric(store), backend=backend)
     return d, rows_to_ids(store.ids, rows)
 

@@ -221,6 +221,19 @@ def test_refine_improves_recall_against_exact_neighbours(parquet_encoded, nlist)
     assert refined[2] >= 0.9, (base, refined)
 
 
+@pytest.mark.parametrize("nlist", [0, 8])
+def test_refine_over_every_row_is_exact_search(parquet_encoded, nlist):
+    """k*R >= n (IVF: every list probed): every row is a candidate, so the refined top k is the exact top k."""
+    _fmt, _tmp, cfgs = parquet_encoded
+    x, _ids, q = data()
+    dist, got = pqgpu.search(cfgs[nlist].encode.output, q, K, nprobe=8 if nlist else None, backend="cpu",
+                             refine=-(-N // K))
+    exact = ((q[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(2)
+    gt = exact_top(x, q, K)
+    np.testing.assert_allclose(dist, np.take_along_axis(exact, gt, axis=1), rtol=1e-5)
+    assert (rows_of(got) == gt).mean() >= 0.99
+
+
 def test_evaluate_with_refine(parquet_encoded, tmp_path):
     _fmt, _tmp, cfgs = parquet_encoded
     x, _ids, q = data()

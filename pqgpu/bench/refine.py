@@ -196,8 +196,8 @@ def report_markdown(r: dict[str, Any]) -> str:
     b = r.get("row_group")
     if b:
         lines += [f"One large row group ({b['rows_in_row_group']:,} x {b['d']} float32, vector column chunk "
-                  f"{b['column_chunk_mib']} MiB): taking {b['rows_taken']} random rows raises a fresh process's peak RSS "
-                  f"above its RSS before the read by {b['peak_rss_growth_mib']} MiB, in {b['read_s']} s.", ""]
+                  f"{b['column_chunk_mib']} MiB): taking {b['rows_taken']} random rows raises a fresh process's peak "
+                  f"RSS above its RSS before the read by {b['peak_rss_growth_mib']} MiB, in {b['read_s']} s.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,8 @@ def check_source_unchanged(store: Any) -> Source:
     full = {s.path.rstrip("/").rsplit("/", 1)[-1]: s.path for s in source.shards}
     for name, entry in then.items():
         if name not in current:
-            raise InputError(f"{where}, but its file {name} is gone (no longer listed under {cfg.path!r}). {HOW_TO_FIX}")
+            raise InputError(f"{where}, but its file {name} is gone (no longer listed under {cfg.path!r}). "
+                             f"{HOW_TO_FIX}")
         if current[name] != entry:
             raise InputError(f"{where}, but its file {full.get(name, name)} changed since: recorded "
                              f"(name, rows, stamp) {entry}, now {current[name]}. {HOW_TO_FIX}")
