@@ -112,11 +112,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{key:>18}: {info[key]}")
     print(f"{'progress':>18}: {info['chunks_done']}/{info['chunks']} chunks"
           f"{' (complete)' if info['complete'] else ' (incomplete: run pqgpu encode to finish)'}")
+    print(f"{'codes':>18}: {info['codes']}")
+    if info["layout"] is not None:
+        print(f"{'inverted layout':>18}: {info['layout']}")
+    print(f"{'codebook':>18}: {info['codebook']}")
     print(f"{'codebook_sha256':>18}: {info['codebook_sha256']}")
     print(f"{'store size':>18}: {info['store_bytes'] / 2**20:.1f} MiB "
           f"(float32 vectors: {info['raw_float32_bytes'] / 2**20:.1f} MiB, codes {info['compression_ratio']}x smaller)")
     src = info.get("source") or {}
-    print(f"{'source':>18}: {src.get('format')} {src.get('path')} ({len(src.get('files', []))} file(s))")
+    files = src.get("files") or []
+    where = files[0]["path"] if files and isinstance(files[0], dict) else src.get("path")
+    print(f"{'source':>18}: {src.get('format')} {where}{' …' if len(files) > 1 else ''} ({len(files)} file(s))")
     print(f"{'created_by':>18}: {info.get('created_by')}")
     return 0
 
@@ -403,19 +409,34 @@ def _add_verify_parser(sub: Any) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Reads every done chunk and compares it with its recorded checksum; writes nothing. Exit 0 when all
-    are intact, EXIT_ERROR naming the bad chunks otherwise."""
+    """Reads every done chunk of codes, ids and lists, the codebook and an IVF store's inverted layout, and
+    compares each with what was recorded when it was written; writes nothing. Exit 0 when all are intact,
+    EXIT_ERROR naming every damaged array and chunk otherwise (or an inverted layout left unbuilt)."""
     from .store import _describe, open_store
 
     store = open_store(args.store)
     report = store.verify()
+    problems = []
     if report.bad:
-        print(f"error: {store.path}: {_describe(store, report.bad, limit=len(report.bad))}. "
-              "Run `pqgpu encode` with the same config to re-encode them.", file=sys.stderr)
+        problems.append(_describe(store, report.bad, limit=len(report.bad)))
+    if report.codebook:
+        problems.append("codebook: its sha256 differs from the codebook_sha256 recorded when the store was made")
+    if report.layout:
+        problems.append(f"{len(report.layout)} damaged part(s) of the inverted layout: " + "; ".join(
+            f"{name} chunk {c} (inverted rows {lo}-{hi - 1}): {why}" if c >= 0 and hi > lo else
+            f"{name}{': ' + why if why else ''}" for name, c, why, (lo, hi) in report.layout))
+    unbuilt = report.layout_state not in (None, "built") and not report.layout and not report.not_done
+    if unbuilt:
+        problems.append(f"the inverted layout is {report.layout_state}, so the store cannot be searched by list")
+    if problems:
+        print(f"error: {store.path}: " + ". ".join(problems) + ". Run `pqgpu encode` with the same config: it "
+              "re-encodes damaged chunks, restores the codebook from the quantizer file and rebuilds the inverted "
+              "layout.", file=sys.stderr)
         return EXIT_ERROR
     how = "" if report.checksums else " (present; no checksums recorded (made by an older pqgpu))"
     todo = f"; {report.not_done} chunk(s) not encoded yet" if report.not_done else ""
-    print(f"{report.checked} chunks OK{how}{todo}")
+    layout = f"; inverted layout {report.layout_state}" if report.layout_state else ""
+    print(f"{report.checked} chunks OK{how}; codebook OK{layout}{todo}")
     return 0
 
 

@@ -16,11 +16,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import kernels
+from . import integrity, kernels
 from .backend import namespace, resolve_backend, to_device, to_host
 from .codebook import as_float32_matrix
 from .errors import ConfigError
 from .evaluation import ExactKnn, check_k, evaluation_inputs, recall_metrics, reconstruction_pass
+from .invert import layout_checker
 from .refine import check_refine, refine_rows, refine_summary, store_metric
 from .sources.recorded import check_source_unchanged
 from .store import check_inverted
@@ -78,11 +79,12 @@ def select_probes(dist: np.ndarray, nprobe: int, use_numba: bool = True) -> tupl
     return probe, np.take_along_axis(dist, probe, axis=1)
 
 
-def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.ndarray, gap: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.ndarray, gap: int,
+               checker: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Codes and store rows of the given lists (sorted, unique), read from codes_src (n, code_size) and
     rows_src (n,) (Zarr or NumPy arrays in inverted order) as few contiguous ranges: lists closer than gap
-    rows share one read.
+    rows share one read. With a checker (pqgpu.integrity, for Zarr arrays) each range is read as whole
+    inverted chunks, each checked against its CRC.
 
     Returns codes (R, code_size) uint8, rows (R,) int64, seg_lo and seg_hi (nlist,) int64 (list l lies at
     seg_lo[l]:seg_hi[l] of the loaded rows; empty for lists not loaded)."""
@@ -98,8 +100,12 @@ def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.nda
     codes_parts, rows_parts, bases = [], [], []
     pos = 0
     for a, b in ranges:
-        codes_parts.append(np.asarray(codes_src[a:b]))
-        rows_parts.append(np.asarray(rows_src[a:b]))
+        if checker is None:
+            codes_parts.append(np.asarray(codes_src[a:b]))
+            rows_parts.append(np.asarray(rows_src[a:b]))
+        else:
+            codes_parts.append(checker.read(codes_src, "ivf/codes", a, b))
+            rows_parts.append(checker.read(rows_src, "ivf/rows", a, b))
         bases.append((a, pos))
         pos += b - a
     nlist = offsets.shape[0] - 1
@@ -226,14 +232,18 @@ class IvfIndex:
         ivf = store.group["ivf"]
         self._ivf = ivf
         self.gap = int(ivf.attrs["chunk_rows"])
-        self.offsets = np.asarray(ivf["offsets"][...])
+        self.offsets = integrity.check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
+        self.checker = layout_checker(store)
         self.cnorm = np.einsum("ij,ij->i", cb.coarse, cb.coarse).astype(np.float32)
         self.term2 = precomputed_term2(cb)
         self.loaded = bool(load)
         self.codes = self.rows = self._sub = self._coarse_t = None
-        if self.loaded:
-            self.codes = np.asarray(ivf["codes"][...])
-            self.rows = np.asarray(ivf["rows"][...])
+        if self.loaded:  # read once and checked once: later searches read nothing from the store
+            if self.checker is None:
+                self.codes, self.rows = np.asarray(ivf["codes"][...]), np.asarray(ivf["rows"][...])
+            else:
+                self.codes = self.checker.read(ivf["codes"], "ivf/codes", 0, self.n)
+                self.rows = self.checker.read(ivf["rows"], "ivf/rows", 0, self.n)
         self.load_seconds = time.perf_counter() - t0
         log.info("IVF index %s opened in %.3f s (%s)", self.path, self.load_seconds,
                  f"{self.n} rows in memory" if self.loaded else "probed lists read per query batch")
@@ -243,7 +253,7 @@ class IvfIndex:
         lists = np.unique(probe)
         if self.loaded:
             return load_lists(self.codes, self.rows, lists, self.offsets, 0)
-        return load_lists(self._ivf["codes"], self._ivf["rows"], lists, self.offsets, self.gap)
+        return load_lists(self._ivf["codes"], self._ivf["rows"], lists, self.offsets, self.gap, self.checker)
 
     def _probe_cpu(self, y: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """coarse_distances + select_probes in one numba pass (same lists and distances up to float32 rounding

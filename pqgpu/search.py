@@ -176,25 +176,30 @@ def search_codes(queries: Any, codebook: Codebook, chunks: Iterable[tuple[int, n
 
 def store_chunks(store: Any, chunk_rows: int | None = None, *, prefetch: bool = True
                  ) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, codes) over a complete store in row order, reading the next block while the caller computes."""
+    """(start, codes) over a complete store in row order, reading the next block while the caller computes.
+    Blocks are whole store chunks (chunk_rows rounded up to them), each checked against its recorded CRC."""
     if not store.is_complete():
         raise StoreError(f"Store {store.path} is incomplete ({len(store.pending_chunks())} of {store.n_chunks} "
                          "chunks not done). Finish it with `pqgpu encode` first.")
     store.check_chunks_present()
     if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
         raise ConfigError(f"chunk_rows: expected a positive integer or None. Got {chunk_rows!r} instead.")
-    step = int(chunk_rows or store.chunk_rows)
+    checker = store.checker()
+    grid = store.chunk_rows
+    step = -(-int(chunk_rows or grid) // grid) * grid
     n = store.n
     starts = list(range(0, n, step))
 
     def read(lo: int) -> np.ndarray:
-        return np.asarray(store.codes[lo:min(lo + step, n)])
+        if checker is None:
+            return np.asarray(store.codes[lo:min(lo + step, n)])
+        return checker.read(store.codes, "codes", lo, min(lo + step, n))
 
     if not prefetch or len(starts) < 2:
         for lo in starts:
             yield lo, read(lo)
         return
-    # One read ahead: Zarr I/O and decompression overlap the scan (the numba kernel releases the GIL).
+    # One read ahead: Zarr I/O, decompression and the CRC overlap the scan (the numba kernel releases the GIL).
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pqgpu-read") as pool:
         pending = pool.submit(read, starts[0])
         for i, lo in enumerate(starts):
@@ -229,14 +234,24 @@ def search_store(store: Any, queries: Any, k: int, *, backend: str = "auto",
     return d, rows
 
 
-def rows_to_ids(ids_array: Any, rows: np.ndarray) -> np.ndarray:
-    """Map store rows (-1 = missing) to store ids: int64 (-1 missing) or object (None missing)."""
+def rows_to_ids(store: Any, rows: np.ndarray) -> np.ndarray:
+    """Map store rows (-1 = missing) to store ids, reading (and checking) only the chunks of ids that hold
+    them: int64 or uint64 as stored (missing: -1, or for uint64 2**64 - 1; a missing result also has distance
+    MISSING_DISTANCE), or object (None missing)."""
+    ids_array = store.ids
+    checker = store.checker()
     valid = rows >= 0
     uniq, inverse = np.unique(rows[valid], return_inverse=True)
-    found = np.asarray(ids_array.oindex[uniq]) if uniq.size else np.asarray(ids_array[0:0])
+    if not uniq.size:
+        found = np.asarray(ids_array[0:0])
+    elif checker is None:
+        found = np.asarray(ids_array.oindex[uniq])
+    else:
+        found = checker.take(ids_array, "ids", uniq)
     if found.dtype.kind in "iu":
-        out = np.full(rows.shape, -1, np.int64)
-        out[valid] = found.astype(np.int64)[inverse]
+        dtype = np.uint64 if found.dtype == np.uint64 else np.int64
+        out = np.full(rows.shape, np.iinfo(dtype).max if dtype == np.uint64 else -1, dtype)
+        out[valid] = found.astype(dtype)[inverse]
     else:
         out = np.full(rows.shape, None, dtype=object)
         out[valid] = found.astype(object)[inverse]
@@ -271,7 +286,7 @@ def search(store_or_path: Any, queries: Any, k: int, *, backend: str = "auto",
     if R:
         q = as_float32_matrix(queries, "queries", d=int(store.attrs["d"]))
         d, rows, _ = refine_rows(source, q, rows, k, store_metric(store), backend=backend)
-    return d, rows_to_ids(store.ids, rows)
+    return d, rows_to_ids(store, rows)
 
 
 # -- evaluation -----------------------------------------------------------------------------------------

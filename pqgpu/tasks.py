@@ -83,8 +83,10 @@ def check_vectors(source: Source, x: np.ndarray, start: int, d: int) -> np.ndarr
             raise
         row = start + int(np.flatnonzero(~finite)[0])
         path, local = source.locate(row)
-        raise InputError(f"{path}: row {local} (global row {row}) has a NaN or Inf value. Fix or drop it and "
-                         "run again; chunks already encoded are kept.") from None
+        raise InputError(f"{path}: row {local} (global row {row}) has a NaN or Inf value. Fix it in place and run "
+                         "the same command again: the chunks of the rewritten file are encoded again and the others "
+                         "kept. Dropping the row instead changes the file's row count, which needs --overwrite (the "
+                         "whole source encoded again).") from None
 
 
 def encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, requested_backend: str,
@@ -129,8 +131,10 @@ def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codeb
         from .invert import write_chunk_lists
 
         write_chunk_lists(store_path, chunk.index, chunk.start, lists)
+    else:
+        lists = None
     fault_point("before-write", chunk.index)
-    write_chunk(store_path, chunk.index, chunk.start, codes, ids)
+    write_chunk(store_path, chunk.index, chunk.start, codes, ids, lists)
     me = where_am_i()
     return ChunkResult(chunk.index, chunk.rows, t1 - t0, t2 - t_enc, backend, me["worker"], me["host"])
 

@@ -129,10 +129,10 @@ class Source:
         return self.offsets[-1] if self.offsets else 0
 
     def fingerprint(self) -> dict[str, Any]:
-        """What the store records to detect a changed source on resume."""
-        return {"format": self.cfg.format, "path": self.cfg.path, "id_column": self.cfg.id_column,
-                "vector_column": self.cfg.vector_column, "n": self.n, "d": self.d,
-                "files": [[os.path.basename(s.path), s.n_rows, *s.stamp] for s in self.shards]}
+        """What the store records to detect a changed source on resume (pqgpu.sources.fingerprint)."""
+        from .fingerprint import fingerprint
+
+        return fingerprint(self)
 
     def read_piece(self, piece: Piece, global_start: int,
                    out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +148,31 @@ class Source:
             raise InputError(f"{shard.path}: vectors have dimension {x.shape[1]}, other shards have {self.d}.")
         if ids is None:  # no id column: global row numbers
             ids = np.arange(global_start, global_start + x.shape[0], dtype=np.int64)
+        else:
+            ids = self._exact_ids(ids, shard, piece.lo, global_start)
         return x, ids
+
+    def _exact_ids(self, ids: np.ndarray, shard: Shard, lo: int, global_start: int) -> np.ndarray:
+        """Integer ids in the source's id dtype, exactly: an InputError naming the file and row of the first
+        id that dtype cannot hold (never a silent wrap, nor a float from mixing int64 and uint64)."""
+        ids = np.asarray(ids)
+        if self.id_dtype is str or ids.dtype.kind not in "iu":
+            return ids
+        want = np.dtype(self.id_dtype)
+        if ids.dtype == want:
+            return ids
+        if want.kind == "i" and ids.dtype.kind == "u":
+            bad = np.flatnonzero(ids > np.iinfo(want).max)
+        elif want.kind == "u" and ids.dtype.kind == "i":
+            bad = np.flatnonzero(ids < 0)
+        else:
+            bad = np.zeros(0, np.intp)
+        if bad.size:
+            row = lo + int(bad[0])
+            raise InputError(f"{shard.path}: row {row} (global row {global_start + int(bad[0])}) has id {ids[bad[0]]}, "
+                             f"which the store's {want} ids cannot hold exactly: the shards mix signed and unsigned "
+                             "64-bit ids. Give every shard the same id type (uint64 for ids of 2**63 and above).")
+        return ids.astype(want)
 
     def read_chunk(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
         """Vectors (rows, d) in their stored float dtype and ids (rows,) of one chunk. A chunk over several
@@ -254,15 +278,23 @@ def open_source(cfg: SourceConfig) -> Source:
                          f"{other.path} has d={other.d}. All shards of one source must have the same d.")
     id_types = {"str" if t is str else str(np.dtype(t))
                 for t in (reader.id_dtype(cfg, s) for s in shards if s.n_rows)}
-    if len(id_types) > 1:
+    if "str" in id_types and len(id_types) > 1:
         raise InputError(f"Shards disagree on the id type ({', '.join(sorted(id_types))}); ids must be all "
                          "integers or all strings.")
-    nonempty = next(s for s in shards if s.n_rows)
     offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum([s.n_rows for s in shards])]))
     empty = sum(1 for s in shards if s.n_rows == 0)
     if empty:
         log.info("%d empty shard(s) skipped", empty)
-    return Source(cfg, tuple(shards), dims.pop(), reader.id_dtype(cfg, nonempty), offsets)
+    return Source(cfg, tuple(shards), dims.pop(), store_id_dtype(id_types), offsets)
+
+
+def store_id_dtype(id_types: set[str]) -> Any:
+    """The store's id type for the shards' id types: str; uint64 when every shard has uint64 ids (kept exactly,
+    2**63 and above included); int64 otherwise (narrower integers widen exactly; a uint64 id of 2**63 or more
+    among int64 shards is an error where it is read, Source._exact_ids)."""
+    if "str" in id_types:
+        return str
+    return np.uint64 if id_types == {"uint64"} else np.int64
 
 
 def expand_paths(path: str | list[str], suffixes: tuple[str, ...], *, dirs: bool = False) -> list[str]:

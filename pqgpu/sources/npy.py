@@ -59,7 +59,10 @@ class NpyReader:
     def id_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
         if shard.extra is None:
             return np.int64
-        return np.int64 if _load(*shard.extra).dtype.kind in "iu" else str
+        dtype = _load(*shard.extra).dtype
+        if dtype.kind in "iu":
+            return np.uint64 if dtype == np.uint64 else np.int64
+        return str
 
     def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
         return _load(shard.path, shard.stamp[:2]).dtype
@@ -78,7 +81,7 @@ class NpyReader:
         ids = None
         if shard.extra is not None:
             raw = np.array(_load(*shard.extra)[lo:hi])
-            ids = raw.astype(np.int64) if raw.dtype.kind in "iu" else raw.astype(str)
+            ids = raw if raw.dtype.kind in "iu" else raw.astype(str)  # integers exactly as stored (Source.read_piece)
         return x, ids
 
     def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:

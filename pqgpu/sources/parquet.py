@@ -105,7 +105,9 @@ class ParquetReader:
         if cfg.id_column is None:
             return np.int64
         t = _open(shard.path, shard.stamp).schema_arrow.field(cfg.id_column).type
-        return np.int64 if pa.types.is_integer(t) else str
+        if pa.types.is_integer(t):  # uint64 ids stay uint64 (2**63 and above would wrap in int64)
+            return np.uint64 if t == pa.uint64() else np.int64
+        return str
 
     def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
         field = _open(shard.path, shard.stamp).schema_arrow.field(cfg.vector_column)
@@ -136,7 +138,7 @@ class ParquetReader:
                 bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
                 raise InputError(f"{shard.path}: row {lo + bad} has a null id in column '{cfg.id_column}'.")
             ids = col.to_numpy()
-            ids = ids.astype(np.int64, copy=False) if ids.dtype.kind in "iu" else ids.astype(str)
+            ids = ids if ids.dtype.kind in "iu" else ids.astype(str)  # integers exactly as stored (Source.read_piece)
         return x, ids
 
     def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:

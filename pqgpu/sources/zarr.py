@@ -50,8 +50,10 @@ class ZarrReader:
     def id_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
         if not cfg.id_column:
             return np.int64
-        kind = _array(shard.path, cfg.id_column, "id_column").dtype.kind
-        return np.int64 if kind in "iu" else str
+        dtype = _array(shard.path, cfg.id_column, "id_column").dtype
+        if dtype.kind in "iu":
+            return np.uint64 if dtype == np.uint64 else np.int64
+        return str
 
     def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
         return _array(shard.path, cfg.vector_column, "vector_column").dtype
@@ -64,7 +66,7 @@ class ZarrReader:
             ids = None
             if cfg.id_column:
                 raw = np.asarray(_array(shard.path, cfg.id_column, "id_column")[lo:hi])
-                ids = raw.astype(np.int64) if raw.dtype.kind in "iu" else raw  # strings stay as read (U or StringDType)
+                ids = raw  # integers as stored (Source.read_piece converts exactly), strings as read
         except InputError:
             raise
         except Exception as exc:
