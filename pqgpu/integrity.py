@@ -121,8 +121,8 @@ class Checker:
         being 0 and no CRC-32C of real data being 0 but for 1 in 2**32)."""
         self.path = store_path
         self.family = family
-        self.sums = np.asarray(group[family.table][...])
-        self.flags = np.asarray(group[family.flags][...]) if flags else None
+        self.sums = whole(group[family.table])
+        self.flags = whole(group[family.flags]) if flags else None
         self.columns = {name: j for j, name in enumerate(family.arrays)}
 
     def problems(self, name: str, lo: int, values: Any) -> list[tuple[int, str]]:
@@ -265,6 +265,13 @@ def plain_chunks(arr: Any, a: int, b: int, grid: int) -> np.ndarray | None:
     return out
 
 
+def whole(arr: Any) -> np.ndarray:
+    """All of a small per-chunk table (done flags, checksums): one file per task makes it many tiny chunk
+    files, which plain_chunks reads straight and several at once, instead of one Zarr call each."""
+    got = plain_chunks(arr, 0, int(arr.shape[0]), int(arr.chunks[0])) if arr.ndim and arr.shape[0] else None
+    return np.asarray(arr[...]) if got is None else got
+
+
 VERIFY_BLOCK_BYTES = 64 << 20  # rows read per Zarr call by verify_family: many chunks, fetched concurrently
 
 
@@ -303,7 +310,9 @@ def stream_crcs(arr: Any, chunks: Sequence[int], family: Family) -> dict[int, An
                     data = np.frombuffer(zstd.decode(f.read()), np.uint8)[:want]
                     got = data.size
         except FileNotFoundError:
-            return c, crc(np.full((hi - lo, *row_shape), arr.fill_value, dtype))
+            # the fill values Zarr would read; their CRC equals the recorded one only if nothing was lost
+            filled = crc(np.full((hi - lo, *row_shape), arr.fill_value, dtype))
+            return c, (filled, f"its chunk file {key} is missing")
         except Exception as exc:  # a damaged compressed chunk
             return c, exc
         if got != want:
@@ -337,7 +346,10 @@ def verify_family(store_path: str, group: Any, family: Family, chunks: Sequence[
             continue
         j = checker.columns[name]
         for c, got in stream_crcs(arr, todo, family).items():
-            if isinstance(got, Exception):
+            if isinstance(got, tuple):  # a missing file: lost data unless the chunk was all fill values
+                if got[0] != int(checker.sums[c, j]):
+                    bad.append((name, c, got[1], family.chunk_range(c)))
+            elif isinstance(got, Exception):
                 bad.append((name, c, f"unreadable ({type(got).__name__}: {got})", family.chunk_range(c)))
             elif got != int(checker.sums[c, j]):
                 bad.append((name, c, f"checksum mismatch (recorded {int(checker.sums[c, j]):08x}, stored data "
@@ -422,3 +434,88 @@ def codebook_problem(store_path: str, recorded: str | None, got: str) -> str | N
             "that made it: its quantizer file (quantizer.path, sha256 "
             f"{recorded[:16]}…) restores the codebook; without that file the store must be encoded again "
             "(`pqgpu run --overwrite`).")
+
+
+def stored_keys(arr: Any) -> set[str]:
+    """Keys of the chunk objects an array holds in its store (relative to the array)."""
+    from zarr.core.sync import sync
+
+    sp = arr.store_path
+    prefix = sp.path.rstrip("/") + "/" if sp.path else ""
+
+    async def listing() -> list[str]:
+        return [k async for k in sp.store.list_prefix(prefix)]
+
+    return {k[len(prefix):] for k in sync(listing())}
+
+
+# -- an IVF store's inverted layout: its state (pqgpu info, verify, resume) ----------------------------------------------------
+
+def layout_state(store: Any) -> str:
+    """Cheap (flags, offsets and listings, no data read): `built`, `building (...)`, `not built` or
+    `damaged (...)`."""
+    ivf = store.group["ivf"]
+    a = ivf.attrs
+    if not a.get("complete"):
+        if not a.get("starts_done") or "copy_done" not in ivf:
+            return "not built"
+        scattered = int(whole(ivf["scatter_done"]).sum())
+        copied = int(whole(ivf["copy_done"]).sum())
+        return (f"building (interrupted or running: scatter {scattered}/{ivf['scatter_done'].shape[0]} chunks, "
+                f"copy {copied}/{ivf['copy_done'].shape[0]})")
+    problems = _cheap_problems(store)
+    return "built" if not problems else f"damaged ({'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''})"
+
+
+def _cheap_problems(store: Any) -> list[str]:
+    ivf = store.group["ivf"]
+    out = []
+    for name in ("offsets", "codes", "rows", "ids", "copy_done"):
+        if name == "ids" and store.ids.dtype.kind not in "iu":
+            continue
+        if name not in ivf:
+            out.append(f"ivf/{name} is missing")
+    if out:
+        return out
+    if not whole(ivf["copy_done"]).all():
+        out.append("ivf/copy_done says some inverted chunks were never copied")
+    offsets = np.asarray(ivf["offsets"][...])
+    try:
+        check_offsets(store.path, ivf, offsets)
+    except StoreError:
+        out.append("ivf/offsets differ from what was written")
+    if offsets[-1] != store.n:
+        out.append(f"ivf/offsets end at {int(offsets[-1])}, not at the store's {store.n} rows")
+    icr = int(ivf.attrs["chunk_rows"])
+    for name in ("codes", "rows", "ids"):
+        if name not in ivf:
+            continue
+        arr = ivf[name]
+        keys = stored_keys(arr)
+        missing = [j for j in range(-(-store.n // icr))
+                   if arr.metadata.encode_chunk_key((j, 0) if arr.ndim == 2 else (j,)) not in keys]
+        if missing:
+            out.append(f"ivf/{name} has lost {len(missing)} chunk file(s) (chunk {', '.join(map(str, missing[:5]))}"
+                       f"{' …' if len(missing) > 5 else ''})")
+    return out
+
+
+def verify_layout(store: Any) -> tuple[str, list[tuple[str, int, str, tuple[int, int]]]]:
+    """(state, damaged chunks as (array, chunk, why, (lo, hi))): reads every inverted chunk of a built layout
+    and compares it with its CRC (presence only for a layout built without CRCs)."""
+    state = layout_state(store)
+    ivf = store.group["ivf"]
+    if not ivf.attrs.get("complete") or "copy_done" not in ivf or "offsets" not in ivf:
+        return state, []
+    bad: list[tuple[str, int, str, tuple[int, int]]] = []
+    family = ivf_family(store.group)
+    if family is None:
+        return state, [(p, -1, "", (0, 0)) for p in _cheap_problems(store)]
+    bad.extend(verify_family(store.path, store.group, family, range(family.n_chunks)))
+    try:
+        check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
+    except StoreError:
+        bad.append(("ivf/offsets", 0, "differ from what was written (CRC mismatch)", (0, 0)))
+    if bad and state == "built":
+        state = f"damaged ({len(bad)} problem(s))"
+    return state, bad

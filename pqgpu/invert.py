@@ -173,7 +173,7 @@ def _scatter_items(store: Any, ivf: Any) -> Iterator[tuple[int, tuple[np.ndarray
     """(chunk, (lists present, their row counts, where its rows of each start)) for every chunk not yet
     scattered: the starts of chunk c are offsets + the counts of chunks before c, summed while streaming."""
     running = np.asarray(ivf["offsets"][...])[:-1].copy()
-    done = np.asarray(ivf["scatter_done"][...])
+    done = integrity.whole(ivf["scatter_done"])
     for c, row in _iter_counts(ivf, store.n_chunks):
         if not done[c]:
             present = np.flatnonzero(row)
@@ -256,7 +256,7 @@ def copy_chunk(path: str, j: int, count: int = 1) -> int:
 def _copy_items(ivf: Any, per_task: int) -> Iterator[tuple[int, tuple[int]]]:
     """(first, (count,)) for runs of at most per_task consecutive output chunks not yet copied, never across
     a multiple of per_task (so each Zarr chunk of ivf/checksums has one writer)."""
-    todo = np.flatnonzero(~np.asarray(ivf["copy_done"][...]))
+    todo = np.flatnonzero(~integrity.whole(ivf["copy_done"]))
     start = prev = None
     for j in todo.tolist():
         if start is not None and (j != prev + 1 or j // per_task != start // per_task):
@@ -380,80 +380,6 @@ def read_inverted(ivf: Any, checker: integrity.Checker | None, name: str, lo: in
     return checker.read(ivf[name], f"ivf/{name}", lo, hi)
 
 
-# -- the layout's state (pqgpu info, verify, resume) ----------------------------------------------------
-
-def layout_state(store: Any) -> str:
-    """Cheap (flags, offsets and listings, no data read): `built`, `building (...)`, `not built` or
-    `damaged (...)`."""
-    ivf = store.group["ivf"]
-    a = ivf.attrs
-    if not a.get("complete"):
-        if not a.get("starts_done") or "copy_done" not in ivf:
-            return "not built"
-        scattered = int(np.asarray(ivf["scatter_done"][...]).sum())
-        copied = int(np.asarray(ivf["copy_done"][...]).sum())
-        return (f"building (interrupted or running: scatter {scattered}/{ivf['scatter_done'].shape[0]} chunks, "
-                f"copy {copied}/{ivf['copy_done'].shape[0]})")
-    problems = _cheap_problems(store)
-    return "built" if not problems else f"damaged ({'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''})"
-
-
-def _cheap_problems(store: Any) -> list[str]:
-    from .store import _stored_keys
-
-    ivf = store.group["ivf"]
-    out = []
-    for name in ("offsets", "codes", "rows", "ids", "copy_done"):
-        if name == "ids" and store.ids.dtype.kind not in "iu":
-            continue
-        if name not in ivf:
-            out.append(f"ivf/{name} is missing")
-    if out:
-        return out
-    if not np.asarray(ivf["copy_done"][...]).all():
-        out.append("ivf/copy_done says some inverted chunks were never copied")
-    offsets = np.asarray(ivf["offsets"][...])
-    try:
-        integrity.check_offsets(store.path, ivf, offsets)
-    except StoreError:
-        out.append("ivf/offsets differ from what was written")
-    if offsets[-1] != store.n:
-        out.append(f"ivf/offsets end at {int(offsets[-1])}, not at the store's {store.n} rows")
-    icr = int(ivf.attrs["chunk_rows"])
-    for name in ("codes", "rows", "ids"):
-        if name not in ivf:
-            continue
-        arr = ivf[name]
-        keys = _stored_keys(arr)
-        missing = [j for j in range(-(-store.n // icr))
-                   if arr.metadata.encode_chunk_key((j, 0) if arr.ndim == 2 else (j,)) not in keys]
-        if missing:
-            out.append(f"ivf/{name} has lost {len(missing)} chunk file(s) (chunk {', '.join(map(str, missing[:5]))}"
-                       f"{' …' if len(missing) > 5 else ''})")
-    return out
-
-
-def verify_layout(store: Any) -> tuple[str, list[tuple[str, int, str, tuple[int, int]]]]:
-    """(state, damaged chunks as (array, chunk, why, (lo, hi))): reads every inverted chunk of a built layout
-    and compares it with its CRC (presence only for a layout built without CRCs)."""
-    state = layout_state(store)
-    ivf = store.group["ivf"]
-    if not ivf.attrs.get("complete") or "copy_done" not in ivf or "offsets" not in ivf:
-        return state, []
-    bad: list[tuple[str, int, str, tuple[int, int]]] = []
-    family = integrity.ivf_family(store.group)
-    if family is None:
-        return state, [(p, -1, "", (0, 0)) for p in _cheap_problems(store)]
-    bad.extend(integrity.verify_family(store.path, store.group, family, range(family.n_chunks)))
-    try:
-        integrity.check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
-    except StoreError:
-        bad.append(("ivf/offsets", 0, "differ from what was written (CRC mismatch)", (0, 0)))
-    if bad and state == "built":
-        state = f"damaged ({len(bad)} problem(s))"
-    return state, bad
-
-
 def recheck_layout(store: Any) -> bool:
     """Before a resume that has nothing left to encode: verify a built layout; when it is damaged, name the
     damage in a WARNING and mark it for a rebuild. Returns True when it must be (re)built."""
@@ -462,7 +388,7 @@ def recheck_layout(store: Any) -> bool:
         return True
     if not integrity.ENABLED:  # pqgpu.bench.integrity's baseline
         return False
-    state, bad = verify_layout(store)
+    state, bad = integrity.verify_layout(store)
     if not bad and state == "built":
         return False
     what = "; ".join(f"{name} chunk {c}: {why}" if c >= 0 else name for name, c, why, _ in bad[:5]) or state

@@ -159,7 +159,7 @@ def search_codes(queries: Any, codebook: Codebook, chunks: Iterable[tuple[int, n
     """Exhaustive ADC top-k of queries (nq, d) over chunks of (start_row, codes uint8 (rows, code_size)).
 
     Chunks come in row order. Returns distances float32 (nq, k) and rows int64 (nq, k), sorted by
-    distance (ties: lower row first); where fewer than k rows exist: row -1, distance inf.
+    distance (ties: lower row first); where fewer than k rows exist: row -1, distance FLT_MAX (as faiss).
     """
     k = check_k(k)
     q = codebook.rotate(as_float32_matrix(queries, "queries", d=codebook.d))
@@ -264,7 +264,8 @@ def search(store_or_path: Any, queries: Any, k: int, *, backend: str = "auto",
     """Exhaustive ADC top-k over a code store (same results as faiss IndexPQ.search on these codes).
 
     queries: (nq, d) float; returns distances float32 (nq, k) (squared L2, ascending) and the store's
-    ids (nq, k): int64 with -1, or object with None, where the store has fewer than k rows (distance inf).
+    ids (nq, k): int64 with -1, or object with None, where the store has fewer than k rows (distance FLT_MAX,
+    np.finfo(np.float32).max, as faiss pads: a real id -1 has a smaller distance; pqgpu.results drops these).
     IVF stores (quantizer.nlist > 0) scan only the nprobe nearest lists (None: a stated default).
     refine R: take the top k*R by ADC and re-rank them exactly with the original vectors read back from the
     store's source (pqgpu.refine); the distances are then exact (for ip / cosine: similarities, largest first).

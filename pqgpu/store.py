@@ -19,6 +19,7 @@ import zarr
 
 from . import _fs
 from . import integrity
+from .integrity import stored_keys as _stored_keys
 from ._faults import fault_point
 from .codebook import Codebook
 from .errors import StoreError
@@ -141,8 +142,12 @@ class CodeStore:
             self.__dict__["_checker"] = None if family is None else integrity.Checker(self.path, self.group, family)
         return self.__dict__["_checker"]
 
+    def done_flags(self) -> np.ndarray:
+        """bool (n_chunks,): chunk i encoded (read as one batch of its tiny chunk files)."""
+        return integrity.whole(self.done)
+
     def pending_chunks(self) -> list[int]:
-        return [int(i) for i in np.flatnonzero(~self.done[...])]
+        return [int(i) for i in np.flatnonzero(~self.done_flags())]
 
     @property
     def has_checksums(self) -> bool:
@@ -153,7 +158,7 @@ class CodeStore:
         """Chunks (default: the done ones) whose codes or ids chunk object is absent: {chunk: reason}.
         One listing of each array's keys: cheap enough for every search and export."""
         if chunks is None:
-            chunks = [int(i) for i in np.flatnonzero(self.done[...])]
+            chunks = [int(i) for i in np.flatnonzero(self.done_flags())]
         out: dict[int, str] = {}
         for name in ("codes", "ids"):
             arr = self.group[name]
@@ -177,7 +182,7 @@ class CodeStore:
         """Check without writing: the done chunks (or `chunks`) of codes, ids and lists are present, readable
         and equal to their recorded checksums; with layout=True also the codebook and an IVF store's
         inverted layout (pqgpu.integrity)."""
-        done = self.done[...]
+        done = self.done_flags()
         if chunks is None:
             chunks = [int(i) for i in np.flatnonzero(done)]
         bad = self.missing_chunks(chunks)
@@ -204,18 +209,16 @@ class CodeStore:
         if layout:
             report.codebook = self.codebook_problem()
             if is_ivf_store(self):
-                from .invert import verify_layout
-
-                report.layout_state, report.layout = verify_layout(self)
+                report.layout_state, report.layout = integrity.verify_layout(self)
         return report
 
     def is_complete(self) -> bool:
         """Every chunk of codes (and ids, lists) is encoded; for an IVF store see also layout_state()."""
-        return bool(self.done[...].all())
+        return bool(self.done_flags().all())
 
     def info(self) -> dict[str, Any]:
         a = self.attrs
-        done = self.done[...]
+        done = self.done_flags()
         nbytes = _fs.tree_bytes(self.path)
         missing = sorted(self.missing_chunks([int(i) for i in np.flatnonzero(done)]))
         codes_state = ("complete" if done.all() and not missing else
@@ -223,9 +226,7 @@ class CodeStore:
                        f"{int(done.sum())}/{int(done.size)} chunks encoded")
         layout = None
         if is_ivf_store(self):
-            from .invert import layout_state
-
-            layout = layout_state(self)
+            layout = integrity.layout_state(self)
         codebook = self.codebook_problem()
         complete = bool(done.all()) and not missing and codebook is None and (layout in (None, "built"))
         return {
@@ -256,7 +257,7 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.bad and self.codebook is None and not self.layout and \
-            self.layout_state in (None, "built", "not built")
+            (self.layout_state in (None, "built") or self.not_done > 0)
 
 
 # Format 1's per-chunk checksum (format 2: pqgpu.integrity): CRC-32 (zlib) of the chunk's values as read through
@@ -275,19 +276,6 @@ def chunk_checksum(codes: Any, ids: Any) -> int:
         b = str(v).encode()
         crc = zlib.crc32(b, zlib.crc32(len(b).to_bytes(4, "little"), crc))
     return crc
-
-
-def _stored_keys(arr: Any) -> set[str]:
-    """Keys of the chunk objects an array holds in its store (relative to the array)."""
-    from zarr.core.sync import sync
-
-    sp = arr.store_path
-    prefix = sp.path.rstrip("/") + "/" if sp.path else ""
-
-    async def listing() -> list[str]:
-        return [k async for k in sp.store.list_prefix(prefix)]
-
-    return {k[len(prefix):] for k in sync(listing())}
 
 
 def _describe(store: CodeStore, bad: dict[int, str], limit: int = 10) -> str:

@@ -251,7 +251,7 @@ def test_evaluate_with_refine(parquet_encoded, tmp_path):
     assert cli.main(["-q", "evaluate", "--set", f"encode.output={cfgs[0].encode.output}", "--set",
                      f"source.path={cfgs[0].source.path}", "--set", "source.format=parquet", "--set",
                      f"quantizer.path={cfgs[0].quantizer.path}", "--set", "quantizer.M=4", "--set", "quantizer.nbits=5",
-                     "--queries", str(_save(tmp_path, q)), "-k", "1,10", "--refine", str(R), "--out", str(out)]) == 0
+                     "--queries", str(_save(tmp_path, q)), "-k", "1,10", "--refine", str(R), "--results", str(out)]) == 0
     import json
 
     assert json.loads(out.read_text())[f"{K}-recall@{K}"] == flat[f"{K}-recall@{K}"]
@@ -324,7 +324,7 @@ def test_cli_refine_bad_values_and_changed_or_gone_sources(tmp_path, capsys):
     rc = cli.main(["evaluate", "--set", f"encode.output={store}", "--set", f"source.path={tmp_path}/other/*.parquet",
                    "--set", "source.format=parquet", "--set", f"quantizer.path={cfg.quantizer.path}", "--set",
                    "quantizer.M=4", "--set", "quantizer.nbits=5", "--queries", qpath, "-k", "1,10", "--refine", "0",
-                   "--out", str(ev)])
+                   "--results", str(ev)])
     assert rc == 2 and not ev.exists()
 
 

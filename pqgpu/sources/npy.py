@@ -31,7 +31,7 @@ class NpyReader:
         paths = expand_paths(cfg.path, (".npy",))
         id_paths: list[str | None] = [None] * len(paths)
         if cfg.id_column:
-            id_paths = expand_paths(cfg.id_column, (".npy",))
+            id_paths = expand_paths(cfg.id_column, (".npy",), key="source.id_column")
             if len(id_paths) != len(paths):
                 raise InputError(f"source.id_column {cfg.id_column!r} matches {len(id_paths)} id file(s) but "
                                  f"source.path matches {len(paths)} vector file(s); they must pair up in sorted order.")
@@ -40,7 +40,10 @@ class NpyReader:
             stamp = file_stamp(path)
             a = _load(path, stamp)
             if a.ndim != 2:
-                raise InputError(f"{path}: expected a 2-D array (rows, d), got shape {a.shape}.")
+                hint = (" Are these ids? A directory or glob of .npy vectors takes every file it matches: give the "
+                        "vectors alone (e.g. DIR/shard-*.npy) and their ids with source.id_column (e.g. "
+                        "'DIR/ids-*.npy')." if a.ndim == 1 else "")
+                raise InputError(f"{path}: expected a 2-D array (rows, d), got shape {a.shape}.{hint}")
             if a.dtype.kind != "f" or a.dtype.itemsize not in (2, 4, 8):
                 raise InputError(f"{path}: dtype {a.dtype} is not supported; expected float16, float32 or float64.")
             extra = None
