@@ -251,7 +251,8 @@ def test_evaluate_with_refine(parquet_encoded, tmp_path):
     assert cli.main(["-q", "evaluate", "--set", f"encode.output={cfgs[0].encode.output}", "--set",
                      f"source.path={cfgs[0].source.path}", "--set", "source.format=parquet", "--set",
                      f"quantizer.path={cfgs[0].quantizer.path}", "--set", "quantizer.M=4", "--set", "quantizer.nbits=5",
-                     "--queries", str(_save(tmp_path, q)), "-k", "1,10", "--refine", str(R), "--results", str(out)]) == 0
+                     "--queries", str(_save(tmp_path, q)), "-k", "1,10", "--refine", str(R),
+                     "--results", str(out)]) == 0
     import json
 
     assert json.loads(out.read_text())[f"{K}-recall@{K}"] == flat[f"{K}-recall@{K}"]
