@@ -301,6 +301,13 @@ def test_cli_refine_bad_values_and_changed_or_gone_sources(tmp_path, capsys):
 
     assert "--refine" in refuse("--refine", "0") and "--refine" in refuse("--refine", "-2")
     assert cli.main(["-q", "search", store, "--queries", qpath, "-k", "5", "--refine", "2"]) == 0
+    # a shard added after encoding is not read: the store's rows are those of the files it records
+    before = pqgpu.search(store, q, 5, backend="cpu", refine=2)
+    write_source(tmp_path / "more", "parquet", x[:300], ids[:300])
+    shutil.copy(tmp_path / "more" / "s0.parquet", src / "s9.parquet")
+    after = pqgpu.search(store, q, 5, backend="cpu", refine=2)
+    np.testing.assert_array_equal(after[1], before[1])
+    (src / "s9.parquet").unlink()
     # a shard rewritten after encoding (same rows, other values, later mtime)
     victim = src / "s1.parquet"
     saved = victim.read_bytes()
