@@ -19,6 +19,8 @@ EXIT_ERROR = 2  # a PqgpuError: bad input, config, store or backend
 EXIT_BUG = 1  # anything unexpected
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat` whose reader left early
 DASK_COMMANDS = ("demo", "train", "encode", "run", "bench")
+REFINE_HELP = ("re-rank the top k*R ADC candidates exactly with the original vectors read back from the store's "
+               "source (which must be unchanged since encoding)")
 
 
 def _config(args: argparse.Namespace):
@@ -134,7 +136,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.out:
         output_format(args.out)  # a suffix we cannot write is refused before the search
     queries = read_vectors(args.queries, vector_column=args.vector_column)
-    distances, ids = search(args.store, queries, args.k, backend=args.backend, nprobe=args.nprobe)
+    distances, ids = search(args.store, queries, args.k, backend=args.backend, nprobe=args.nprobe,
+                            refine=args.refine)
     short = padded(distances, ids)
     if short.any():
         log.info("%d of %d queries have fewer than k=%d results (the store, or the lists probed, hold fewer rows); "
@@ -180,7 +183,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     gt = _load_npy(args.ground_truth, "--ground-truth") if args.ground_truth else None
     nprobes = tuple(int(p) for p in str(args.nprobe).split(",")) if args.nprobe else None
     queries = read_vectors(args.queries, vector_column=cfg.source.vector_column)
-    result = evaluate_config(cfg, queries, ground_truth=gt, ks=ks, nprobes=nprobes)
+    result = evaluate_config(cfg, queries, ground_truth=gt, ks=ks, nprobes=nprobes,
+                             refine=args.refine)
     out = Path(args.results) if args.results else Path(cfg.encode.output).with_suffix(".eval.json")
     atomic_write_bytes(out, json.dumps(result, indent=2, default=float).encode())
     print(format_table(result))
@@ -384,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "lines), or - for CSV on standard output")
     sp.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"])
     sp.add_argument("--nprobe", type=int, help="IVF stores: lists probed per query (default 16, at most nlist)")
+    sp.add_argument("--refine", type=int, metavar="R", help=REFINE_HELP)
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("evaluate", help="recall@k and reconstruction MSE")
@@ -394,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", default="1,10,100")
     sp.add_argument("--results", metavar="FILE", help="JSON results (default: <encode.output>.eval.json)")
     sp.add_argument("--nprobe", help="IVF stores: comma-separated nprobe values to evaluate (default 1,4,16,...)")
+    sp.add_argument("--refine", type=int, metavar="R", help=REFINE_HELP)
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("export-faiss", help="write a faiss IndexPQ holding the codes")

@@ -322,16 +322,22 @@ def run(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, clie
 
 
 def evaluate_config(cfg: Config | dict | str | os.PathLike, queries: Any, *, ground_truth: Any = None,
-                    ks: tuple[int, ...] = (1, 10, 100), nprobes: tuple[int, ...] | None = None) -> dict[str, Any]:
+                    ks: tuple[int, ...] = (1, 10, 100), nprobes: tuple[int, ...] | None = None,
+                    refine: int | None = None) -> dict[str, Any]:
     """Recall@k and reconstruction MSE of the store encode.output against its source (read chunk by chunk).
-    cfg: a Config, a dict of sections or a YAML file (load_config)."""
+    cfg: a Config, a dict of sections or a YAML file (load_config). refine R: of the top k*R ADC candidates
+    re-ranked with the source's vectors."""
+    from .refine import check_refine
+
     cfg = load_config(cfg)
     from .search import evaluate
     from .store import open_store
+
+    refine = check_refine(refine)
 
     store = open_store(cfg.encode.output)
     check_quantizer_matches(store.codebook(), cfg.quantizer, cfg.encode.output, store=True)
     source = open_source(cfg.source)
     blocks = (x for _, x, _ in source.iter_chunks(cfg.encode.chunk_rows))
     return evaluate(store, queries, base_chunks=blocks, ground_truth=ground_truth, ks=ks,
-                    backend=cfg.encode.backend, nprobes=nprobes)
+                    backend=cfg.encode.backend, nprobes=nprobes, refine=refine)

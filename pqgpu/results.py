@@ -1,8 +1,9 @@
 """Search results as a table (query, rank, id, distance) and the files `pqgpu search --out` writes.
 
 A result slot that search() padded (fewer than k rows in the store, or in the probed IVF lists) has id -1
-(None for string ids) and distance FLT_MAX (-FLT_MAX where larger is better), as faiss pads. The table leaves
-those slots out, so a query has fewer than k rows there and a real id -1 is never mistaken for padding.
+(2**64 - 1 for uint64 ids, None for string ids) and distance FLT_MAX (-FLT_MAX where larger is better), as
+faiss pads. The table leaves those slots out, so a query has fewer than k rows there and a real id -1 is never
+mistaken for padding.
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ def output_format(out: str) -> str:
 
 
 def padded(distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """bool (nq, k): the slots search() padded (distance ±FLT_MAX and id -1 or None)."""
+    """bool (nq, k): the slots search() padded (distance ±FLT_MAX and id -1, 2**64 - 1 for uint64 ids, or
+    None)."""
     ids = np.asarray(ids)
-    missing_id = (ids == -1) if ids.dtype.kind in "iu" else np.equal(ids, None)
+    if ids.dtype == np.uint64:
+        missing_id = ids == np.iinfo(np.uint64).max
+    else:
+        missing_id = (ids == -1) if ids.dtype.kind in "iu" else np.equal(ids, None)
     return missing_id & (np.abs(np.asarray(distances, np.float64)) == FLT_MAX)
 
 
@@ -55,7 +60,10 @@ def _table(cols: dict[str, np.ndarray]) -> Any:
     import pyarrow as pa
 
     ids = cols["id"]
-    id_array = pa.array(ids.astype(np.int64)) if ids.dtype.kind in "iu" else pa.array(ids.tolist(), pa.string())
+    if ids.dtype.kind in "iu":  # int64, or uint64 kept as it is (ids of 2**63 and above)
+        id_array = pa.array(ids if ids.dtype == np.uint64 else ids.astype(np.int64))
+    else:
+        id_array = pa.array(ids.tolist(), pa.string())
     return pa.table({"query": cols["query"], "rank": cols["rank"], "id": id_array, "distance": cols["distance"]})
 
 

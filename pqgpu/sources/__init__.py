@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -94,6 +95,8 @@ class ShardReader(Protocol):
     def id_dtype(self, cfg: SourceConfig, shard: Shard) -> Any: ...
 
     def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any: ...
+
+    def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]: ...
 
 
 def _reader(fmt: str) -> ShardReader:
@@ -194,6 +197,37 @@ class Source:
         if out is not None:
             return out, np.concatenate(ids)
         return np.concatenate(xs).astype(np.result_type(*[x.dtype for x in xs]), copy=False), np.concatenate(ids)
+
+    def take_rows(self, rows: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """The vectors of the given global rows (any order, repeats allowed), read shard by shard, each shard
+        once with all its rows (so each Parquet row group is read once), memory bounded by the rows taken.
+
+        Returns the distinct rows (sorted int64 (u,)), their float32 vectors (u, d), and what was read: rows,
+        files, row groups (Parquet) or chunks (Zarr), bytes, seconds."""
+        t0 = time.perf_counter()
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise InputError(f"rows outside 0..{self.n - 1} asked of the source {self.cfg.path!r}.")
+        uniq = np.unique(rows)
+        out = np.empty((uniq.size, self.d), np.float32)
+        reader = _reader(self.cfg.format)
+        stats: dict[str, Any] = {"rows": int(uniq.size), "files": 0}
+        shard_of = np.searchsorted(self.offsets, uniq, side="right") - 1
+        bounds = np.searchsorted(shard_of, np.arange(len(self.shards) + 1))
+        for s, shard in enumerate(self.shards):
+            lo, hi = int(bounds[s]), int(bounds[s + 1])
+            if hi == lo:
+                continue
+            x, read = reader.take(self.cfg, shard, uniq[lo:hi] - self.offsets[s])
+            if x.shape != (hi - lo, self.d):
+                raise InputError(f"{shard.path}: expected {hi - lo} vectors of dimension {self.d}, got an array of "
+                                 f"shape {x.shape}. The file changed since it was listed.")
+            out[lo:hi] = x
+            stats["files"] += 1
+            for key, value in read.items():
+                stats[key] = stats.get(key, 0) + value
+        stats["seconds"] = time.perf_counter() - t0
+        return uniq, out, stats
 
     def locate(self, row: int) -> tuple[str, int]:
         """(file path, row within file) of a global row: for error messages."""
