@@ -48,9 +48,10 @@ def train(cfg: Config, *, backend: str | None = None, client: Any = None) -> Cod
     else:
         worker = _training_worker(client, requested)
         progress.listen(client)
+        plan, parts, t_read = _read_sample_on_workers(client, cfg)
         where = {"workers": [worker], "allow_other_workers": False} if worker else {}
-        fut = client.submit(train_task, cfg, requested, pure=False, key=f"pqgpu-train-{os.getpid()}-"
-                            f"{time.monotonic_ns()}", **where)
+        fut = client.submit(train_task, cfg, requested, plan, parts, t_read, pure=False,
+                            key=f"pqgpu-train-{os.getpid()}-{time.monotonic_ns()}", **where)
         done = fut.result()
     cb = done.codebook
     log.info("trained M=%d nbits=%d%s on %s (%s, host %s): sample of %d rows read in %.2f s, trained in %.2f s; "
@@ -59,6 +60,35 @@ def train(cfg: Config, *, backend: str | None = None, client: Any = None) -> Cod
     cb.save(q.path)
     log.info("quantizer written to %s (sha256 %s)", q.path, cb.fingerprint()[:16])
     return cb
+
+
+def _read_sample_on_workers(client: Any, cfg: Config) -> tuple[Any, list[Any], float]:
+    """Plan the training sample here and read its parts as tasks spread over all workers (4 per thread);
+    the parts stay on the workers, as futures, until the training task gathers them."""
+    from distributed import wait
+
+    from . import progress
+    from .sources.sampling import plan_for
+    from .tasks import read_sample_part
+
+    t0 = time.perf_counter()
+    source = open_source(cfg.source)
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()) or 1
+    plan = plan_for(source, cfg.quantizer.train_size, cfg.quantizer.seed, parts=4 * threads)
+    [src] = client.scatter([source], broadcast=True)
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    parts = [client.submit(read_sample_part, src, part, plan.unit_rows, pure=False, key=f"pqgpu-sample-{i}-{tag}")
+             for i, part in enumerate(plan.parts)]
+    meter = progress.Stage("training sample", len(parts), "parts", brief=True)
+    try:
+        from distributed import as_completed
+
+        for _ in as_completed(parts):
+            meter.add(1)
+    finally:
+        meter.close()
+    wait(parts)
+    return plan, parts, time.perf_counter() - t0
 
 
 def _params(M: int, nbits: int, opq: bool) -> str:

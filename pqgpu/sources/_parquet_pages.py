@@ -457,10 +457,27 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
         seen += n
 
 
+# Data page positions found from headers alone (not checked): (file key, column chunk offset) -> sorted
+# [(values before the page, page position)], so the blocks of a sample that share a row group walk its
+# headers once.
+_HEADERS: OrderedDict = OrderedDict()
+_HEADERS_LOCK = threading.Lock()
+
+
 def _skip_to(f: _File, pos: int, end: int, want: int) -> tuple[int, int]:
     """(values before it, position) of the data page that holds value `want` of the column chunk starting
     at pos, found from the page headers alone (about 256 bytes each)."""
-    seen = 0
+    key = (f.key, pos)
+    with _HEADERS_LOCK:
+        known = _HEADERS.setdefault(key, [])
+        _HEADERS.move_to_end(key)
+        if len(_HEADERS) > _CHECKED_ROW_GROUPS:
+            _HEADERS.popitem(last=False)
+        i = bisect.bisect_right(known, (want, end)) - 1
+        seen, at = known[i] if i >= 0 else (0, pos)
+        if i >= 0 and i + 1 < len(known):  # the page after it is known too: no header to read
+            return seen, at
+    pos = at
     while pos < end:
         header, hlen = _page_header(f, pos)
         ptype, csize = header.get(1), header.get(3)
@@ -468,6 +485,10 @@ def _skip_to(f: _File, pos: int, end: int, want: int) -> tuple[int, int]:
             raise Unsupported("page header without sizes")
         if ptype in (_DATA_PAGE, _DATA_PAGE_V2):
             n = (header.get(5 if ptype == _DATA_PAGE else 8) or {}).get(1, 0)
+            with _HEADERS_LOCK:
+                j = bisect.bisect_left(known, (seen, pos))
+                if j == len(known) or known[j] != (seen, pos):
+                    known.insert(j, (seen, pos))
             if seen + n > want:
                 return seen, pos
             seen += n

@@ -11,12 +11,11 @@ the unit of parallel work (threads here, or a task per part on the Dask workers)
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -197,28 +196,48 @@ def threads_for_sample() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def draw_sample(source: Source, size: int, seed: int, *, block_rows: int | None = None,
-                map_parts: Callable[[list[list[Block]], int], list[tuple[np.ndarray, int]]] | None = None,
-                parts: int | None = None) -> Sample:
-    """Plan the sample of `size` rows and read it. map_parts(parts, unit_rows) -> [read_blocks(source, part,
-    unit_rows) of each part] reads the parts somewhere (Dask workers); by default a thread pool here does."""
-    from .. import progress
+@dataclass(frozen=True)
+class Plan:
+    """The blocks of a sample, cut into parts (one parallel read each), and the unit its reads merge at."""
 
-    t0 = time.perf_counter()
+    blocks: tuple[Block, ...]
+    parts: tuple[tuple[Block, ...], ...]
+    unit_rows: int
+
+
+def plan_for(source: Source, size: int, seed: int, *, block_rows: int | None = None,
+             parts: int | None = None) -> Plan:
+    """plan_sample over the source's shards at its read unit, cut into `parts` parts (default: 4 per thread)."""
     unit = unit_rows_of(source)
     blocks = plan_sample([s.n_rows for s in source.shards], size, seed, block_rows=block_rows, unit_rows=unit)
     groups = split_parts(blocks, parts or 4 * threads_for_sample())
-    progress.report("training sample", 0, len(groups), "parts", brief=True)
-    results = (map_parts or functools.partial(read_with_threads, source))(groups, unit)
-    progress.report("training sample", len(groups), len(groups), "parts", brief=True)
+    return Plan(tuple(blocks), tuple(tuple(g) for g in groups), unit)
+
+
+def assemble(source: Source, plan: Plan, results: Sequence[tuple[np.ndarray, int]], seconds: float) -> Sample:
+    """The Sample from read_blocks of each part of the plan, in order."""
     xs = [x for x, _ in results if len(x)]
     if xs:
         dtype = np.result_type(*[x.dtype for x in xs])
         x = np.concatenate(xs).astype(dtype, copy=False)
     else:
         x = np.zeros((0, source.d), np.float32)
-    return Sample(x, block_rows_of(blocks), len(blocks), int(sum(b for _, b in results)), source_bytes(source),
-                  time.perf_counter() - t0)
+    return Sample(x, block_rows_of(plan.blocks), len(plan.blocks), int(sum(b for _, b in results)),
+                  source_bytes(source), seconds)
+
+
+def draw_sample(source: Source, size: int, seed: int, *, block_rows: int | None = None,
+                parts: int | None = None) -> Sample:
+    """Plan the sample of `size` rows and read its parts on a thread pool of this process. (On a Dask
+    cluster pqgpu.pipeline reads the parts on the workers: tasks.read_sample_part.)"""
+    from .. import progress
+
+    t0 = time.perf_counter()
+    plan = plan_for(source, size, seed, block_rows=block_rows, parts=parts)
+    progress.report("training sample", 0, len(plan.parts), "parts", brief=True)
+    results = read_with_threads(source, [list(p) for p in plan.parts], plan.unit_rows)
+    progress.report("training sample", len(plan.parts), len(plan.parts), "parts", brief=True)
+    return assemble(source, plan, results, time.perf_counter() - t0)
 
 
 def read_with_threads(source: Source, groups: list[list[Block]], unit_rows: int) -> list[tuple[np.ndarray, int]]:
