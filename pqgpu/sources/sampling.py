@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 
 MIN_BLOCKS = 256  # a sample of at least this many rows is drawn as at least this many blocks
 BLOCK_ROWS = 64  # the most rows in one block (more blocks: more even, more pages read)
-MIN_STRATA = 128  # the fewest strata a sample of that many blocks is spread over, whatever it reads
+MIN_STRATA = 256  # the fewest strata a sample of that many blocks is spread over, whatever it reads
 WINDOW_SHARE = 4  # blocks sharing units lie in a window of a quarter of a unit
-MAX_FRACTION = 0.1  # the share of the source the blocks may read, one unit each, before they share units
+MAX_FRACTION = 0.15  # the share of the source the blocks may read, one unit each, before they share units
 FULL_READ_ROWS = 32768  # a sample of the whole source is read in pieces of this many rows
 
 
