@@ -27,13 +27,14 @@ from . import environment, markdown_table
 log = logging.getLogger(__name__)
 
 
-def _write(out: Path, x: np.ndarray, shards: int, row_group: int) -> None:
+def _write(out: Path, x: np.ndarray, order: np.ndarray, shards: int, row_group: int) -> None:
+    """Rows x[order] in `shards` Parquet files (without a sorted copy of x in memory)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     bounds = np.linspace(0, len(x), shards + 1).astype(np.int64)
     for s in range(shards):
-        part = x[bounds[s]:bounds[s + 1]]
+        part = x[order[bounds[s]:bounds[s + 1]]]
         col = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), x.shape[1])
         pq.write_table(pa.table({"id": pa.array(np.arange(bounds[s], bounds[s + 1])), "embedding": col}),
                        out / f"shard-{s:04d}.parquet", row_group_size=row_group)
@@ -92,17 +93,18 @@ def sorted_mse(n: int, d: int, size: int, shards: int, row_group: int, M: int, c
     from ..sources import open_source
     from ..sources.sampling import draw_sample
 
-    x = sample_vectors(n, d, seed=3)
+    x = np.empty((n, d), np.float32)
+    for a in range(0, n, 10**6):  # in pieces: the generator's temporaries are several times the piece
+        x[a:a + 10**6] = sample_vectors(min(10**6, n - a), d, seed=3, start=a)
     rng = np.random.default_rng(7)
     km = faiss.Kmeans(d, clusters, niter=10, seed=7)
     km.train(x[rng.choice(n, min(n, 64 * clusters), replace=False)])
-    labels = km.index.search(x, 1)[1][:, 0]
-    x = x[np.argsort(labels, kind="stable")]
-    held_out = rng.choice(n, 20000, replace=False)
-    train_rows = np.setdiff1d(np.arange(n), held_out)
+    order = np.argsort(km.index.search(x, 1)[1][:, 0], kind="stable")  # stored row r is x[order[r]]
+    held_out = order[rng.choice(n, 20000, replace=False)]
+    train_rows = np.setdiff1d(order, held_out)
     out = Path(tempfile.mkdtemp(prefix="pqgpu-bench-sample-", dir=tmp))
     try:
-        _write(out, x, shards, row_group)
+        _write(out, x, order, shards, row_group)
         from ..sources import sampling
 
         source = open_source(_config(out, M, size).source)
