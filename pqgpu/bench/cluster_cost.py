@@ -45,6 +45,7 @@ def _warm(path: str) -> float:
 
 
 def one(cfg: Any, processes: bool) -> dict[str, Any]:
+    """The routes' seconds for one `encode` under cfg.cluster (processes or threads of this process)."""
     from ..cluster import InProcess, dask_client, default_workers
     from ..pipeline import encode
 
@@ -82,7 +83,9 @@ def one(cfg: Any, processes: bool) -> dict[str, Any]:
         logger.setLevel(level)
         logger.propagate = propagate
     m = next((re.search(r"read ([\d.]+) s, encode ([\d.]+) s", t) for t in grab.text if "task time" in t), None)
-    return {"route": "processes" if processes else "threads", "start_s": t_start, "first_kernel_s": t_warm,
+    c = cfg.cluster
+    shape = f" {c.n_workers or 'default'} x {c.threads_per_worker or 'default'}" if processes else ""
+    return {"route": ("processes" + shape) if processes else "threads", "start_s": t_start, "first_kernel_s": t_warm,
             "per_worker_first_kernel_s": ", ".join(f"{v:.2f}" for v in warm.values()) if warm else "",
             "encode_s": t_encode, "tasks_read_s": float(m.group(1)) if m else None,
             "tasks_encode_s": float(m.group(2)) if m else None, "stop_s": t_stop,
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--M", type=int, default=96)
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--shapes", default="", help="also processes with these workers x threads, e.g. 1x2,2x2")
     p.add_argument("--tmp", default="/tmp")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
@@ -112,9 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         train(config_from_dict(base))
         rows = []
         for _ in range(args.runs):  # interleaved: a busy spell of the shared machine hits both alike
-            for processes in (False, True):
-                cfg = config_from_dict({**base, "cluster": {"kind": "local", "processes": processes,
-                                                            "dashboard": False}})
+            shapes = [None, *(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s)]
+            for processes, shape in [(False, None), *((True, s) for s in shapes)]:
+                cluster = {"kind": "local", "processes": processes, "dashboard": False}
+                if shape:
+                    cluster.update(n_workers=shape[0], threads_per_worker=shape[1])
+                cfg = config_from_dict({**base, "cluster": cluster})
                 rows.append(one(cfg, processes))
                 log.warning("%s", rows[-1])
     finally:
