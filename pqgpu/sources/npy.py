@@ -88,7 +88,8 @@ class NpyReader:
         try:
             x = np.array(a[lo:hi])
         except (ValueError, OSError) as exc:
-            raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1}: {exc}. The file may be truncated.") from None
+            raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1}: {exc}. The file may be "
+                             "truncated.") from None
         return x, int(x.nbytes)
 
     def stored_bytes(self, cfg: SourceConfig, shard: Shard) -> int:
