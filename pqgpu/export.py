@@ -101,7 +101,8 @@ def export_faiss(store_or_path: Any, out_path: str | os.PathLike) -> Path:
     cb = store.codebook()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ids_raw = np.asarray(store.ids[...])
+    checker = store.checker()  # every chunk of ids checked, as store_chunks checks the codes
+    ids_raw = np.asarray(store.ids[...]) if checker is None else checker.read(store.ids, "ids", 0, store.n)
     string_ids = ids_raw.dtype.kind not in "iu"
     ids = None if string_ids else _int64_ids(ids_raw, f"store {store.path}")
     log.info("export-faiss: %d codes (M=%d, nbits=%d%s) -> %s; faiss holds the whole index in memory "

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import zarr
 
+from . import integrity
 from .errors import StoreError
 from .store import as_store, check_inverted, is_ivf_store
 
@@ -86,14 +87,16 @@ def _prepare(store: Any) -> tuple[Any, Path]:
         total = np.zeros(nlist, np.int64)
         for _, row in _iter_counts(ivf, n_chunks):
             total += row
-        if int(total.sum()) != n:
-            raise StoreError(f"{store.path}: the per-chunk list counts add up to {int(total.sum())} rows, not "
-                             f"{n}. Re-encode with `pqgpu encode --overwrite`.")
+        if int(total.sum()) != n:  # damaged counts: they follow from the (checksummed) lists
+            log.warning("%s: the per-chunk list counts add up to %d rows, not %d (ivf/counts is damaged); "
+                        "counting them again from the lists", store.path, int(total.sum()), n)
+            total = _recount(store, ivf)
         offsets = np.zeros(nlist + 1, np.int64)
         np.cumsum(total, out=offsets[1:])
         if "starts" in ivf:  # the (n_chunks, nlist) array of an earlier layout: no longer needed
             del ivf["starts"]
         ivf.require_array("offsets", shape=(nlist + 1,), chunks=(nlist + 1,), dtype="int64")[...] = offsets
+        ivf.attrs["offsets_crc32c"] = integrity.offsets_crc(offsets)
         icr = int(ivf.attrs["chunk_rows"])
         n_out = max(1, -(-n // icr))
         cs = int(g.attrs["code_size"])
@@ -107,6 +110,9 @@ def _prepare(store: Any) -> tuple[Any, Path]:
         ivf.create_array("scatter_done", shape=(n_chunks,), chunks=(1,), dtype=bool, fill_value=False,
                          overwrite=True)
         ivf.create_array("copy_done", shape=(n_out,), chunks=(1,), dtype=bool, fill_value=False, overwrite=True)
+        # one Zarr chunk of checksums per copy task (copy_items keeps the tasks on this grid)
+        integrity.create_table(ivf, "checksums", n_out, ["codes", "rows"] + (["ids"] if "ids" in ivf else []),
+                               rows_per_zarr_chunk=copy_group(g))
         ivf.attrs["starts_done"] = True
         sizes = np.diff(offsets)
         log.info("IVF layout: %d lists, sizes min %d / median %d / max %d rows; %.1f MiB of codes to invert",
@@ -127,6 +133,29 @@ def _prepare(store: Any) -> tuple[Any, Path]:
     return ivf, staging
 
 
+def _recount(store: Any, ivf: Any) -> np.ndarray:
+    """Rewrite ivf/counts from the lists (each chunk's lists checked against their CRC where recorded);
+    returns the total rows per list."""
+    family = integrity.chunk_family(store.group)
+    checker = integrity.Checker(store.path, store.group, family) if family and "lists" in family.arrays else None
+    counts = ivf["counts"]
+    total = np.zeros(counts.shape[1], np.int64)
+    for c in range(store.n_chunks):
+        lo, hi = store.chunk_range(c)
+        lists = np.asarray(store.group["lists"][lo:hi])
+        if checker is not None:
+            checker.check("lists", lo, lists)
+        row = np.bincount(lists, minlength=counts.shape[1]).astype(counts.dtype)
+        counts[c] = row
+        total += row
+    return total
+
+
+def copy_group(group: Any) -> int:
+    """Inverted chunks per copy task: as many rows per task as per encode chunk."""
+    return max(1, int(group.attrs["chunk_rows"]) // int(group["ivf"].attrs["chunk_rows"]))
+
+
 def _staging_files(staging: Path, n: int, code_size: int, with_ids: bool) -> dict[str, tuple[Path, int]]:
     out = {"codes": (staging / "codes.bin", n * code_size), "rows": (staging / "rows.bin", n * 8)}
     if with_ids:
@@ -144,7 +173,7 @@ def _scatter_items(store: Any, ivf: Any) -> Iterator[tuple[int, tuple[np.ndarray
     """(chunk, (lists present, their row counts, where its rows of each start)) for every chunk not yet
     scattered: the starts of chunk c are offsets + the counts of chunks before c, summed while streaming."""
     running = np.asarray(ivf["offsets"][...])[:-1].copy()
-    done = np.asarray(ivf["scatter_done"][...])
+    done = integrity.whole(ivf["scatter_done"])
     for c, row in _iter_counts(ivf, store.n_chunks):
         if not done[c]:
             present = np.flatnonzero(row)
@@ -204,10 +233,20 @@ def copy_chunk(path: str, j: int, count: int = 1) -> int:
     n, cs = store.n, int(g.attrs["code_size"])
     staging = _staging(path)
     lo, hi = j * icr, min(n, (j + count) * icr)
+    values = {}
     for name in ("codes", "rows", "ids"):
         if name in ivf:
             arr = ivf[name]
-            arr[lo:hi] = np.asarray(_memmap(staging, name, n, cs)[lo:hi]).astype(arr.dtype, copy=False)
+            raw = np.asarray(_memmap(staging, name, n, cs)[lo:hi])
+            # staged ids are int64 bytes: a view gives uint64 ids back exactly
+            values[name] = raw.view(arr.dtype) if raw.dtype.itemsize == arr.dtype.itemsize and \
+                arr.dtype.kind in "iu" else raw.astype(arr.dtype, copy=False)
+            arr[lo:hi] = values[name]
+    if "checksums" in ivf:
+        cols = list(ivf["checksums"].attrs["columns"])
+        ivf["checksums"][j:j + count] = np.stack([
+            integrity.chunk_crcs({k: v[jj * icr - lo:min(n, (jj + 1) * icr) - lo] for k, v in values.items()}, cols)
+            for jj in range(j, j + count)])
     for jj in range(j, j + count):
         fault_point("ivf-copy", jj)
     ivf["copy_done"][j:j + count] = True
@@ -215,11 +254,12 @@ def copy_chunk(path: str, j: int, count: int = 1) -> int:
 
 
 def _copy_items(ivf: Any, per_task: int) -> Iterator[tuple[int, tuple[int]]]:
-    """(first, (count,)) for runs of at most per_task consecutive output chunks not yet copied."""
-    todo = np.flatnonzero(~np.asarray(ivf["copy_done"][...]))
+    """(first, (count,)) for runs of at most per_task consecutive output chunks not yet copied, never across
+    a multiple of per_task (so each Zarr chunk of ivf/checksums has one writer)."""
+    todo = np.flatnonzero(~integrity.whole(ivf["copy_done"]))
     start = prev = None
     for j in todo.tolist():
-        if start is not None and (j != prev + 1 or j - start >= per_task):
+        if start is not None and (j != prev + 1 or j // per_task != start // per_task):
             yield start, (prev + 1 - start,)
             start = None
         if start is None:
@@ -289,7 +329,7 @@ def build_inverted(store_or_path: Any, *, client: Any = None) -> None:
     if not ivf["scatter_done"][...].all():
         raise StoreError(f"{store.path}: some inverted-list scatter tasks did not finish; run `pqgpu encode` again.")
     # as many rows per copy task as per encode chunk: fewer, larger tasks than one per output chunk
-    per_task = max(1, int(store.group.attrs["chunk_rows"]) // int(ivf.attrs["chunk_rows"]))
+    per_task = copy_group(store.group)
     _run(client, copy_chunk, store.path, _copy_items(ivf, per_task), "copy")
     if not ivf["copy_done"][...].all():
         raise StoreError(f"{store.path}: some inverted-list copy tasks did not finish; run `pqgpu encode` again.")
@@ -306,22 +346,55 @@ def _open_rw(store: Any) -> Any:
 def iter_lists(store: Any, block_rows: int | None = None, *, labels: str = "rows"
                ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(list, codes uint8 (size, code_size), labels (size,)) for every non-empty list in list order, labels
-    from `ivf/rows` (store rows) or `ivf/ids`, reading the inverted arrays sequentially in blocks (memory:
-    one block plus one list)."""
+    from `ivf/rows` (store rows) or `ivf/ids`, reading the inverted arrays sequentially in blocks of whole
+    inverted chunks, each checked against its CRC (memory: one block plus one list)."""
     check_inverted(store)
     ivf = store.group["ivf"]
-    offsets = np.asarray(ivf["offsets"][...])
-    step = int(block_rows or ivf.attrs["chunk_rows"]) * 4
+    offsets = integrity.check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
+    checker = layout_checker(store)
+    icr = int(ivf.attrs["chunk_rows"])
+    step = int(block_rows or icr) * 4
     buf_lo = buf_hi = 0
     codes = np.zeros((0, int(store.group.attrs["code_size"])), np.uint8)
     rows = np.zeros(0, np.int64)
     for lst in np.flatnonzero(np.diff(offsets)):
         a, b = int(offsets[lst]), int(offsets[lst + 1])
         if b > buf_hi:
-            lo, hi = a, max(b, min(a + step, store.n))
-            codes, rows = np.asarray(ivf["codes"][lo:hi]), np.asarray(ivf[labels][lo:hi])
+            lo = (a // icr) * icr
+            hi = min(store.n, max(-(-b // icr) * icr, lo + step))
+            codes, rows = read_inverted(ivf, checker, "codes", lo, hi), read_inverted(ivf, checker, labels, lo, hi)
             buf_lo, buf_hi = lo, hi
         yield int(lst), codes[a - buf_lo:b - buf_lo], rows[a - buf_lo:b - buf_lo]
+
+
+def layout_checker(store: Any) -> integrity.Checker | None:
+    """The CRCs of the inverted arrays (None for a layout built by a pqgpu that recorded none)."""
+    family = integrity.ivf_family(store.group)
+    return None if family is None else integrity.Checker(store.path, store.group, family)
+
+
+def read_inverted(ivf: Any, checker: integrity.Checker | None, name: str, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of ivf/<name>, checked chunk by chunk when the layout has CRCs."""
+    if checker is None:
+        return np.asarray(ivf[name][lo:hi])
+    return checker.read(ivf[name], f"ivf/{name}", lo, hi)
+
+
+def recheck_layout(store: Any) -> bool:
+    """Before a resume that has nothing left to encode: verify a built layout; when it is damaged, name the
+    damage in a WARNING and mark it for a rebuild. Returns True when it must be (re)built."""
+    ivf = store.group["ivf"]
+    if not ivf.attrs.get("complete"):
+        return True
+    if not integrity.ENABLED:  # pqgpu.bench.integrity's baseline
+        return False
+    state, bad = integrity.verify_layout(store)
+    if not bad and state == "built":
+        return False
+    what = "; ".join(f"{name} chunk {c}: {why}" if c >= 0 else name for name, c, why, _ in bad[:5]) or state
+    log.warning("%s: the inverted layout is damaged (%s); rebuilding it from the codes and lists", store.path, what)
+    ivf.attrs.update({"complete": False, "starts_done": False})
+    return True
 
 
 def build_inverted_with(path: str, client: Any, *, rebuild: bool = False) -> None:
@@ -329,10 +402,10 @@ def build_inverted_with(path: str, client: Any, *, rebuild: bool = False) -> Non
     rebuild: chunks were (re-)encoded just now, so any inverted layout built before is stale."""
     from .store import open_store
 
-    store = open_store(path, mode="r+" if rebuild else "r")
+    store = open_store(path, mode="r+")
     if rebuild:
         store.group["ivf"].attrs.update({"complete": False, "starts_done": False})
-    elif store.group["ivf"].attrs.get("complete"):
+    elif not recheck_layout(store):
         return
     build_inverted(store, client=client)
 

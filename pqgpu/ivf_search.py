@@ -16,11 +16,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import kernels
+from . import integrity, kernels
 from .backend import namespace, resolve_backend, to_device, to_host
 from .codebook import as_float32_matrix
 from .errors import ConfigError
 from .evaluation import ExactKnn, check_k, evaluation_inputs, recall_metrics, reconstruction_pass
+from .invert import layout_checker
+from .refine import check_refine, refine_rows, refine_summary, store_metric
+from .sources.recorded import check_source_unchanged
 from .store import check_inverted
 
 log = logging.getLogger(__name__)
@@ -76,11 +79,12 @@ def select_probes(dist: np.ndarray, nprobe: int, use_numba: bool = True) -> tupl
     return probe, np.take_along_axis(dist, probe, axis=1)
 
 
-def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.ndarray, gap: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.ndarray, gap: int,
+               checker: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Codes and store rows of the given lists (sorted, unique), read from codes_src (n, code_size) and
     rows_src (n,) (Zarr or NumPy arrays in inverted order) as few contiguous ranges: lists closer than gap
-    rows share one read.
+    rows share one read. With a checker (pqgpu.integrity, for Zarr arrays) each range is read as whole
+    inverted chunks, each checked against its CRC.
 
     Returns codes (R, code_size) uint8, rows (R,) int64, seg_lo and seg_hi (nlist,) int64 (list l lies at
     seg_lo[l]:seg_hi[l] of the loaded rows; empty for lists not loaded)."""
@@ -96,8 +100,12 @@ def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.nda
     codes_parts, rows_parts, bases = [], [], []
     pos = 0
     for a, b in ranges:
-        codes_parts.append(np.asarray(codes_src[a:b]))
-        rows_parts.append(np.asarray(rows_src[a:b]))
+        if checker is None:
+            codes_parts.append(np.asarray(codes_src[a:b]))
+            rows_parts.append(np.asarray(rows_src[a:b]))
+        else:
+            codes_parts.append(checker.read(codes_src, "ivf/codes", a, b))
+            rows_parts.append(checker.read(rows_src, "ivf/rows", a, b))
         bases.append((a, pos))
         pos += b - a
     nlist = offsets.shape[0] - 1
@@ -224,14 +232,18 @@ class IvfIndex:
         ivf = store.group["ivf"]
         self._ivf = ivf
         self.gap = int(ivf.attrs["chunk_rows"])
-        self.offsets = np.asarray(ivf["offsets"][...])
+        self.offsets = integrity.check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
+        self.checker = layout_checker(store)
         self.cnorm = np.einsum("ij,ij->i", cb.coarse, cb.coarse).astype(np.float32)
         self.term2 = precomputed_term2(cb)
         self.loaded = bool(load)
         self.codes = self.rows = self._sub = self._coarse_t = None
-        if self.loaded:
-            self.codes = np.asarray(ivf["codes"][...])
-            self.rows = np.asarray(ivf["rows"][...])
+        if self.loaded:  # read once and checked once: later searches read nothing from the store
+            if self.checker is None:
+                self.codes, self.rows = np.asarray(ivf["codes"][...]), np.asarray(ivf["rows"][...])
+            else:
+                self.codes = self.checker.read(ivf["codes"], "ivf/codes", 0, self.n)
+                self.rows = self.checker.read(ivf["rows"], "ivf/rows", 0, self.n)
         self.load_seconds = time.perf_counter() - t0
         log.info("IVF index %s opened in %.3f s (%s)", self.path, self.load_seconds,
                  f"{self.n} rows in memory" if self.loaded else "probed lists read per query batch")
@@ -241,7 +253,7 @@ class IvfIndex:
         lists = np.unique(probe)
         if self.loaded:
             return load_lists(self.codes, self.rows, lists, self.offsets, 0)
-        return load_lists(self._ivf["codes"], self._ivf["rows"], lists, self.offsets, self.gap)
+        return load_lists(self._ivf["codes"], self._ivf["rows"], lists, self.offsets, self.gap, self.checker)
 
     def _probe_cpu(self, y: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """coarse_distances + select_probes in one numba pass (same lists and distances up to float32 rounding
@@ -339,10 +351,13 @@ def search_ivf_store(store: Any, queries: Any, k: int, *, nprobe: Any = None, ba
 
 def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] | None = None,
                  ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), nprobes: Iterable[int] | None = None,
-                 backend: str = "auto") -> dict[str, Any]:
-    """Recall@k and queries/s at each nprobe, reconstruction MSE and compression of an IVF store."""
+                 backend: str = "auto", refine: int | None = None) -> dict[str, Any]:
+    """Recall@k and queries/s at each nprobe, reconstruction MSE and compression of an IVF store. refine R:
+    the top k*R candidates re-ranked with the source's vectors (pqgpu.refine); queries/s include the reads."""
     check_inverted(store)
+    R = check_refine(refine)
     cb, n, q, ks, gt = evaluation_inputs(store, queries, ks, ground_truth, base_chunks)
+    source = check_source_unchanged(store) if R else None
     nq, kmax = q.shape[0], ks[-1]
     if nprobes is None:
         nprobes = sorted({p for p in (1, 4, 16, 64, 256) if p <= cb.nlist} | {min(cb.nlist, DEFAULT_NPROBE)})
@@ -363,10 +378,15 @@ def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] 
     # opened once, like faiss.read_index; queries/s count the search calls, the load is reported apart
     index = IvfIndex(store, load=fits_in_memory(store))
     result["index_load_seconds"] = round(index.load_seconds, 4)
+    if R:
+        result["refine"] = R
     for p in nprobes:
         index.search(q[:min(nq, 8)], kmax, nprobe=p, backend=backend)  # warm-up (kernel compile)
         t0 = time.perf_counter()
-        _d, found = index.search(q, kmax, nprobe=p, backend=backend)
+        _d, found = index.search(q, kmax * (R or 1), nprobe=p, backend=backend)
+        if R:
+            _d, found, read = refine_rows(source, q, found, kmax, store_metric(store), backend=backend)
+            result.update({f"{key} (nprobe={p})": v for key, v in refine_summary(R, read).items() if key != "refine"})
         dt = time.perf_counter() - t0
         for key, value in recall_metrics(found, gt, ks).items():
             result[f"{key} (nprobe={p})"] = value

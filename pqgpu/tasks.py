@@ -83,8 +83,10 @@ def check_vectors(source: Source, x: np.ndarray, start: int, d: int) -> np.ndarr
             raise
         row = start + int(np.flatnonzero(~finite)[0])
         path, local = source.locate(row)
-        raise InputError(f"{path}: row {local} (global row {row}) has a NaN or Inf value. Fix or drop it and "
-                         "run again; chunks already encoded are kept.") from None
+        raise InputError(f"{path}: row {local} (global row {row}) has a NaN or Inf value. Fix it in place and run "
+                         "the same command again: the chunks of the rewritten file are encoded again and the others "
+                         "kept. Dropping the row instead changes the file's row count, which needs --overwrite (the "
+                         "whole source encoded again).") from None
 
 
 def encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, requested_backend: str,
@@ -129,8 +131,10 @@ def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codeb
         from .invert import write_chunk_lists
 
         write_chunk_lists(store_path, chunk.index, chunk.start, lists)
+    else:
+        lists = None
     fault_point("before-write", chunk.index)
-    write_chunk(store_path, chunk.index, chunk.start, codes, ids)
+    write_chunk(store_path, chunk.index, chunk.start, codes, ids, lists)
     me = where_am_i()
     return ChunkResult(chunk.index, chunk.rows, t1 - t0, t2 - t_enc, backend, me["worker"], me["host"])
 
@@ -207,6 +211,16 @@ def train_task(cfg: Config, requested_backend: str, plan: Any = None, parts: Any
             cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
     me = where_am_i()
     return Trained(cb, backend, me["worker"], me["host"], len(x), t_read, time.perf_counter() - t1)
+
+
+def train_task_returning_errors(cfg: Config, requested_backend: str, *sample: Any) -> Trained | PqgpuError:
+    """train_task on a Dask worker: an expected failure (M not dividing d, a bad sample row) is returned, not
+    raised, so the worker logs no traceback ahead of the CLI's one paragraph (as encode_chunk). `sample`:
+    train_task's plan, parts and read_seconds."""
+    try:
+        return train_task(cfg, requested_backend, *sample)
+    except PqgpuError as exc:
+        return exc
 
 
 def _name_bad_sample_row(source: Source, x: np.ndarray, rows: np.ndarray) -> None:

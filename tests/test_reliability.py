@@ -152,7 +152,7 @@ def test_changed_source_is_refused(prepared, tmp_path):
     t = pq.read_table(f)
     pq.write_table(pa.concat_tables([t, t.slice(0, 10)]), f)
     rc, _, err = run_cli_subprocess(["encode", "-c", str(cfg_path)], {})
-    assert rc == 2 and "source changed" in err
+    assert rc == 2 and f"{f} had 800 rows and now has 810" in err and "--overwrite" in err
     assert np.array_equal(open_store(cfg.encode.output).codes[...], codes)
 
 

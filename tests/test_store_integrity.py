@@ -70,7 +70,7 @@ def test_lost_and_damaged_chunks_are_found_refused_and_re_encoded(prepared, clie
     assert cli.main(["verify", out]) != 0
     err = capsys.readouterr().err
     assert "chunk 2 (rows 600-899): codes/c/2/0 is missing" in err
-    assert "chunk 5 (rows 1500-1799): checksum mismatch" in err
+    assert "chunk 5 (rows 1500-1799): codes checksum mismatch" in err
     assert "chunk 6 (rows 1800-2099)" in err
     assert "chunk 1 " not in err and "chunk 7 " not in err
 
@@ -123,9 +123,14 @@ def test_all_fill_value_chunk_is_written_and_checksum_is_of_values(tmp_path):
     assert Path(path, "codes/c/0/0").exists()  # a missing file must always mean lost data
     store = open_store(path)
     assert store.verify().bad == {}
-    # the checksum is of the values: an independent CRC-32 of the same bytes
-    import zlib
+    # the checksums are of the values: independent CRC-32Cs of the same bytes, one per array
+    import google_crc32c
 
-    expected = zlib.crc32(np.arange(5, 10, dtype="<i8").tobytes(), zlib.crc32((zeros + 3).tobytes()))
-    assert int(store.group["checksums"][1]) == expected == chunk_checksum(zeros + 3, np.arange(5, 10))
+    row = store.group["checksums"][1]
+    assert list(store.group["checksums"].attrs["columns"]) == ["codes", "ids"]
+    assert int(row[0]) == google_crc32c.value((zeros + 3).tobytes())
+    assert int(row[1]) == google_crc32c.value(np.arange(5, 10, dtype="<i8").tobytes())
+    from pqgpu.integrity import crc
+
+    assert crc(np.array(["a", "bc"])) != crc(np.array(["ab", "c"]))
     assert chunk_checksum(zeros[:2], np.array(["a", "bc"])) != chunk_checksum(zeros[:2], np.array(["ab", "c"]))

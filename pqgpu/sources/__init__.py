@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..config import SourceConfig
 from ..errors import ConfigError, InputError
+from ..formats import COMPANIONS, infer_format, subdirectory_hint  # noqa: F401 (infer_format: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,8 @@ class ShardReader(Protocol):
 
     def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any: ...
 
+    def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]: ...
+
     # the training sample (pqgpu.sources.sampling): vectors of rows [lo, hi) and the bytes read for them
     def read_block(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, int]: ...
 
@@ -129,10 +133,10 @@ class Source:
         return self.offsets[-1] if self.offsets else 0
 
     def fingerprint(self) -> dict[str, Any]:
-        """What the store records to detect a changed source on resume."""
-        return {"format": self.cfg.format, "path": self.cfg.path, "id_column": self.cfg.id_column,
-                "vector_column": self.cfg.vector_column, "n": self.n, "d": self.d,
-                "files": [[os.path.basename(s.path), s.n_rows, *s.stamp] for s in self.shards]}
+        """What the store records to detect a changed source on resume (pqgpu.sources.fingerprint)."""
+        from .fingerprint import fingerprint
+
+        return fingerprint(self)
 
     def read_piece(self, piece: Piece, global_start: int,
                    out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +152,31 @@ class Source:
             raise InputError(f"{shard.path}: vectors have dimension {x.shape[1]}, other shards have {self.d}.")
         if ids is None:  # no id column: global row numbers
             ids = np.arange(global_start, global_start + x.shape[0], dtype=np.int64)
+        else:
+            ids = self._exact_ids(ids, shard, piece.lo, global_start)
         return x, ids
+
+    def _exact_ids(self, ids: np.ndarray, shard: Shard, lo: int, global_start: int) -> np.ndarray:
+        """Integer ids in the source's id dtype, exactly: an InputError naming the file and row of the first
+        id that dtype cannot hold (never a silent wrap, nor a float from mixing int64 and uint64)."""
+        ids = np.asarray(ids)
+        if self.id_dtype is str or ids.dtype.kind not in "iu":
+            return ids
+        want = np.dtype(self.id_dtype)
+        if ids.dtype == want:
+            return ids
+        if want.kind == "i" and ids.dtype.kind == "u":
+            bad = np.flatnonzero(ids > np.iinfo(want).max)
+        elif want.kind == "u" and ids.dtype.kind == "i":
+            bad = np.flatnonzero(ids < 0)
+        else:
+            bad = np.zeros(0, np.intp)
+        if bad.size:
+            row = lo + int(bad[0])
+            raise InputError(f"{shard.path}: row {row} (global row {global_start + int(bad[0])}) has id {ids[bad[0]]}, "
+                             f"which the store's {want} ids cannot hold exactly: the shards mix signed and unsigned "
+                             "64-bit ids. Give every shard the same id type (uint64 for ids of 2**63 and above).")
+        return ids.astype(want)
 
     def read_chunk(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
         """Vectors (rows, d) in their stored float dtype and ids (rows,) of one chunk. A chunk over several
@@ -172,6 +200,37 @@ class Source:
         if out is not None:
             return out, np.concatenate(ids)
         return np.concatenate(xs).astype(np.result_type(*[x.dtype for x in xs]), copy=False), np.concatenate(ids)
+
+    def take_rows(self, rows: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """The vectors of the given global rows (any order, repeats allowed), read shard by shard, each shard
+        once with all its rows (so each Parquet row group is read once), memory bounded by the rows taken.
+
+        Returns the distinct rows (sorted int64 (u,)), their float32 vectors (u, d), and what was read: rows,
+        files, row groups (Parquet) or chunks (Zarr), bytes, seconds."""
+        t0 = time.perf_counter()
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise InputError(f"rows outside 0..{self.n - 1} asked of the source {self.cfg.path!r}.")
+        uniq = np.unique(rows)
+        out = np.empty((uniq.size, self.d), np.float32)
+        reader = _reader(self.cfg.format)
+        stats: dict[str, Any] = {"rows": int(uniq.size), "files": 0}
+        shard_of = np.searchsorted(self.offsets, uniq, side="right") - 1
+        bounds = np.searchsorted(shard_of, np.arange(len(self.shards) + 1))
+        for s, shard in enumerate(self.shards):
+            lo, hi = int(bounds[s]), int(bounds[s + 1])
+            if hi == lo:
+                continue
+            x, read = reader.take(self.cfg, shard, uniq[lo:hi] - self.offsets[s])
+            if x.shape != (hi - lo, self.d):
+                raise InputError(f"{shard.path}: expected {hi - lo} vectors of dimension {self.d}, got an array of "
+                                 f"shape {x.shape}. The file changed since it was listed.")
+            out[lo:hi] = x
+            stats["files"] += 1
+            for key, value in read.items():
+                stats[key] = stats.get(key, 0) + value
+        stats["seconds"] = time.perf_counter() - t0
+        return uniq, out, stats
 
     def locate(self, row: int) -> tuple[str, int]:
         """(file path, row within file) of a global row: for error messages."""
@@ -209,25 +268,34 @@ def open_source(cfg: SourceConfig) -> Source:
                          f"{other.path} has d={other.d}. All shards of one source must have the same d.")
     id_types = {"str" if t is str else str(np.dtype(t))
                 for t in (reader.id_dtype(cfg, s) for s in shards if s.n_rows)}
-    if len(id_types) > 1:
+    if "str" in id_types and len(id_types) > 1:
         raise InputError(f"Shards disagree on the id type ({', '.join(sorted(id_types))}); ids must be all "
                          "integers or all strings.")
-    nonempty = next(s for s in shards if s.n_rows)
     offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum([s.n_rows for s in shards])]))
     empty = sum(1 for s in shards if s.n_rows == 0)
     if empty:
         log.info("%d empty shard(s) skipped", empty)
-    return Source(cfg, tuple(shards), dims.pop(), reader.id_dtype(cfg, nonempty), offsets)
+    return Source(cfg, tuple(shards), dims.pop(), store_id_dtype(id_types), offsets)
 
 
-def expand_paths(path: str | list[str], suffixes: tuple[str, ...], *, dirs: bool = False) -> list[str]:
-    """A glob, a directory (its files with one of `suffixes`) or a single path, local or fsspec URL; or a
-    list of those (expanded in the order given, each file once). Returns full paths (with the protocol for
-    remote URLs), sorted within each item."""
+def store_id_dtype(id_types: set[str]) -> Any:
+    """The store's id type for the shards' id types: str; uint64 when every shard has uint64 ids (kept exactly,
+    2**63 and above included); int64 otherwise (narrower integers widen exactly; a uint64 id of 2**63 or more
+    among int64 shards is an error where it is read, Source._exact_ids)."""
+    if "str" in id_types:
+        return str
+    return np.uint64 if id_types == {"uint64"} else np.int64
+
+
+def expand_paths(path: str | list[str], suffixes: tuple[str, ...], *, dirs: bool = False,
+                 key: str = "source.path") -> list[str]:
+    """A glob, a directory (its files with one of `suffixes`, but not make-sample's queries.npy) or a single
+    path, local or fsspec URL; or a list of those (expanded in the order given, each file once). Returns full
+    paths (with the protocol for remote URLs), sorted within each item. `key` names the setting in errors."""
     if isinstance(path, (list, tuple)):
         out: dict[str, None] = {}
         for p in path:
-            out.update(dict.fromkeys(expand_paths(p, suffixes, dirs=dirs)))
+            out.update(dict.fromkeys(expand_paths(p, suffixes, dirs=dirs, key=key)))
         return list(out)
     import fsspec
 
@@ -237,21 +305,29 @@ def expand_paths(path: str | list[str], suffixes: tuple[str, ...], *, dirs: bool
     def full(p: str) -> str:
         return p if protocol in ("file", "local") else f"{protocol}://{p}"
 
+    listed = False
     if any(ch in root for ch in "*?["):
         found = sorted(fs.glob(root))
     elif fs.isdir(root) and not (dirs and any(root.rstrip("/").endswith(s) for s in suffixes)):
+        listed = True
         found = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").endswith(suffixes))
+        skipped = [p for p in found if os.path.basename(p.rstrip("/")) in COMPANIONS]
+        if skipped:
+            log.info("%s: %s left out (what make-sample writes beside the shards; a glob takes it if it is one)",
+                     path, ", ".join(os.path.basename(p) for p in skipped))
+            found = [p for p in found if p not in skipped]
     elif fs.exists(root):
         found = [root]
     else:
-        raise InputError(f"source.path {path!r} does not exist. Give a file, a directory or a glob such as "
+        raise InputError(f"{key} {path!r} does not exist. Give a file, a directory or a glob such as "
                          f"data/shards/*{suffixes[0]}.")
     if dirs:
         found = [p for p in found if fs.isdir(p)]
     else:
         found = [p for p in found if fs.isfile(p)]
     if not found:
-        raise InputError(f"source.path {path!r} matches no {'/'.join(suffixes)} files.")
+        hint = subdirectory_hint(path) if listed and protocol in ("file", "local") else ""
+        raise InputError(f"{key} {path!r} matches no {'/'.join(suffixes)} files.{hint}")
     return [full(p.rstrip("/")) for p in found]
 
 
@@ -265,21 +341,16 @@ def file_stamp(path: str) -> tuple:
     return (int(info.get("size") or 0), str(mtime))
 
 
-_FORMAT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".zarr": "zarr"}
-
-
-def infer_format(paths: list[str]) -> str | None:
-    """The source format the paths' extensions name (a directory: the extension its entries share), or
-    None when that is missing or ambiguous."""
-    found = set()
-    for path in paths:
-        p = path.rstrip("/")
-        kind = next((f for s, f in _FORMAT_SUFFIXES.items() if p.lower().endswith(s)), None)
-        if kind is None and "://" not in p and not any(ch in p for ch in "*?[") and os.path.isdir(p):
-            kinds = {f for name in os.listdir(p) for s, f in _FORMAT_SUFFIXES.items()
-                     if name.lower().endswith(s) and not name.startswith(".")}
-            kind = kinds.pop() if len(kinds) == 1 else None
-        if kind is None:
-            return None
-        found.add(kind)
-    return found.pop() if len(found) == 1 else None
+def read_vectors(path: str | list[str], *, fmt: str | None = None, vector_column: str = "embedding",
+                 key: str = "--queries") -> np.ndarray:
+    """Every row of a small vector collection (queries) in any source format, by the same rules as a source
+    (format from the extension, Parquet list / fixed_size_list columns, Zarr arrays, 2-D .npy files; a
+    directory or glob of shards is concatenated in order): (n, d) in the stored float dtype. `key` names the
+    argument in errors."""
+    fmt = fmt or infer_format(path, key=key)
+    try:
+        src = open_source(SourceConfig(format=fmt, path=path, vector_column=vector_column))
+        return np.concatenate([x for _, x, _ in src.iter_chunks(max(src.n, 1))])
+    except InputError as exc:
+        raise InputError(str(exc).replace("source.path", key).replace("Set source.vector_column",
+                                                                      "Give its column with --vector-column")) from None

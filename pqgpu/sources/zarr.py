@@ -50,8 +50,10 @@ class ZarrReader:
     def id_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
         if not cfg.id_column:
             return np.int64
-        kind = _array(shard.path, cfg.id_column, "id_column").dtype.kind
-        return np.int64 if kind in "iu" else str
+        dtype = _array(shard.path, cfg.id_column, "id_column").dtype
+        if dtype.kind in "iu":
+            return np.uint64 if dtype == np.uint64 else np.int64
+        return str
 
     def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any:
         return _array(shard.path, cfg.vector_column, "vector_column").dtype
@@ -64,12 +66,25 @@ class ZarrReader:
             ids = None
             if cfg.id_column:
                 raw = np.asarray(_array(shard.path, cfg.id_column, "id_column")[lo:hi])
-                ids = raw.astype(np.int64) if raw.dtype.kind in "iu" else raw  # strings stay as read (U or StringDType)
+                ids = raw  # integers as stored (Source.read_piece converts exactly), strings as read
         except InputError:
             raise
         except Exception as exc:
             raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1}: {exc}. A chunk may be corrupt.") from None
         return x, ids
+
+    def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        """Vectors of the given shard rows (sorted, unique int64) by coordinate selection: Zarr reads only
+        the chunks that hold them. Reports those chunks and their decoded size."""
+        arr = _array(shard.path, cfg.vector_column, "vector_column")
+        try:
+            x = np.asarray(arr.get_orthogonal_selection((rows, slice(None))))
+        except Exception as exc:
+            raise InputError(f"{shard.path}: cannot read rows {int(rows[0])}..{int(rows[-1])}: {exc}. A chunk may "
+                             "be corrupt.") from None
+        crow, ccol = arr.chunks
+        touched = len(np.unique(rows // crow)) * -(-arr.shape[1] // ccol)
+        return x, {"chunks": touched, "bytes": touched * crow * ccol * arr.dtype.itemsize}
 
     def read_block(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, int]:
         """Vectors of rows [lo, hi) for the training sample: Zarr reads only the chunks that hold them. The
