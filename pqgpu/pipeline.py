@@ -49,8 +49,9 @@ def train(cfg: Config | dict | str | os.PathLike, *, backend: str | None = None,
     else:
         worker = _training_worker(client, requested)
         progress.listen(client)
+        plan, parts, t_read = _read_sample_on_workers(client, cfg)
         where = {"workers": [worker], "allow_other_workers": False} if worker else {}
-        fut = client.submit(train_task_returning_errors, cfg, requested, pure=False,
+        fut = client.submit(train_task_returning_errors, cfg, requested, plan, parts, t_read, pure=False,
                             key=f"pqgpu-train-{os.getpid()}-{time.monotonic_ns()}", **where)
         done = fut.result()
         if isinstance(done, PqgpuError):  # an expected failure, returned by the task (see tasks.encode_chunk)
@@ -62,6 +63,35 @@ def train(cfg: Config | dict | str | os.PathLike, *, backend: str | None = None,
     cb.save(q.path)
     log.info("quantizer written to %s (sha256 %s)", q.path, cb.fingerprint()[:16])
     return cb
+
+
+def _read_sample_on_workers(client: Any, cfg: Config) -> tuple[Any, list[Any], float]:
+    """Plan the training sample here and read its parts as tasks spread over all workers (4 per thread);
+    the parts stay on the workers, as futures, until the training task gathers them."""
+    from distributed import wait
+
+    from . import progress
+    from .sources.sampling import plan_for
+    from .tasks import read_sample_part
+
+    t0 = time.perf_counter()
+    source = open_source(cfg.source)
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()) or 1
+    plan = plan_for(source, cfg.quantizer.train_size, cfg.quantizer.seed, parts=4 * threads)
+    [src] = client.scatter([source], broadcast=True)
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    parts = [client.submit(read_sample_part, src, part, plan.unit_rows, pure=False, key=f"pqgpu-sample-{i}-{tag}")
+             for i, part in enumerate(plan.parts)]
+    meter = progress.Stage("training sample", len(parts), "parts", brief=True)
+    try:
+        from distributed import as_completed
+
+        for _ in as_completed(parts):
+            meter.add(1)
+    finally:
+        meter.close()
+    wait(parts)
+    return plan, parts, time.perf_counter() - t0
 
 
 def _params(M: int, nbits: int, opq: bool, metric: str = "l2") -> str:

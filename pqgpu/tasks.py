@@ -177,24 +177,45 @@ class Trained:
     train_seconds: float
 
 
-def train_task(cfg: Config, requested_backend: str) -> Trained:
-    """Read the training sample from the source (here, on this worker) and train the quantizer of
-    cfg.quantizer. The caller writes the quantizer file: workers need not see quantizer.path."""
+def read_sample_part(source: Source, blocks: Any, unit_rows: int) -> tuple[np.ndarray, int] | PqgpuError:
+    """One part of the training sample (pqgpu.sources.sampling.read_blocks), read on this worker; an expected
+    failure is returned, not raised (see encode_chunk)."""
+    from .sources.sampling import read_blocks
+
+    try:
+        return read_blocks(source, blocks, unit_rows)
+    except PqgpuError as exc:
+        return exc
+
+
+def train_task(cfg: Config, requested_backend: str, plan: Any = None, parts: Any = None,
+               read_seconds: float = 0.0) -> Trained:
+    """Train the quantizer of cfg.quantizer here on its training sample: with `plan` (a sampling.Plan) and
+    `parts` (read_sample_part of each of its parts, read on the workers) from those; otherwise drawn here.
+    The caller writes the quantizer file: workers need not see quantizer.path."""
     from . import progress
+    from .sources.sampling import assemble, draw_sample
 
     q = cfg.quantizer
     with progress.forward_from():
         backend = resolve_here(requested_backend)
         t0 = time.perf_counter()
         source = open_source(cfg.source)
-        x, rows = source.sample(q.train_size, q.seed)
-        t_read = time.perf_counter() - t0
+        if plan is None:
+            sample = draw_sample(source, q.train_size, q.seed)
+        else:
+            failed = next((r for r in parts if isinstance(r, PqgpuError)), None)
+            if failed is not None:
+                raise failed
+            sample = assemble(source, plan, parts, read_seconds + time.perf_counter() - t0)
+        x, rows = sample.x, sample.rows
+        t_read = sample.seconds
         if not np.isfinite(x).all():
             _name_bad_sample_row(source, x, rows)
         x = as_float32_matrix(x, "training sample")
         if q.metric == "cosine":
             _refuse_zero_rows(source, x, 0, rows)
-        log.info("training sample: %d of %d rows (d=%d) read in %.2f s", len(x), source.n, source.d, t_read)
+        log.info("%s (d=%d)", sample.describe(source.n), source.d)
         t1 = time.perf_counter()
         if q.nlist:  # IVF-PQ: coarse k-means, then PQ of the residuals (pqgpu.ivf)
             from .ivf import train_ivf
@@ -213,11 +234,12 @@ def train_task(cfg: Config, requested_backend: str) -> Trained:
     return Trained(cb, backend, me["worker"], me["host"], len(x), t_read, time.perf_counter() - t1)
 
 
-def train_task_returning_errors(cfg: Config, requested_backend: str) -> Trained | PqgpuError:
+def train_task_returning_errors(cfg: Config, requested_backend: str, *sample: Any) -> Trained | PqgpuError:
     """train_task on a Dask worker: an expected failure (M not dividing d, a bad sample row) is returned, not
-    raised, so the worker logs no traceback ahead of the CLI's one paragraph (as encode_chunk)."""
+    raised, so the worker logs no traceback ahead of the CLI's one paragraph (as encode_chunk). `sample`:
+    train_task's plan, parts and read_seconds."""
     try:
-        return train_task(cfg, requested_backend)
+        return train_task(cfg, requested_backend, *sample)
     except PqgpuError as exc:
         return exc
 
