@@ -55,6 +55,7 @@ def test_gpu_tasks_read_in_parallel_and_encode_one_at_a_time(monkeypatch):
 
     class Codebook:
         d = 8
+        metric = "l2"
 
         def encode(self, x, backend, checked):
             assert backend == "gpu" and checked and id(x) in pinned  # the pinned copy, not the chunk as read
@@ -93,6 +94,7 @@ def test_cpu_tasks_read_in_parallel_and_take_turns_on_the_kernel(monkeypatch):
 
     class Codebook:
         d = 4
+        metric = "l2"
 
         def encode(self, x, backend, checked):
             with encodes:
