@@ -74,6 +74,10 @@ class Family:
     grid: int  # rows per chunk
     n: int  # rows of each array
     flags: str  # bool array: chunk c is written (its CRCs recorded)
+    # (chunk, rows, ((array, crc), ...)): the CRCs of the committed partial last chunk, recorded at commit
+    # (root attr `tail_crcs`), used for that chunk when it holds exactly `rows` rows: an append that completes
+    # it rewrites its table row before the new rows are committed (pqgpu.append)
+    tail: tuple | None = None
 
     def chunk_range(self, c: int) -> tuple[int, int]:
         return c * self.grid, min(self.n, (c + 1) * self.grid)
@@ -83,21 +87,27 @@ class Family:
         return max(1, -(-self.n // self.grid))
 
 
-def chunk_family(group: Any) -> Family | None:
-    """codes, ids (and lists) per encode chunk; None for a format-1 store (1-D zlib checksums or none)."""
+def chunk_family(group: Any, n: int | None = None) -> Family | None:
+    """codes, ids (and lists) per encode chunk, over the committed rows (or n rows, for a writer); None for a
+    format-1 store (1-D zlib checksums or none)."""
     if "checksums" not in group or group["checksums"].ndim != 2:
         return None
+    a = group.attrs
     cols = tuple(group["checksums"].attrs["columns"])
-    return Family("checksums", cols, int(group.attrs["chunk_rows"]), int(group.attrs["n"]), "done")
+    t = a.get("tail_crcs")
+    tail = None if not t else (int(t["chunk"]), int(t["rows"]), tuple((k, int(v)) for k, v in t["crcs"].items()))
+    return Family("checksums", cols, int(a["chunk_rows"]), int(a["n"]) if n is None else int(n), "done", tail)
 
 
-def ivf_family(group: Any) -> Family | None:
-    """The inverted arrays per inverted chunk; None until the layout's arrays exist (or in a format-1 store)."""
-    if "ivf" not in group or "checksums" not in group["ivf"]:
+def ivf_family(group: Any, node: str = "ivf") -> Family | None:
+    """The inverted arrays of one layout (`ivf`, or an appended segment `ivf/segments/<name>`) per inverted
+    chunk; None until the layout's arrays exist (or in a format-1 store)."""
+    if node not in group or "checksums" not in group[node]:
         return None
-    ivf = group["ivf"]
-    cols = tuple(f"ivf/{c}" for c in ivf["checksums"].attrs["columns"])
-    return Family("ivf/checksums", cols, int(ivf.attrs["chunk_rows"]), int(group.attrs["n"]), "ivf/copy_done")
+    ivf = group[node]
+    cols = tuple(f"{node}/{c}" for c in ivf["checksums"].attrs["columns"])
+    n = int(ivf.attrs["n"]) if "n" in ivf.attrs else int(group.attrs["n"])
+    return Family(f"{node}/checksums", cols, int(ivf.attrs["chunk_rows"]), n, f"{node}/copy_done")
 
 
 def create_table(group: Any, path: str, n_chunks: int, columns: Sequence[str], rows_per_zarr_chunk: int = 1) -> None:
@@ -124,12 +134,21 @@ class Checker:
         self.sums = np.asarray(group[family.table][...])
         self.flags = np.asarray(group[family.flags][...]) if flags else None
         self.columns = {name: j for j, name in enumerate(family.arrays)}
+        self.tail = None if family.tail is None else (family.tail[0], family.tail[1], dict(family.tail[2]))
+
+    def recorded(self, c: int, name: str) -> int:
+        """The CRC recorded for chunk c of `name` (the committed tail's, for a partial last chunk)."""
+        t = self.tail
+        if t is not None and c == t[0] and name in t[2]:
+            a, b = self.family.chunk_range(c)
+            if b - a == t[1]:
+                return int(t[2][name])
+        return int(self.sums[c, self.columns[name]])
 
     def problems(self, name: str, lo: int, values: Any) -> list[tuple[int, str]]:
         """(chunk, reason) for each chunk of `name` whose rows [c*grid, ...) lie wholly in values (rows
         lo .. lo + len(values)) and differ from the recorded CRC (or were never recorded)."""
         f = self.family
-        j = self.columns[name]
         hi = lo + len(values)
         out = []
         for c in range(-(-lo // f.grid), f.n_chunks):
@@ -140,7 +159,7 @@ class Checker:
                 out.append((c, "never completed (its write was interrupted)"))
                 continue
             got = crc(values[a - lo:b - lo])
-            want = int(self.sums[c, j])
+            want = self.recorded(c, name)
             if got != want:
                 out.append((c, f"checksum mismatch (recorded {want:08x}, stored data gives {got:08x})"))
         return out

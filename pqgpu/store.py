@@ -66,6 +66,9 @@ class CodeStore:
 
     path: str
     group: Any
+    # A writer's view: the rows it is writing (an append: more than the committed `n`) and the done flags as
+    # they are. None: a reader's view, bounded by the committed state (the root attrs `n` and `generations`).
+    writing: int | None = None
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -85,7 +88,7 @@ class CodeStore:
 
     @property
     def n(self) -> int:
-        return int(self.group.attrs["n"])
+        return int(self.group.attrs["n"]) if self.writing is None else int(self.writing)
 
     @property
     def chunk_rows(self) -> int:
@@ -93,7 +96,15 @@ class CodeStore:
 
     @property
     def n_chunks(self) -> int:
-        return int(self.done.shape[0])
+        return max(1, -(-self.n // self.chunk_rows))
+
+    def done_flags(self) -> np.ndarray:
+        """The done flag of each chunk: as stored for a writer; for a reader of a store with a committed
+        generation every chunk (that generation was complete when committed, and an append under way
+        rewrites the flag of the last chunk it completes)."""
+        if self.writing is None and self.group.attrs.get("generations"):
+            return np.ones(self.n_chunks, bool)
+        return np.asarray(self.done[:self.n_chunks])
 
     def chunk_range(self, i: int) -> tuple[int, int]:
         return i * self.chunk_rows, min(self.n, (i + 1) * self.chunk_rows)
@@ -138,11 +149,12 @@ class CodeStore:
         for a store of format 1: its one CRC over codes and ids together is checked by verify and resume)."""
         if "_checker" not in self.__dict__:  # loaded once per opened store (one small read per chunk)
             family = integrity.chunk_family(self.group)
+            family = integrity.chunk_family(self.group, self.n)
             self.__dict__["_checker"] = None if family is None else integrity.Checker(self.path, self.group, family)
         return self.__dict__["_checker"]
 
     def pending_chunks(self) -> list[int]:
-        return [int(i) for i in np.flatnonzero(~self.done[...])]
+        return [int(i) for i in np.flatnonzero(~self.done_flags())]
 
     @property
     def has_checksums(self) -> bool:
@@ -153,7 +165,7 @@ class CodeStore:
         """Chunks (default: the done ones) whose codes or ids chunk object is absent: {chunk: reason}.
         One listing of each array's keys: cheap enough for every search and export."""
         if chunks is None:
-            chunks = [int(i) for i in np.flatnonzero(self.done[...])]
+            chunks = [int(i) for i in np.flatnonzero(self.done_flags())]
         out: dict[int, str] = {}
         for name in ("codes", "ids"):
             arr = self.group[name]
@@ -177,11 +189,11 @@ class CodeStore:
         """Check without writing: the done chunks (or `chunks`) of codes, ids and lists are present, readable
         and equal to their recorded checksums; with layout=True also the codebook and an IVF store's
         inverted layout (pqgpu.integrity)."""
-        done = self.done[...]
+        done = self.done_flags()
         if chunks is None:
             chunks = [int(i) for i in np.flatnonzero(done)]
         bad = self.missing_chunks(chunks)
-        family = integrity.chunk_family(self.group)
+        family = integrity.chunk_family(self.group, self.n)
         legacy = self.group["checksums"][...] if family is None and self.has_checksums else None
         if family is not None:
             for name, c, why, _ in integrity.verify_family(self.path, self.group, family,
@@ -211,11 +223,11 @@ class CodeStore:
 
     def is_complete(self) -> bool:
         """Every chunk of codes (and ids, lists) is encoded; for an IVF store see also layout_state()."""
-        return bool(self.done[...].all())
+        return bool(self.done_flags().all())
 
     def info(self) -> dict[str, Any]:
         a = self.attrs
-        done = self.done[...]
+        done = self.done_flags()
         nbytes = _fs.tree_bytes(self.path)
         missing = sorted(self.missing_chunks([int(i) for i in np.flatnonzero(done)]))
         codes_state = ("complete" if done.all() and not missing else
@@ -240,6 +252,9 @@ class CodeStore:
             "compression_ratio": round(4 * int(a["d"]) / int(a["code_size"]), 2),
             "source": a.get("source"), "created_by": a.get("created_by"), "nlist": int(a.get("nlist", 0)),
             "format_version": int(a.get("format_version", 1)),
+            "generations": a.get("generations") or [], "segments": _segments(self),
+            "append": "interrupted or running (run the same `--append` command to finish it)" if a.get("appending")
+            else None,
         }
 
 
@@ -275,6 +290,12 @@ def chunk_checksum(codes: Any, ids: Any) -> int:
         b = str(v).encode()
         crc = zlib.crc32(b, zlib.crc32(len(b).to_bytes(4, "little"), crc))
     return crc
+
+
+def _segments(store: CodeStore) -> list[dict[str, Any]] | None:
+    if not is_ivf_store(store):
+        return None
+    return [{"node": lay.node, "rows": [lay.lo, lay.hi]} for lay in layouts(store)]
 
 
 def _stored_keys(arr: Any) -> set[str]:
@@ -347,7 +368,7 @@ def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_r
         "code_size": codebook.code_size, "n": int(n), "chunk_rows": int(chunk_rows),
         "codebook_sha256": codebook.fingerprint(), "source": source, "created_by": versions(),
     })
-    return CodeStore(path, group)
+    return CodeStore(path, group, writing=int(n))
 
 
 def prepare_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_rows: int, id_dtype: Any,
@@ -376,14 +397,21 @@ def prepare_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_
             if diff.refused:
                 problems.append(diff.refused)
             elif diff.added:
-                problems.append(f"{len(diff.added)} file(s) were added to the source since it was made "
-                                f"({', '.join(diff.added[:5])}{' …' if len(diff.added) > 5 else ''})")
+                if not problems:
+                    raise StoreError(
+                        f"The source of the code store {path} has {len(diff.added)} new file(s) since it was made "
+                        f"({', '.join(diff.added[:5])}{' …' if len(diff.added) > 5 else ''}). Nothing was changed. "
+                        "Pass --append to encode only the new files into new rows at the end of the store (its "
+                        "codebook and the rows already there are kept), or --overwrite to encode the whole source "
+                        "again into a fresh store.")
+                problems.append(f"{len(diff.added)} file(s) were added to the source since it was made")
             elif store.n != n:
                 problems.append(f"it holds {store.n} rows but the source has {n}")
             if problems:
                 raise StoreError(f"Refusing to resume the code store {path}: {'; '.join(problems)}. Nothing was "
                                  "changed. Pass --overwrite to encode the whole source again, or choose another "
                                  "encode.output.")
+            store = CodeStore(path, store.group, writing=n)
             _restore_codebook(store, codebook)
             if diff.changed:
                 files = store.attrs["source"]["files"]
@@ -454,10 +482,32 @@ def ivf_chunk_rows(chunk_rows: int) -> int:
     return max(1, min(chunk_rows, MAX_IVF_CHUNK_ROWS))
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One inverted layout of an IVF store: the group `node` (`ivf` for the layout of the first encode,
+    `ivf/segments/<name>` for an append's segment or a compaction) holding store rows [lo, hi) by list."""
+
+    node: str
+    lo: int
+    hi: int
+
+    @property
+    def n(self) -> int:
+        return self.hi - self.lo
+
+
+def layouts(store: Any) -> list[Layout]:
+    """The committed inverted layouts, in row order (root attr `ivf_layouts`; before any append: `ivf`)."""
+    recorded = store.group.attrs.get("ivf_layouts")
+    if not recorded:
+        return [Layout("ivf", 0, int(store.group.attrs["n"]))]
+    return [Layout(str(node), int(lo), int(hi)) for node, lo, hi in recorded]
+
+
 def check_inverted(store: Any) -> None:
     if not is_ivf_store(store):
         raise StoreError(f"{store.path} is not an IVF store (it was encoded with quantizer.nlist: 0).")
-    if not store.group["ivf"].attrs.get("complete"):
+    if not all(lay.node in store.group and store.group[lay.node].attrs.get("complete") for lay in layouts(store)):
         raise StoreError(f"{store.path}: the inverted lists are not built yet (an encode was interrupted). Run "
                          "`pqgpu encode` with the same config again to finish them.")
 

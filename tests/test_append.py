@@ -1,0 +1,270 @@
+"""`--append`: new shards encoded into new rows with the store's codebook (flat and IVF), compared with a
+one-shot encode of all shards with the same quantizer; IVF segments searched as one layout, `compact` equal to
+a one-shot build; the refusals; SIGKILL at each step of an append, then the same command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pqgpu
+from pqgpu.config import config_from_dict
+from pqgpu.errors import PqgpuError, StoreError
+from pqgpu.pipeline import encode, run
+from pqgpu.store import exclusive_lock, open_store
+
+from .helpers import synthetic
+
+SIZES = (700, 450, 380, 520)  # rows per shard: the store's last chunk is partial after every step
+D = 16
+CHUNK_ROWS = 300
+
+
+def write_shard(folder: Path, s: int, d: int = D) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lo = sum(SIZES[:s])
+    x = synthetic(SIZES[s], d, seed=s)
+    ids = np.arange(lo, lo + SIZES[s], dtype=np.int64) * 7 + 3
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"shard-{s:04d}.parquet"
+    pq.write_table(pa.table({"id": pa.array(ids), "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(x.reshape(-1)), d)}), path)
+    return path
+
+
+def config(tmp_path: Path, data: Path, out: str, nlist: int = 0):
+    return config_from_dict({
+        "source": {"format": "parquet", "path": str(data / "*.parquet"), "id_column": "id"},
+        "quantizer": {"path": str(tmp_path / "q.faiss"), "M": 4, "nbits": 6, "nlist": nlist, "train_size": 700,
+                      "niter": 4},
+        "encode": {"output": str(tmp_path / out), "chunk_rows": CHUNK_ROWS, "backend": "cpu"},
+        "cluster": {"kind": "local", "processes": False},
+    })
+
+
+def write_config(tmp_path: Path, cfg_dict: dict) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(json.dumps(cfg_dict))
+    return p
+
+
+@pytest.fixture(params=[0, 8], ids=["flat", "ivf"])
+def grown(request, tmp_path):
+    """1 run (shard 0) + 3 appends (shards 1, 2, 3) into `grow.zarr`, and a one-shot encode of all four shards
+    with the same quantizer into `once.zarr`."""
+    nlist = request.param
+    data = tmp_path / "data"
+    write_shard(data, 0)
+    cfg = config(tmp_path, data, "grow.zarr", nlist)
+    run(cfg)
+    for s in (1, 2, 3):
+        write_shard(data, s)
+        report = run(cfg, append=True)
+        assert report.chunks_encoded >= 1
+    once = config(tmp_path, data, "once.zarr", nlist)
+    encode(once)
+    return cfg, once, nlist
+
+
+def test_appends_equal_one_shot_encode(grown):
+    cfg, once, nlist = grown
+    g, o = open_store(cfg.encode.output), open_store(once.encode.output)
+    assert g.n == o.n == sum(SIZES)
+    np.testing.assert_array_equal(g.codes[...], o.codes[...])
+    np.testing.assert_array_equal(g.ids[...], o.ids[...])
+    if nlist:
+        np.testing.assert_array_equal(g.group["lists"][...], o.group["lists"][...])
+    gens = g.attrs["generations"]
+    assert [gen["rows"] for gen in gens] == [[0, 700], [700, 1150], [1150, 1530], [1530, 2050]]
+    assert [len(gen["files"]) for gen in gens] == [1, 1, 1, 1]
+    assert g.verify().ok
+    info = g.info()
+    assert info["complete"] and len(info["generations"]) == 4
+    if nlist:
+        assert len(info["segments"]) == 4
+
+
+def test_ivf_segments_search_like_one_layout_and_compact_equals_one_shot(grown, tmp_path):
+    from pqgpu.append import compact
+    from pqgpu.invert import iter_lists
+    from pqgpu.ivf_search import IvfIndex
+
+    cfg, once, nlist = grown
+    if not nlist:
+        pytest.skip("IVF only")
+    g, o = open_store(cfg.encode.output), open_store(once.encode.output)
+    q = synthetic(40, D, seed=99)
+    for load in (True, False):
+        dg, rg = IvfIndex(g, load=load).search(q, 10, nprobe=3, backend="cpu")
+        do, ro = IvfIndex(o, load=load).search(q, 10, nprobe=3, backend="cpu")
+        np.testing.assert_array_equal(rg, ro)
+        np.testing.assert_array_equal(dg, do)
+    for (lg, cg, ig), (lo, co, io) in zip(iter_lists(g, labels="ids"), iter_lists(o, labels="ids"), strict=True):
+        assert lg == lo
+        np.testing.assert_array_equal(cg, co)
+        np.testing.assert_array_equal(ig, io)
+    assert compact(cfg.encode.output) == 4
+    g = open_store(cfg.encode.output)
+    [(node, lo, hi)] = g.attrs["ivf_layouts"]
+    assert (lo, hi) == (0, g.n) and "segments" not in g.group["ivf"] or list(g.group["ivf/segments"].group_keys()) \
+        == [node.rsplit("/", 1)[-1]]
+    for name in ("codes", "rows", "ids", "offsets"):
+        np.testing.assert_array_equal(g.group[f"{node}/{name}"][...], o.group[f"ivf/{name}"][...])
+    assert g.verify().ok and compact(cfg.encode.output) == 0
+    dg, rg = IvfIndex(g).search(q, 10, nprobe=3, backend="cpu")
+    np.testing.assert_array_equal(rg, IvfIndex(o).search(q, 10, nprobe=3, backend="cpu")[1])
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small(tmp_path):
+    data = tmp_path / "data"
+    write_shard(data, 0)
+    cfg = config(tmp_path, data, "codes.zarr")
+    run(cfg)
+    return cfg, data
+
+
+def _snapshot(path: str) -> dict:
+    s = open_store(path)
+    return {"n": s.n, "codes": s.codes[...].copy(), "attrs": json.dumps(s.attrs, sort_keys=True, default=str)}
+
+
+def _assert_same(path: str, before: dict) -> None:
+    after = _snapshot(path)
+    assert after["n"] == before["n"] and after["attrs"] == before["attrs"]
+    np.testing.assert_array_equal(after["codes"], before["codes"])
+
+
+def test_new_files_without_append_name_append_and_overwrite(small):
+    cfg, data = small
+    before = _snapshot(cfg.encode.output)
+    write_shard(data, 1)
+    with pytest.raises(StoreError, match=r"--append.*--overwrite"):
+        run(cfg)
+    _assert_same(cfg.encode.output, before)
+
+
+def test_append_refusals_leave_the_store_as_it_was(small, tmp_path):
+    import dataclasses
+
+    cfg, data = small
+    before = _snapshot(cfg.encode.output)
+    assert run(cfg, append=True).chunks_encoded == 0  # no new files: nothing to do
+    _assert_same(cfg.encode.output, before)
+    missing = dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, output=str(tmp_path / "none.zarr")))
+    with pytest.raises(StoreError, match="no code store at .* to append to"):
+        run(missing, append=True)
+    assert not (tmp_path / "none.zarr").exists()
+    write_shard(data, 1)
+    with exclusive_lock(cfg.encode.output):  # another writer
+        with pytest.raises(StoreError, match="being written by"):
+            run(cfg, append=True)
+    # a recorded file rewritten in place
+    shard0 = data / "shard-0000.parquet"
+    saved = shard0.read_bytes()
+    os.utime(shard0, ns=(1, 1))
+    with pytest.raises(StoreError, match="shard-0000.parquet"):
+        run(cfg, append=True)
+    shard0.write_bytes(saved)
+    # another quantizer file
+    qpath = Path(cfg.quantizer.path)
+    keep = qpath.read_bytes()
+    from pqgpu.codebook import Codebook
+
+    cb = Codebook.load(qpath) if hasattr(Codebook, "load") else None
+    if cb is not None:
+        changed = Codebook(cb.d, cb.M, cb.nbits, cb.centroids + np.float32(0.5), cb.rotation)
+        changed.save(qpath)
+        with pytest.raises(PqgpuError, match="another codebook"):
+            run(cfg, append=True)
+        qpath.write_bytes(keep)
+    # new files of another dimension
+    (data / "shard-0001.parquet").unlink()
+    write_shard(data, 1, d=2 * D)
+    with pytest.raises(PqgpuError):
+        run(cfg, append=True)
+    _assert_same(cfg.encode.output, before)
+    with pytest.raises(PqgpuError, match="--append .* cannot be combined with --overwrite"):
+        run(cfg, append=True, overwrite=True)
+
+
+def test_append_to_incomplete_store_is_refused(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_shard(data, 0)
+    cfg = config(tmp_path, data, "codes.zarr")
+    monkeypatch.setenv("PQGPU_FAULT", "after-codes:1:raise")
+    with pytest.raises(Exception):
+        run(cfg)
+    monkeypatch.delenv("PQGPU_FAULT")
+    write_shard(data, 1)
+    with pytest.raises(StoreError, match="not complete.*Finish it first"):
+        run(cfg, append=True)
+
+
+def test_duplicate_new_ids_are_named(small):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg, data = small
+    x = synthetic(5, D, seed=7)
+    pq.write_table(pa.table({"id": pa.array(np.array([3, 90001, 90002, 90003, 90004], np.int64)),
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), D)}),
+                   data / "shard-0001.parquet")
+    with pytest.raises(PqgpuError, match=r"id 3 at .*shard-0000.parquet row 0 and .*shard-0001.parquet row 0"):
+        run(cfg, append=True, strict_ids=True)
+    assert open_store(cfg.encode.output).n == SIZES[0]  # not committed: readers see the store as it was
+
+
+# -- crash safety ---------------------------------------------------------------------------------------------
+
+def _cli(cfg_path: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHONPATH=str(Path(pqgpu.__file__).resolve().parents[1]), **env)
+    return subprocess.run([sys.executable, "-m", "pqgpu.cli", *args, "-c", str(cfg_path)], env=full,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["append-grown:1:kill", "before-write:2:kill", "after-codes:3:kill",
+                                   "ivf-scatter:1:kill", "ivf-copy:0:kill", "append-commit:1:kill"])
+def test_append_killed_then_same_command_equals_uninterrupted(tmp_path, fault):
+    data = tmp_path / "data"
+    write_shard(data, 0)
+    cfg_dict = {"source": {"format": "parquet", "path": str(data / "*.parquet"), "id_column": "id"},
+                "quantizer": {"path": str(tmp_path / "q.faiss"), "M": 4, "nbits": 6, "nlist": 8, "train_size": 700,
+                              "niter": 4},
+                "encode": {"output": str(tmp_path / "codes.zarr"), "chunk_rows": CHUNK_ROWS, "backend": "cpu"}}
+    cfg_path = write_config(tmp_path, cfg_dict)
+    r = _cli(cfg_path, ["run"], {})
+    assert r.returncode == 0, r.stderr
+    from pqgpu.ivf_search import IvfIndex
+
+    q = synthetic(20, D, seed=5)
+    before = IvfIndex(open_store(cfg_dict["encode"]["output"])).search(q, 5, nprobe=2, backend="cpu")
+    write_shard(data, 1)
+    r = _cli(cfg_path, ["run", "--append"], {"PQGPU_FAULT": fault})
+    assert r.returncode == -9, r.stderr
+    killed = open_store(cfg_dict["encode"]["output"])  # a reader sees the previous complete state
+    assert killed.n == SIZES[0]
+    after_kill = IvfIndex(killed).search(q, 5, nprobe=2, backend="cpu")
+    np.testing.assert_array_equal(after_kill[1], before[1])
+    r = _cli(cfg_path, ["run", "--append"], {})
+    assert r.returncode == 0, r.stderr
+    once = config(tmp_path, data, "once.zarr", 8)
+    encode(once)
+    g, o = open_store(cfg_dict["encode"]["output"]), open_store(once.encode.output)
+    for name in ("codes", "ids", "lists"):
+        np.testing.assert_array_equal(g.group[name][...], o.group[name][...])
+    assert g.verify().ok and len(g.attrs["generations"]) == 2
+    np.testing.assert_array_equal(IvfIndex(g).search(q, 5, nprobe=2, backend="cpu")[1],
+                                  IvfIndex(o).search(q, 5, nprobe=2, backend="cpu")[1])
