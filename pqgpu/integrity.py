@@ -133,6 +133,10 @@ class Checker:
         self.family = family
         self.sums = np.asarray(group[family.table][...])
         self.flags = np.asarray(group[family.flags][...]) if flags else None
+        if self.flags is not None and family.flags == "done" and group.attrs.get("generations"):
+            # committed chunks are complete (an append under way, or killed, clears the flag of the partial
+            # last chunk it rewrites; its committed rows are checked against tail_crcs)
+            self.flags[:min(family.n_chunks, self.flags.shape[0])] = True
         self.columns = {name: j for j, name in enumerate(family.arrays)}
         self.tail = None if family.tail is None else (family.tail[0], family.tail[1], dict(family.tail[2]))
 
