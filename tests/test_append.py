@@ -268,3 +268,52 @@ def test_append_killed_then_same_command_equals_uninterrupted(tmp_path, fault):
     assert g.verify().ok and len(g.attrs["generations"]) == 2
     np.testing.assert_array_equal(IvfIndex(g).search(q, 5, nprobe=2, backend="cpu")[1],
                                   IvfIndex(o).search(q, 5, nprobe=2, backend="cpu")[1])
+
+
+def test_cli_append_info_and_compact(tmp_path, capsys):
+    from pqgpu import cli
+
+    data = tmp_path / "data"
+    write_shard(data, 0)
+    base = [str(data), "--id-column", "id", "--out", str(tmp_path / "out"), "--M", "4", "--nbits", "6",
+            "--set", "quantizer.nlist=8", "--set", f"encode.chunk_rows={CHUNK_ROWS}", "--set", "quantizer.niter=4",
+            "--set", "quantizer.train_size=700"]
+    store = str(tmp_path / "out" / "codes.zarr")
+    assert cli.main(["compact", store]) == 2  # no store yet
+    assert cli.main(["run", *base, "--append"]) == 2
+    assert "no code store" in capsys.readouterr().err
+    assert cli.main(["run", *base]) == 0
+    assert cli.main(["run", *base, "--append"]) == 0  # nothing new
+    write_shard(data, 1)
+    capsys.readouterr()
+    assert cli.main(["run", *base]) == 2
+    assert "--append" in capsys.readouterr().err
+    assert cli.main(["run", *base, "--append"]) == 0
+    assert cli.main(["info", store]) == 0
+    out = capsys.readouterr().out
+    assert "generation 0" in out and "generation 1" in out and "rows 700-1149" in out
+    assert "inverted segments: 2 (`pqgpu compact" in out
+    assert cli.main(["compact", store]) == 0
+    assert "2 inverted segments merged" in capsys.readouterr().out
+    assert cli.main(["verify", store]) == 0
+
+
+def test_append_on_dask_workers(tmp_path):
+    """The tasks (encode with kept rows, segment scatter and copy) through a Dask client."""
+    from distributed import Client, LocalCluster
+
+    data = tmp_path / "data"
+    write_shard(data, 0)
+    cfg = config(tmp_path, data, "grow.zarr", 8)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        run(cfg, client=client)
+        write_shard(data, 1)
+        write_shard(data, 2)
+        run(cfg, client=client, append=True)
+    once = config(tmp_path, data, "once.zarr", 8)
+    encode(once)
+    g, o = open_store(cfg.encode.output), open_store(once.encode.output)
+    for name in ("codes", "ids", "lists"):
+        np.testing.assert_array_equal(g.group[name][...], o.group[name][...])
+    assert g.attrs["generations"][1]["files"][-1].endswith("shard-0002.parquet") and g.verify().ok
