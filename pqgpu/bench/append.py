@@ -71,17 +71,40 @@ def append_cost(root: Path, shards: list[Path], M: int, nlist: int, runs: int) -
     _cli("run", "-c", str(base))
     grow = _config(work, data, "grow.zarr", M, nlist)
     full = _config(work, data, "full.zarr", M, nlist)
-    t_app, t_full = [], []
+    t_app, t_full, i_app, i_full = [], [], [], []
     for _ in range(runs):  # interleaved: a busy spell of the shared machine hits both alike
         shutil.rmtree(work / "grow.zarr", ignore_errors=True)
         shutil.copytree(work / "base.zarr", work / "grow.zarr")
         os.link(shards[10], data / shards[10].name)
         t_app.append(_cli("encode", "--append", "-c", str(grow)))
         t_full.append(_cli("encode", "--overwrite", "-c", str(full)))
+        # the same in this process (imports, and the pool or cluster start, not counted)
+        shutil.rmtree(work / "grow.zarr")
+        shutil.copytree(work / "base.zarr", work / "grow.zarr")
+        i_app.append(_in_process(grow, append=True))
+        i_full.append(_in_process(full, overwrite=True))
         (data / shards[10].name).unlink()
     a, f = statistics.median(t_app), statistics.median(t_full)
+    ia, i_f = statistics.median(i_app), statistics.median(i_full)
     return {"nlist": nlist, "append_s": round(a, 2), "full_encode_s": round(f, 2), "ratio": round(a / f, 3),
+            "in-process append_s": round(ia, 2), "in-process full_s": round(i_f, 2),
+            "in-process ratio": round(ia / i_f, 3),
             "append_runs": [round(t, 2) for t in t_app], "full_runs": [round(t, 2) for t in t_full]}
+
+
+def _in_process(cfg_path: Path, **kw: Any) -> float:
+    """encode() in this process, one set of threads or workers (started before the clock) for the call."""
+    from ..cluster import task_runner
+    from ..config import load_config
+    from ..pipeline import encode
+    from ..sources import open_source
+
+    cfg = load_config(str(cfg_path))
+    source = open_source(cfg.source)
+    with task_runner(cfg.cluster, source.n * source.d) as runner:
+        t0 = time.perf_counter()
+        encode(cfg, client=runner, **kw)
+        return time.perf_counter() - t0
 
 
 def segment_search(root: Path, shards: list[Path], M: int, nlist: int, nprobe: int, nq: int, runs: int
