@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .codebook import Codebook
+from .config import Config, load_config
 from .training import train
 from .errors import BackendUnavailable, ConfigError, InputError, PqgpuError, StoreError
 from .search import evaluate, search
@@ -10,8 +11,8 @@ from .search import evaluate, search
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailable", "Codebook", "ConfigError", "InputError", "PqgpuError", "StoreError", "__version__",
-    "encode", "open_store", "run", "search", "evaluate", "train",
+    "BackendUnavailable", "Codebook", "Config", "ConfigError", "InputError", "PqgpuError", "StoreError", "__version__",
+    "encode", "load_config", "open_store", "run", "search", "evaluate", "train",
 ]
 
 

@@ -17,7 +17,10 @@ log = logging.getLogger("pqgpu.cli")
 
 EXIT_ERROR = 2  # a PqgpuError: bad input, config, store or backend
 EXIT_BUG = 1  # anything unexpected
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat` whose reader left early
 DASK_COMMANDS = ("demo", "train", "encode", "run", "bench")
+REFINE_HELP = ("re-rank the top k*R ADC candidates exactly with the original vectors read back from the store's "
+               "source (which must be unchanged since encoding)")
 
 
 def _config(args: argparse.Namespace):
@@ -29,8 +32,6 @@ def _config(args: argparse.Namespace):
 def _shorthand(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Config values from the common-case arguments (source paths, --out, --M, ...). The config file gives
     way to them, and --set to nothing: file < these < --set."""
-    from .errors import ConfigError
-
     updates: dict[str, dict[str, Any]] = {}
 
     def put(section: str, key: str, value: Any) -> None:
@@ -41,11 +42,7 @@ def _shorthand(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if paths:
         from .sources import infer_format
 
-        fmt = args.format or infer_format(paths)
-        if fmt is None:
-            raise ConfigError(f"Cannot tell the format of {' '.join(paths[:3])}{' ...' if len(paths) > 3 else ''} "
-                              "from its extension (.parquet, .npy, .zarr), or a directory holds several kinds. "
-                              "Pass --format parquet, --format npy or --format zarr.")
+        fmt = args.format or infer_format(paths, key="SOURCE")
         put("source", "path", paths[0] if len(paths) == 1 else list(paths))
         put("source", "format", fmt)
     elif getattr(args, "format", None):
@@ -109,8 +106,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     for key in ("path", "n", "d", "M", "nbits", "code_size", "opq", "nlist", "ids_dtype", "chunk_rows"):
         print(f"{key:>18}: {info[key]}")
-    print(f"{'progress':>18}: {info['chunks_done']}/{info['chunks']} chunks"
-          f"{' (complete)' if info['complete'] else ' (incomplete: run pqgpu encode to finish)'}")
+    if info["complete"]:
+        state = " (complete)"
+    elif info["codes"] == "complete" and info["codebook"] == "intact":
+        state = f" (inverted layout {info['layout']}: run pqgpu encode with the same config to finish or repair it)"
+    else:
+        state = " (incomplete or damaged: run pqgpu encode with the same config to finish or repair it)"
+    print(f"{'progress':>18}: {info['chunks_done']}/{info['chunks']} chunks{state}")
     print(f"{'codes':>18}: {info['codes']}")
     if info["layout"] is not None:
         print(f"{'inverted layout':>18}: {info['layout']}")
@@ -147,34 +149,30 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from .results import output_format, padded, write_results
     from .search import search
+    from .sources import read_vectors
 
-    queries = _load_npy(args.queries, "--queries")
-    distances, ids = search(args.store, queries, args.k, backend=args.backend, nprobe=args.nprobe)
     if args.out:
-        _write_results(args.out, distances, ids)
-        print(f"wrote {queries.shape[0]} x {args.k} results to {args.out}")
+        output_format(args.out)  # a suffix we cannot write is refused before the search
+    queries = read_vectors(args.queries, vector_column=args.vector_column)
+    distances, ids = search(args.store, queries, args.k, backend=args.backend, nprobe=args.nprobe,
+                            refine=args.refine)
+    short = padded(distances, ids)
+    if short.any():
+        log.info("%d of %d queries have fewer than k=%d results (the store, or the lists probed, hold fewer rows); "
+                 "only their real results are listed", int(short.any(axis=1).sum()), len(short), args.k)
+    if args.out:
+        rows = write_results(args.out, distances, ids)
+        if args.out != "-":
+            print(f"wrote {rows} results ({queries.shape[0]} queries, k={args.k}) to {args.out}")
     else:
         for q in range(min(queries.shape[0], 10)):
-            print(f"query {q}: " + ", ".join(f"{i} ({d:.4g})" for i, d in zip(ids[q], distances[q])))
+            print(f"query {q}: " + ", ".join(f"{i} ({d:.4g})" for i, d, pad in zip(ids[q], distances[q], short[q])
+                                             if not pad))
         if queries.shape[0] > 10:
             print(f"... {queries.shape[0] - 10} more queries (use --out to save all)")
     return 0
-
-
-def _write_results(out: str, distances: Any, ids: Any) -> None:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .codebook import atomic_write_bytes
-
-    nq, k = distances.shape
-    table = pa.table({"query": np.repeat(np.arange(nq, dtype=np.int64), k), "rank": np.tile(np.arange(k, dtype=np.int64), nq),
-                      "id": np.asarray(ids).reshape(-1), "distance": np.asarray(distances, np.float32).reshape(-1)})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(Path(out), sink.getvalue().to_pybytes())
 
 
 def _load_npy(path: str, what: str):
@@ -190,17 +188,24 @@ def _load_npy(path: str, what: str):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .pipeline import evaluate_config
+    from .codebook import atomic_write_bytes
     from .evaluation import format_table
+    from .pipeline import evaluate_config
+    from .sources import read_vectors
 
+    if args.out and args.out.lower().endswith(".json"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"--out {args.out}: for evaluate, as for run, --out is the directory holding pq.faiss and "
+                          "codes.zarr. Write the results JSON with --results FILE.json.")
     cfg = _config(args)
     ks = tuple(int(k) for k in str(args.k).split(","))
     gt = _load_npy(args.ground_truth, "--ground-truth") if args.ground_truth else None
     nprobes = tuple(int(p) for p in str(args.nprobe).split(",")) if args.nprobe else None
-    result = evaluate_config(cfg, _load_npy(args.queries, "--queries"), ground_truth=gt, ks=ks, nprobes=nprobes)
-    out = Path(args.out) if args.out else Path(cfg.encode.output).with_suffix(".eval.json")
-    from .codebook import atomic_write_bytes
-
+    queries = read_vectors(args.queries, vector_column=cfg.source.vector_column)
+    result = evaluate_config(cfg, queries, ground_truth=gt, ks=ks, nprobes=nprobes,
+                             refine=args.refine)
+    out = Path(args.results) if args.results else Path(cfg.encode.output).with_suffix(".eval.json")
     atomic_write_bytes(out, json.dumps(result, indent=2, default=float).encode())
     print(format_table(result))
     print(f"(written to {out})")
@@ -250,12 +255,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"python: {platform.python_version()} on {platform.machine()} ({os.cpu_count()} CPUs)")
     for name, version in versions().items():
         print(f"{name}: {version}")
-    for mod in ("dask", "distributed", "pyarrow", "numba", "array_api_compat", "cupy", "dask_cuda", "psycopg", "pgvector"):
+    for mod in ("dask", "distributed", "pyarrow", "numba", "array_api_compat", "cupy", "psycopg", "pgvector"):
         try:
             m = __import__(mod)
-            print(f"{mod}: {getattr(m, '__version__', '?')}")
         except Exception as exc:
             print(f"{mod}: not available ({type(exc).__name__})")
+            continue
+        print(f"{mod}: {getattr(m, '__version__', None) or _distribution_version(mod)}")
+    from .cluster import dask_cuda_status
+
+    print(f"dask_cuda: {dask_cuda_status()}")
     try:
         import faiss
 
@@ -266,6 +275,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"backend gpu: {'usable' if ok else 'unavailable'} ({reason})")
     print(f"backend auto -> {'gpu' if ok else 'cpu'}")
     return 0
+
+
+def _distribution_version(module: str) -> str:
+    """The installed version of the distribution that provides `module` (pgvector has no __version__)."""
+    import importlib.metadata as md
+
+    for name in (module, module.replace("_", "-"), *md.packages_distributions().get(module, [])):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return "?"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -328,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="source.format (default: from the extension of SOURCE)")
         g.add_argument("--id-column", help="source.id_column (default: row numbers are the ids)")
         g.add_argument("--vector-column", help="source.vector_column (default: embedding)")
-        g.add_argument("--out", metavar="DIR", help="write DIR/pq.faiss (quantizer.path) and DIR/codes.zarr "
-                       "(encode.output)")
+        g.add_argument("--out", metavar="DIR", help="DIR/pq.faiss is quantizer.path and DIR/codes.zarr "
+                       "encode.output (as run writes them)")
         g.add_argument("--M", type=int, help="quantizer.M, sub-quantizers per vector (d %% M == 0)")
         g.add_argument("--nbits", type=int, help="quantizer.nbits, bits per sub-code (1..16)")
 
@@ -378,22 +399,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("store")
     sp.set_defaults(func=cmd_compact)
 
+    queries_help = ("query vectors: a .npy, .parquet or .zarr file, directory or glob, read as a source is (a "
+                    "Parquet list / fixed_size_list column, a Zarr array, a 2-D .npy array)")
     sp = sub.add_parser("search", help="ADC top-k search over a store")
     sp.add_argument("store")
-    sp.add_argument("--queries", required=True)
-    sp.add_argument("-k", type=int, default=10)
-    sp.add_argument("--out")
+    sp.add_argument("--queries", required=True, help=queries_help)
+    sp.add_argument("--vector-column", default="embedding",
+                    help="Parquet column / Zarr array of the query vectors (default: embedding)")
+    sp.add_argument("-k", type=int, default=10,
+                    help="results per query; where the store (or the IVF lists probed) holds fewer rows, a query "
+                    "gets fewer results")
+    sp.add_argument("--out", help="write all results (query, rank, id, distance): .parquet, .csv, .json (JSON "
+                    "lines), or - for CSV on standard output")
     sp.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"])
     sp.add_argument("--nprobe", type=int, help="IVF stores: lists probed per query (default 16, at most nlist)")
+    sp.add_argument("--refine", type=int, metavar="R", help=REFINE_HELP)
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("evaluate", help="recall@k and reconstruction MSE")
     with_config(sp)
-    sp.add_argument("--queries", required=True)
+    with_shorthand(sp)
+    sp.add_argument("--queries", required=True, help=queries_help + "; the column is source.vector_column")
     sp.add_argument("--ground-truth")
     sp.add_argument("-k", default="1,10,100")
-    sp.add_argument("--out", help="JSON results (default: <encode.output>.eval.json)")
+    sp.add_argument("--results", metavar="FILE", help="JSON results (default: <encode.output>.eval.json)")
     sp.add_argument("--nprobe", help="IVF stores: comma-separated nprobe values to evaluate (default 1,4,16,...)")
+    sp.add_argument("--refine", type=int, metavar="R", help=REFINE_HELP)
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("export-faiss", help="write a faiss IndexPQ holding the codes")
@@ -419,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("doctor", help="versions, GPUs, backends")
     sp.set_defaults(func=cmd_doctor)
     _add_verify_parser(sub)
+    for sp in sub.choices.values():  # also after the command: `pqgpu run ... --debug`
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as before the command")
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="as before the command")
     return p
 
 
@@ -479,12 +513,20 @@ def main(argv: list[str] | None = None) -> int:
     configure(debug=args.debug, quiet=args.quiet)  # before Dask is imported (other commands never import it)
     progress.use_terminal_bars(not args.quiet and _terminal_columns() > 0)
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a reader that left early (BrokenPipeError) is handled below
+        return rc
     except PqgpuError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # the reader of our output left (`pqgpu search ... | head -1`): nothing to say, and nothing more to flush
+        # at exit into the closed pipe
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("interrupted: chunks already marked done are kept; run the same command again to resume.",
               file=sys.stderr)

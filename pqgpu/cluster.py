@@ -125,7 +125,8 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         try:
             yield client
         finally:
-            client.close()
+            with quiet_teardown():
+                client.close()
         return
     if cfg.kind == "local-cuda":
         try:
@@ -151,16 +152,32 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         client.register_plugin(plugin)
     log.info("Dask %s cluster: %d worker(s)", cfg.kind, len(client.scheduler_info()["workers"]))
     _log_dashboard(client)
-    failed = False
     try:
         yield client
-    except (PqgpuError, KeyboardInterrupt):
-        failed = True
-        raise
     finally:
-        with quiet_teardown(failed):
+        with quiet_teardown():
+            if plugin is not None:
+                from ._worker_logs import quiet_workers
+
+                quiet_workers(client)
             client.close()
             cluster.close()
+
+
+def dask_cuda_version() -> tuple[str | None, str]:
+    """(dask-cuda's version, '') when it imports, else (None, why not): for doctor and the GPU check, so that
+    this module stays the only one that imports dask_cuda."""
+    try:
+        import dask_cuda
+    except Exception as exc:  # not installed, or its CUDA libraries fail to load
+        return None, f"{type(exc).__name__}: {exc}"
+    return str(getattr(dask_cuda, "__version__", "?")), ""
+
+
+def dask_cuda_status() -> str:
+    """One line for `pqgpu doctor`: the version, or why dask-cuda is not available."""
+    version, why = dask_cuda_version()
+    return version if version is not None else f"not available ({why.split(':')[0]})"
 
 
 def _visible_gpus() -> int:

@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class SourceConfig:
-    format: str = "npy"  # parquet | zarr | npy
+    format: str = "npy"  # parquet | zarr | npy; not given: from source.path's extension (npy when no path either)
     path: str | list[str] = "data/shards"  # glob, directory, file or URL; or a list of them
     id_column: str | None = None
     vector_column: str = "embedding"
@@ -190,6 +190,7 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[s
         if not isinstance(sec, dict):
             raise ConfigError(f"Config section '{section}' must be a mapping.")
         sec[name] = value
+    _infer_source_format(data)
     classes = {"source": SourceConfig, "quantizer": QuantizerConfig, "encode": EncodeConfig,
                "cluster": ClusterConfig, "postgres": PostgresConfig}
     cfg = Config(**{name: _build(classes[name], data.get(name), name) for name in sections})
@@ -197,9 +198,29 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[s
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
-                updates: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read a YAML config file (or only defaults when path is None), then apply updates and overrides."""
+def _infer_source_format(data: dict[str, Any]) -> None:
+    """source.format from source.path when only the path is given (in the file, --set or SOURCE alike)."""
+    from .formats import infer_format
+
+    src = data.get("source")
+    if isinstance(src, dict) and src.get("format") is None and src.get("path") is not None:
+        path = src["path"]
+        if isinstance(path, (str, list, tuple)) and all(isinstance(p, str) for p in ([path] if isinstance(path, str)
+                                                                                      else path)):
+            src["format"] = infer_format(path, key="source.path (source.format is not given)")
+
+
+def load_config(path: str | os.PathLike | dict | Config | None = None, overrides: list[str] | tuple[str, ...] = (),
+                *, updates: dict[str, dict[str, Any]] | None = None) -> Config:
+    """A validated Config from a YAML file (or a dict of sections, or only defaults when path is None), then
+    `updates` and `section.key=value` overrides. A Config passed in comes back as it is (no overrides)."""
+    if isinstance(path, Config):
+        return path if not overrides and not updates else config_from_dict(path.to_dict(), overrides, updates=updates)
+    if isinstance(path, dict):
+        return config_from_dict(path, overrides, updates=updates)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"Expected a path to a YAML config file, a dict of sections (source, quantizer, ...) or "
+                          f"a pqgpu Config. Got {type(path).__name__} instead.")
     data: Any = {}
     if path is not None:
         p = Path(path)

@@ -131,8 +131,8 @@ class Checker:
         being 0 and no CRC-32C of real data being 0 but for 1 in 2**32)."""
         self.path = store_path
         self.family = family
-        self.sums = np.asarray(group[family.table][...])
-        self.flags = np.asarray(group[family.flags][...]) if flags else None
+        self.sums = whole(group[family.table])
+        self.flags = whole(group[family.flags]) if flags else None
         if self.flags is not None and family.flags == "done" and group.attrs.get("generations"):
             # committed chunks are complete (an append under way, or killed, clears the flag of the partial
             # last chunk it rewrites; its committed rows are checked against tail_crcs)
@@ -179,14 +179,16 @@ class Checker:
         """arr[a:b] (whole chunks), or StoreError naming the chunks that cannot be decoded (a truncated or
         overwritten chunk file fails in its codec before any CRC can be taken)."""
         try:
-            return np.asarray(arr[a:b])
+            raw = plain_chunks(arr, a, b, self.family.grid)
+            return np.asarray(arr[a:b]) if raw is None else raw
         except Exception:  # find the chunks at fault, for the message
             bad = []
             g = self.family.grid
             for c in range(a // g, -(-b // g)):
                 lo, hi = self.family.chunk_range(c)
                 try:
-                    arr[lo:hi]
+                    if plain_chunks(arr, lo, hi, g) is None:
+                        arr[lo:hi]
                 except Exception as exc:
                     bad.append((name, c, f"unreadable ({type(exc).__name__}: {exc})", (lo, hi)))
             if not bad:
@@ -214,61 +216,208 @@ class Checker:
         return np.concatenate(out) if out else np.asarray(arr[0:0])
 
 
+def _plain_dir(arr: Any) -> Any:
+    """The directory of a local array whose chunk files hold exactly its values' bytes (no compressor or
+    filter, one byte per value or little-endian, regular chunks over rows only), else None."""
+    try:
+        from pathlib import Path
+
+        from zarr.storage import LocalStore
+
+        store = arr.store_path.store
+        if not isinstance(store, LocalStore) or arr.filters or len(arr.compressors) > 1 or \
+                (arr.compressors and type(arr.compressors[0]).__name__ != "ZstdCodec"):
+            return None
+        if arr.dtype.itemsize > 1 and getattr(arr.serializer, "endian", None) is None:
+            return None
+        if tuple(arr.chunks[1:]) != tuple(arr.shape[1:]) or type(arr.serializer).__name__ != "BytesCodec":
+            return None
+        return Path(store.root) / arr.store_path.path
+    except Exception:  # another zarr layout: read through zarr
+        return None
+
+
+PLAIN_READ_THREADS = 4
+
+
+def plain_chunks(arr: Any, a: int, b: int, grid: int) -> np.ndarray | None:
+    """arr[a:b] (a chunk-aligned range of whole chunks) read straight from the chunk files of a plain local
+    array (see _plain_dir: raw or zstd-compressed values), skipping Zarr's codec pipeline, several files at
+    once; None when the array is not plain. Zarr's own path costs several times the file reads for many
+    small chunks (pqgpu.bench.integrity); this one reads at about the file system's rate plus zstd's. A
+    missing file reads as fill values, as in Zarr."""
+    root = _plain_dir(arr)
+    if root is None or a % grid or arr.chunks[0] != grid:
+        return None
+    import concurrent.futures
+
+    zstd = None
+    if arr.compressors:
+        from numcodecs import Zstd
+
+        zstd = Zstd()  # decoding needs no level; zarr's ZstdCodec writes plain zstd frames
+
+    dtype = np.dtype(arr.dtype)
+    row_shape = tuple(arr.shape[1:])
+    per_row = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+    out = np.empty((b - a, *row_shape), dtype)
+    flat = out.reshape(-1).view(np.uint8)
+
+    def read(c: int) -> None:
+        lo, hi = c * grid, min(b, (c + 1) * grid)
+        key = arr.metadata.encode_chunk_key((c,) + (0,) * len(row_shape))
+        want = (hi - lo) * per_row
+        dst = flat[(lo - a) * per_row:(hi - a) * per_row]
+        try:
+            with open(root / key, "rb", buffering=0) as f:
+                if zstd is None:
+                    got = f.readinto(memoryview(dst))
+                else:
+                    raw = np.frombuffer(zstd.decode(f.read()), np.uint8)
+                    got = min(raw.size, want)
+                    dst[:got] = raw[:got]
+        except FileNotFoundError:
+            out[lo - a:hi - a] = arr.fill_value
+            return
+        if got != want:
+            raise ValueError(f"chunk file {key} holds {got} bytes where {want} were expected (truncated?)")
+
+    chunks = range(a // grid, -(-b // grid))
+    with concurrent.futures.ThreadPoolExecutor(min(PLAIN_READ_THREADS, len(chunks)) or 1) as pool:
+        list(pool.map(read, chunks))
+    return out
+
+
+def whole(arr: Any) -> np.ndarray:
+    """All of a small per-chunk table (done flags, checksums): one file per task makes it many tiny chunk
+    files, which plain_chunks reads straight and several at once, instead of one Zarr call each."""
+    got = plain_chunks(arr, 0, int(arr.shape[0]), int(arr.chunks[0])) if arr.ndim and arr.shape[0] else None
+    return np.asarray(arr[...]) if got is None else got
+
+
 VERIFY_BLOCK_BYTES = 64 << 20  # rows read per Zarr call by verify_family: many chunks, fetched concurrently
+
+
+def stream_crcs(arr: Any, chunks: Sequence[int], family: Family) -> dict[int, Any]:
+    """{chunk: CRC of its values, or the error reading it} for a plain local array (see _plain_dir), each
+    chunk file read into a buffer that is reused (and decompressed where it is zstd), on a few threads: no
+    array of the values is ever built, so verify reads at about the rate of the files themselves."""
+    import concurrent.futures
+    import threading
+
+    root = _plain_dir(arr)
+    dtype = np.dtype(arr.dtype)
+    row_shape = tuple(arr.shape[1:])
+    per_row = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+    full = family.grid * per_row
+    local = threading.local()
+    zstd = None
+    if arr.compressors:
+        from numcodecs import Zstd
+
+        zstd = Zstd()
+
+    def one(c: int) -> tuple[int, Any]:
+        lo, hi = family.chunk_range(c)
+        want = (hi - lo) * per_row
+        key = arr.metadata.encode_chunk_key((c,) + (0,) * len(row_shape))
+        try:
+            with open(root / key, "rb", buffering=0) as f:
+                if zstd is None:
+                    buf = getattr(local, "buf", None)
+                    if buf is None:
+                        buf = local.buf = np.empty(full, np.uint8)
+                    got = f.readinto(memoryview(buf)[:want])
+                    data = buf[:got]
+                else:
+                    data = np.frombuffer(zstd.decode(f.read()), np.uint8)[:want]
+                    got = data.size
+        except FileNotFoundError:
+            # the fill values Zarr would read; their CRC equals the recorded one only if nothing was lost
+            filled = crc(np.full((hi - lo, *row_shape), arr.fill_value, dtype))
+            return c, (filled, f"its chunk file {key} is missing")
+        except Exception as exc:  # a damaged compressed chunk
+            return c, exc
+        if got != want:
+            return c, ValueError(f"its chunk file holds {got} bytes of values where {want} were expected")
+        return c, crc(data)
+
+    with concurrent.futures.ThreadPoolExecutor(PLAIN_READ_THREADS, thread_name_prefix="pqgpu-verify") as pool:
+        return dict(pool.map(one, chunks))
 
 
 def verify_family(store_path: str, group: Any, family: Family, chunks: Sequence[int] | None = None
                   ) -> list[tuple[str, int, str, tuple[int, int]]]:
-    """Read every flagged chunk (or the given ones) of every array of the family in large blocks, one read
-    ahead, and compare each chunk with its CRC: [(array, chunk, why, (lo, hi))] for those that differ, are
-    unreadable or were never completed."""
+    """Read every flagged chunk (or the given ones) of every array of the family and compare each chunk with
+    its CRC: [(array, chunk, why, (lo, hi))] for those that differ, are unreadable or were never completed.
+    Plain local arrays stream their chunk files (stream_crcs); others are read through Zarr in large blocks,
+    one read ahead."""
     import concurrent.futures
 
     checker = Checker(store_path, group, family, flags=True)
     todo = np.flatnonzero(checker.flags) if chunks is None else np.asarray(sorted(chunks), np.int64)
     arrays = {name: group[name] for name in family.arrays}
-    row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize if a.dtype.kind in "iub" else 64
-                    for a in arrays.values())
-    per_block = max(1, VERIFY_BLOCK_BYTES // max(1, row_bytes * family.grid))
-    runs: list[tuple[int, int]] = []  # runs of consecutive chunks, at most per_block long
-    for c in todo.tolist():
-        if runs and c == runs[-1][1] and c - runs[-1][0] < per_block:
-            runs[-1] = (runs[-1][0], c + 1)
-        else:
-            runs.append((c, c + 1))
-
-    def read(run: tuple[int, int]) -> dict[str, Any]:
-        lo, hi = family.chunk_range(run[0])[0], family.chunk_range(run[1] - 1)[1]
-        out = {}
-        for name, arr in arrays.items():
-            try:
-                out[name] = checker.values(arr, name, lo, hi)
-            except StoreError as exc:
-                out[name] = exc
-        return out
-
     bad: list[tuple[str, int, str, tuple[int, int]]] = []
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pqgpu-verify") as pool:
-        pending = pool.submit(read, runs[0]) if runs else None
-        for i, run in enumerate(runs):
-            values = pending.result()
-            if i + 1 < len(runs):
-                pending = pool.submit(read, runs[i + 1])
-            lo = family.chunk_range(run[0])[0]
-            for name, v in values.items():
-                if isinstance(v, StoreError):  # undecodable chunks: check the others one by one
-                    for c in range(*run):
-                        a, b = family.chunk_range(c)
-                        try:
-                            one = checker.values(arrays[name], name, a, b)
-                        except StoreError:
-                            bad.append((name, c, "unreadable (its chunk file cannot be decoded)", (a, b)))
-                            continue
-                        bad.extend((name, cc, why, family.chunk_range(cc)) for cc, why in checker.problems(name, a, one))
-                    continue
-                found = checker.problems(name, lo, v)
-                wanted = set(range(*run))
-                bad.extend((name, c, why, family.chunk_range(c)) for c, why in found if c in wanted)
+    unflagged = [int(c) for c in todo if not checker.flags[c]]
+    bad.extend((name, c, "never completed (its write was interrupted)", family.chunk_range(c))
+               for c in unflagged for name in arrays)
+    todo = [int(c) for c in todo if checker.flags[c]]
+    slow = {}
+    for name, arr in arrays.items():
+        if _plain_dir(arr) is None or arr.chunks[0] != family.grid:
+            slow[name] = arr
+            continue
+        for c, got in stream_crcs(arr, todo, family).items():
+            want = checker.recorded(c, name)
+            if isinstance(got, tuple):  # a missing file: lost data unless the chunk was all fill values
+                if got[0] != want:
+                    bad.append((name, c, got[1], family.chunk_range(c)))
+            elif isinstance(got, Exception):
+                bad.append((name, c, f"unreadable ({type(got).__name__}: {got})", family.chunk_range(c)))
+            elif got != want:
+                bad.append((name, c, f"checksum mismatch (recorded {want:08x}, stored data "
+                                     f"gives {got:08x})", family.chunk_range(c)))
+    if slow:
+        row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize if a.dtype.kind in "iub"
+                        else 64 for a in slow.values())
+        per_block = max(1, VERIFY_BLOCK_BYTES // max(1, row_bytes * family.grid))
+        runs: list[tuple[int, int]] = []  # runs of consecutive chunks, at most per_block long
+        for c in todo:
+            if runs and c == runs[-1][1] and c - runs[-1][0] < per_block:
+                runs[-1] = (runs[-1][0], c + 1)
+            else:
+                runs.append((c, c + 1))
+
+        def read(run: tuple[int, int]) -> dict[str, Any]:
+            lo, hi = family.chunk_range(run[0])[0], family.chunk_range(run[1] - 1)[1]
+            out = {}
+            for name, arr in slow.items():
+                try:
+                    out[name] = checker.values(arr, name, lo, hi)
+                except StoreError as exc:
+                    out[name] = exc
+            return out
+
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pqgpu-verify") as pool:
+            pending = pool.submit(read, runs[0]) if runs else None
+            for i, run in enumerate(runs):
+                values = pending.result()
+                if i + 1 < len(runs):
+                    pending = pool.submit(read, runs[i + 1])
+                lo = family.chunk_range(run[0])[0]
+                for name, v in values.items():
+                    if isinstance(v, StoreError):  # undecodable chunks: check the others one by one
+                        for c in range(*run):
+                            a, b = family.chunk_range(c)
+                            try:
+                                one = checker.values(slow[name], name, a, b)
+                            except StoreError:
+                                bad.append((name, c, "unreadable (its chunk file cannot be decoded)", (a, b)))
+                                continue
+                            bad.extend((name, cc, why, family.chunk_range(cc))
+                                       for cc, why in checker.problems(name, a, one))
+                        continue
+                    bad.extend((name, c, why, family.chunk_range(c)) for c, why in checker.problems(name, lo, v))
     return sorted(bad, key=lambda t: (t[1], family.arrays.index(t[0])))
 
 
@@ -308,3 +457,132 @@ def codebook_problem(store_path: str, recorded: str | None, got: str) -> str | N
             "that made it: its quantizer file (quantizer.path, sha256 "
             f"{recorded[:16]}…) restores the codebook; without that file the store must be encoded again "
             "(`pqgpu run --overwrite`).")
+
+
+def stored_keys(arr: Any) -> set[str]:
+    """Keys of the chunk objects an array holds in its store (relative to the array)."""
+    from zarr.core.sync import sync
+
+    sp = arr.store_path
+    prefix = sp.path.rstrip("/") + "/" if sp.path else ""
+
+    async def listing() -> list[str]:
+        return [k async for k in sp.store.list_prefix(prefix)]
+
+    return {k[len(prefix):] for k in sync(listing())}
+
+
+# -- an IVF store's inverted layout: its state (pqgpu info, verify, resume) ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """One inverted layout of an IVF store: the group `node` (`ivf` for the layout of the first encode,
+    `ivf/segments/<name>` for an append's segment or a compaction) holding store rows [lo, hi) by list."""
+
+    node: str
+    lo: int
+    hi: int
+
+    @property
+    def n(self) -> int:
+        return self.hi - self.lo
+
+
+def layouts(store: Any) -> list[Layout]:
+    """The committed inverted layouts, in row order (root attr `ivf_layouts`; before any append: `ivf`)."""
+    recorded = store.group.attrs.get("ivf_layouts")
+    if not recorded:
+        return [Layout("ivf", 0, int(store.group.attrs["n"]))]
+    return [Layout(str(node), int(lo), int(hi)) for node, lo, hi in recorded]
+
+
+def layout_state(store: Any) -> str:
+    """Cheap (flags, offsets and listings, no data read), over every committed layout: `built`,
+    `building (...)`, `not built` or `damaged (...)`."""
+    states = [node_state(store, lay) for lay in layouts(store)]
+    for kind in ("damaged", "building", "not built"):
+        found = [st for st in states if st.startswith(kind)]
+        if found:
+            return found[0]
+    return "built"
+
+
+def node_state(store: Any, layout: Layout) -> str:
+    if layout.node not in store.group:
+        return "not built"
+    ivf = store.group[layout.node]
+    a = ivf.attrs
+    if not a.get("complete"):
+        if not a.get("starts_done") or "copy_done" not in ivf:
+            return "not built"
+        scattered = int(whole(ivf["scatter_done"]).sum())
+        copied = int(whole(ivf["copy_done"]).sum())
+        where = "" if layout.node == "ivf" else f" of {layout.node}"
+        return (f"building (interrupted or running{where}: scatter {scattered}/{ivf['scatter_done'].shape[0]} "
+                f"chunks, copy {copied}/{ivf['copy_done'].shape[0]})")
+    problems = _cheap_problems(store, layout)
+    return "built" if not problems else f"damaged ({'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''})"
+
+
+def _cheap_problems(store: Any, layout: Layout | None = None) -> list[str]:
+    layout = layout or layouts(store)[0]
+    node = layout.node
+    ivf = store.group[node]
+    out = []
+    for name in ("offsets", "codes", "rows", "ids", "copy_done"):
+        if name == "ids" and store.ids.dtype.kind not in "iu":
+            continue
+        if name not in ivf:
+            out.append(f"{node}/{name} is missing")
+    if out:
+        return out
+    if not whole(ivf["copy_done"]).all():
+        out.append(f"{node}/copy_done says some inverted chunks were never copied")
+    offsets = np.asarray(ivf["offsets"][...])
+    try:
+        check_offsets(store.path, ivf, offsets)
+    except StoreError:
+        out.append(f"{node}/offsets differ from what was written")
+    if offsets[-1] != layout.n:
+        out.append(f"{node}/offsets end at {int(offsets[-1])}, not at the layout's {layout.n} rows")
+    icr = int(ivf.attrs["chunk_rows"])
+    for name in ("codes", "rows", "ids"):
+        if name not in ivf:
+            continue
+        arr = ivf[name]
+        keys = stored_keys(arr)
+        missing = [j for j in range(-(-layout.n // icr))
+                   if arr.metadata.encode_chunk_key((j, 0) if arr.ndim == 2 else (j,)) not in keys]
+        if missing:
+            out.append(f"{node}/{name} has lost {len(missing)} chunk file(s) (chunk "
+                       f"{', '.join(map(str, missing[:5]))}{' …' if len(missing) > 5 else ''})")
+    return out
+
+
+def verify_layout(store: Any) -> tuple[str, list[tuple[str, int, str, tuple[int, int]]]]:
+    """(state, damaged chunks as (array, chunk, why, (lo, hi))): reads every inverted chunk of every built
+    layout and compares it with its CRC (presence only for a layout built without CRCs)."""
+    state = layout_state(store)
+    bad: list[tuple[str, int, str, tuple[int, int]]] = []
+    for lay in layouts(store):
+        bad += verify_node(store, lay)
+    if bad and state == "built":
+        state = f"damaged ({len(bad)} problem(s))"
+    return state, bad
+
+
+def verify_node(store: Any, layout: Layout) -> list[tuple[str, int, str, tuple[int, int]]]:
+    if layout.node not in store.group:
+        return []
+    ivf = store.group[layout.node]
+    if not ivf.attrs.get("complete") or "copy_done" not in ivf or "offsets" not in ivf:
+        return []
+    family = ivf_family(store.group, layout.node)
+    if family is None:
+        return [(p, -1, "", (0, 0)) for p in _cheap_problems(store, layout)]
+    bad = list(verify_family(store.path, store.group, family, range(family.n_chunks)))
+    try:
+        check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
+    except StoreError:
+        bad.append((f"{layout.node}/offsets", 0, "differ from what was written (CRC mismatch)", (0, 0)))
+    return bad

@@ -192,7 +192,7 @@ def _scatter_items(store: Any, layout: Layout) -> Iterator[tuple[int, tuple]]:
     while streaming."""
     ivf = store.group[layout.node]
     running = np.asarray(ivf["offsets"][...])[:-1].copy()
-    done = np.asarray(ivf["scatter_done"][...])
+    done = integrity.whole(ivf["scatter_done"])
     spans = pieces(layout, store.chunk_rows)
     for k, row in _iter_counts(store.group, layout):
         if not done[k]:
@@ -278,7 +278,7 @@ def copy_chunk(path: str, j: int, count: int = 1, node: str = "ivf") -> int:
 def _copy_items(ivf: Any, per_task: int, node: str | None = None) -> Iterator[tuple[int, tuple]]:
     """(first, (count,)) for runs of at most per_task consecutive output chunks not yet copied, never across
     a multiple of per_task (so each Zarr chunk of ivf/checksums has one writer)."""
-    todo = np.flatnonzero(~np.asarray(ivf["copy_done"][...]))
+    todo = np.flatnonzero(~integrity.whole(ivf["copy_done"]))
     start = prev = None
     for j in todo.tolist():
         if start is not None and (j != prev + 1 or j // per_task != start // per_task):
@@ -437,102 +437,6 @@ def read_inverted(ivf: Any, checker: integrity.Checker | None, name: str, lo: in
     return checker.read(ivf[name], f"{node}/{name}", lo, hi)
 
 
-# -- the layout's state (pqgpu info, verify, resume) ----------------------------------------------------
-
-def layout_state(store: Any) -> str:
-    """Cheap (flags, offsets and listings, no data read), over every committed layout: `built`,
-    `building (...)`, `not built` or `damaged (...)`."""
-    states = [_layout_state(store, lay) for lay in layouts(store)]
-    for kind in ("damaged", "building", "not built"):
-        found = [st for st in states if st.startswith(kind)]
-        if found:
-            return found[0]
-    return "built"
-
-
-def _layout_state(store: Any, layout: Layout) -> str:
-    if layout.node not in store.group:
-        return "not built"
-    ivf = store.group[layout.node]
-    a = ivf.attrs
-    if not a.get("complete"):
-        if not a.get("starts_done") or "copy_done" not in ivf:
-            return "not built"
-        scattered = int(np.asarray(ivf["scatter_done"][...]).sum())
-        copied = int(np.asarray(ivf["copy_done"][...]).sum())
-        where = "" if layout.node == "ivf" else f" of {layout.node}"
-        return (f"building (interrupted or running{where}: scatter {scattered}/{ivf['scatter_done'].shape[0]} "
-                f"chunks, copy {copied}/{ivf['copy_done'].shape[0]})")
-    problems = _cheap_problems(store, layout)
-    return "built" if not problems else f"damaged ({'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''})"
-
-
-def _cheap_problems(store: Any, layout: Layout | None = None) -> list[str]:
-    from .store import _stored_keys
-
-    layout = layout or layouts(store)[0]
-    node = layout.node
-    ivf = store.group[node]
-    out = []
-    for name in ("offsets", "codes", "rows", "ids", "copy_done"):
-        if name == "ids" and store.ids.dtype.kind not in "iu":
-            continue
-        if name not in ivf:
-            out.append(f"{node}/{name} is missing")
-    if out:
-        return out
-    if not np.asarray(ivf["copy_done"][...]).all():
-        out.append(f"{node}/copy_done says some inverted chunks were never copied")
-    offsets = np.asarray(ivf["offsets"][...])
-    try:
-        integrity.check_offsets(store.path, ivf, offsets)
-    except StoreError:
-        out.append(f"{node}/offsets differ from what was written")
-    if offsets[-1] != layout.n:
-        out.append(f"{node}/offsets end at {int(offsets[-1])}, not at the layout's {layout.n} rows")
-    icr = int(ivf.attrs["chunk_rows"])
-    for name in ("codes", "rows", "ids"):
-        if name not in ivf:
-            continue
-        arr = ivf[name]
-        keys = _stored_keys(arr)
-        missing = [j for j in range(-(-layout.n // icr))
-                   if arr.metadata.encode_chunk_key((j, 0) if arr.ndim == 2 else (j,)) not in keys]
-        if missing:
-            out.append(f"{node}/{name} has lost {len(missing)} chunk file(s) (chunk "
-                       f"{', '.join(map(str, missing[:5]))}{' …' if len(missing) > 5 else ''})")
-    return out
-
-
-def verify_layout(store: Any) -> tuple[str, list[tuple[str, int, str, tuple[int, int]]]]:
-    """(state, damaged chunks as (array, chunk, why, (lo, hi))): reads every inverted chunk of every built
-    layout and compares it with its CRC (presence only for a layout built without CRCs)."""
-    state = layout_state(store)
-    bad: list[tuple[str, int, str, tuple[int, int]]] = []
-    for lay in layouts(store):
-        bad += _verify_one(store, lay)
-    if bad and state == "built":
-        state = f"damaged ({len(bad)} problem(s))"
-    return state, bad
-
-
-def _verify_one(store: Any, layout: Layout) -> list[tuple[str, int, str, tuple[int, int]]]:
-    if layout.node not in store.group:
-        return []
-    ivf = store.group[layout.node]
-    if not ivf.attrs.get("complete") or "copy_done" not in ivf or "offsets" not in ivf:
-        return []
-    family = integrity.ivf_family(store.group, layout.node)
-    if family is None:
-        return [(p, -1, "", (0, 0)) for p in _cheap_problems(store, layout)]
-    bad = list(integrity.verify_family(store.path, store.group, family, range(family.n_chunks)))
-    try:
-        integrity.check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
-    except StoreError:
-        bad.append((f"{layout.node}/offsets", 0, "differ from what was written (CRC mismatch)", (0, 0)))
-    return bad
-
-
 def recheck_layout(store: Any) -> bool:
     """Before a resume that has nothing left to encode: verify the built layouts; mark each damaged one for a
     rebuild, naming the damage in a WARNING. Returns True when one must be (re)built."""
@@ -544,8 +448,8 @@ def recheck_layout(store: Any) -> bool:
             continue
         if not integrity.ENABLED:  # pqgpu.bench.integrity's baseline
             continue
-        state = _layout_state(store, lay)
-        bad = _verify_one(store, lay)
+        state = integrity.node_state(store, lay)
+        bad = integrity.verify_node(store, lay)
         if not bad and state == "built":
             continue
         what = "; ".join(f"{name} chunk {c}: {why}" if c >= 0 else name for name, c, why, _ in bad[:5]) or state

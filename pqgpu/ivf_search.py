@@ -22,6 +22,8 @@ from .codebook import as_float32_matrix
 from .errors import ConfigError
 from .evaluation import ExactKnn, check_k, evaluation_inputs, recall_metrics, reconstruction_pass
 from .invert import layout_checker
+from .refine import check_refine, refine_rows, refine_summary, store_metric
+from .sources.recorded import check_source_unchanged
 from .store import check_inverted, layouts
 
 log = logging.getLogger(__name__)
@@ -386,10 +388,13 @@ def search_ivf_store(store: Any, queries: Any, k: int, *, nprobe: Any = None, ba
 
 def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] | None = None,
                  ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), nprobes: Iterable[int] | None = None,
-                 backend: str = "auto") -> dict[str, Any]:
-    """Recall@k and queries/s at each nprobe, reconstruction MSE and compression of an IVF store."""
+                 backend: str = "auto", refine: int | None = None) -> dict[str, Any]:
+    """Recall@k and queries/s at each nprobe, reconstruction MSE and compression of an IVF store. refine R:
+    the top k*R candidates re-ranked with the source's vectors (pqgpu.refine); queries/s include the reads."""
     check_inverted(store)
+    R = check_refine(refine)
     cb, n, q, ks, gt = evaluation_inputs(store, queries, ks, ground_truth, base_chunks)
+    source = check_source_unchanged(store) if R else None
     nq, kmax = q.shape[0], ks[-1]
     if nprobes is None:
         nprobes = sorted({p for p in (1, 4, 16, 64, 256) if p <= cb.nlist} | {min(cb.nlist, DEFAULT_NPROBE)})
@@ -410,10 +415,15 @@ def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] 
     # opened once, like faiss.read_index; queries/s count the search calls, the load is reported apart
     index = IvfIndex(store, load=fits_in_memory(store))
     result["index_load_seconds"] = round(index.load_seconds, 4)
+    if R:
+        result["refine"] = R
     for p in nprobes:
         index.search(q[:min(nq, 8)], kmax, nprobe=p, backend=backend)  # warm-up (kernel compile)
         t0 = time.perf_counter()
-        _d, found = index.search(q, kmax, nprobe=p, backend=backend)
+        _d, found = index.search(q, kmax * (R or 1), nprobe=p, backend=backend)
+        if R:
+            _d, found, read = refine_rows(source, q, found, kmax, store_metric(store), backend=backend)
+            result.update({f"{key} (nprobe={p})": v for key, v in refine_summary(R, read).items() if key != "refine"})
         dt = time.perf_counter() - t0
         for key, value in recall_metrics(found, gt, ks).items():
             result[f"{key} (nprobe={p})"] = value

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import PqgpuError
 
@@ -24,18 +24,30 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _DASK_LOG_ENV = "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED"
 
 _filter_expected = False  # set by configure(debug=False): drop the records DropExpected describes
+_closing = False  # set by begin_teardown(): the cluster is being shut down
+# the loggers that speak while a Dask cluster shuts down (a worker's heartbeat to a scheduler already gone,
+# a nanny killing a slow worker, the event loop's cancelled tasks)
+TEARDOWN_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
 
 
 class DropExpected(logging.Filter):
     """Drops records that only repeat an expected failure: one carrying a PqgpuError as exc_info (the CLI
     prints it as one paragraph), and the warnings Dask workers log when they are closed with a task still
-    running, which is how a run stops after such a failure."""
+    running, which is how a run stops after such a failure. Once the cluster shuts down (begin_teardown, or
+    `closing()` true: a worker that is closing), every record of TEARDOWN_LOGGERS: the run is over by then, and
+    what Dask says while its processes stop one after another is not about it."""
+
+    def __init__(self, closing: Callable[[], bool] | None = None):
+        super().__init__()
+        self.closing = closing
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, PqgpuError):
             return False
         if record.name.startswith("distributed.worker") and "ended with CancelledError" in record.getMessage():
+            return False
+        if record.name.startswith(TEARDOWN_LOGGERS) and (_closing or (self.closing is not None and self.closing())):
             return False
         return True
 
@@ -68,17 +80,24 @@ def configure(*, debug: bool = False, quiet: bool = False) -> None:
         warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
 
 
-def _set_filter(handler: logging.Handler, on: bool) -> None:
+def _set_filter(handler: logging.Handler, on: bool, closing: Callable[[], bool] | None = None) -> None:
     for f in [f for f in handler.filters if isinstance(f, DropExpected)]:
         handler.removeFilter(f)
     if on:
-        handler.addFilter(DropExpected())
+        handler.addFilter(DropExpected(closing))
 
 
-def install_filter() -> None:
-    """DropExpected on the handlers of this process's root and `distributed` loggers (run in a worker)."""
+def install_filter(closing: Callable[[], bool] | None = None) -> None:
+    """DropExpected on the handlers of this process's root and `distributed` loggers (run in a worker;
+    `closing` tells whether that worker is shutting down)."""
     for h in (*logging.getLogger().handlers, *logging.getLogger("distributed").handlers):
-        _set_filter(h, True)
+        _set_filter(h, True, closing)
+
+
+def begin_teardown() -> None:
+    """In a worker (client.run): the cluster is shutting down, drop Dask's records from now on."""
+    global _closing
+    _closing = True
 
 
 def filtering_expected() -> bool:
@@ -87,17 +106,21 @@ def filtering_expected() -> bool:
 
 
 @contextlib.contextmanager
-def quiet_teardown(after_expected_error: bool) -> Iterator[None]:
-    """Around closing a local cluster: after an expected error, Dask's warnings about the tasks it cuts
-    short (workers killed mid-task) only repeat that error, so they stay out of the terminal (not with
-    --debug, nor for library users who did not configure logging through `configure`)."""
-    if not (after_expected_error and _filter_expected):
+def quiet_teardown() -> Iterator[None]:
+    """Around closing a Dask cluster: what Dask logs while it stops (a worker's heartbeat that finds the
+    scheduler gone, a nanny killing a slow worker, warnings about tasks cut short after an expected error)
+    stays out of the terminal; the run's result or its one-paragraph error is what the user needs. Not with
+    --debug, nor for library users who did not configure logging through `configure`."""
+    global _closing
+    if not _filter_expected:
         yield
         return
-    logger = logging.getLogger("distributed")
+    logger = logging.getLogger("distributed")  # its own handlers carry no DropExpected in this process
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL + 1)
+    _closing = True
     try:
         yield
     finally:
+        _closing = False
         logger.setLevel(level)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .codebook import Codebook
-from .config import Config, QuantizerConfig
+from .config import Config, QuantizerConfig, load_config
 from .errors import ConfigError, InputError, PqgpuError, StoreError
 from .sources import Chunk, Source, open_source, plan_chunks
 from . import _fs
@@ -26,16 +26,17 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def train(cfg: Config, *, backend: str | None = None, client: Any = None) -> Codebook:
+def train(cfg: Config | dict | str | os.PathLike, *, backend: str | None = None, client: Any = None) -> Codebook:
     """Draw quantizer.train_size rows from across the whole source, train, write quantizer.path atomically.
 
     With a Dask client (cluster.kind address) training is a task on a worker (one with a GPU when the
     backend is gpu, or auto and one has a GPU): the sample is read there and the trained codebook comes back
     here, where quantizer.path is written, so workers need not see quantizer.path. Without a client
-    (local runs) it runs in this process."""
+    (local runs) it runs in this process. cfg: a Config, a dict of sections or a YAML file (load_config)."""
     from . import progress
-    from .tasks import train_task
+    from .tasks import train_task, train_task_returning_errors
 
+    cfg = load_config(cfg)
     if client is None and cfg.cluster.kind == "address":
         from .cluster import dask_client
 
@@ -49,9 +50,11 @@ def train(cfg: Config, *, backend: str | None = None, client: Any = None) -> Cod
         worker = _training_worker(client, requested)
         progress.listen(client)
         where = {"workers": [worker], "allow_other_workers": False} if worker else {}
-        fut = client.submit(train_task, cfg, requested, pure=False, key=f"pqgpu-train-{os.getpid()}-"
-                            f"{time.monotonic_ns()}", **where)
+        fut = client.submit(train_task_returning_errors, cfg, requested, pure=False,
+                            key=f"pqgpu-train-{os.getpid()}-{time.monotonic_ns()}", **where)
         done = fut.result()
+        if isinstance(done, PqgpuError):  # an expected failure, returned by the task (see tasks.encode_chunk)
+            raise done
     cb = done.codebook
     log.info("trained M=%d nbits=%d%s on %s (%s, host %s): sample of %d rows read in %.2f s, trained in %.2f s; "
              "RSS here %.0f MiB", q.M, q.nbits, " with OPQ" if q.opq else "", done.backend, done.worker,
@@ -125,13 +128,15 @@ class EncodeReport:
     backends: dict[str, str] = field(default_factory=dict)  # worker -> backend it resolved (this run)
 
 
-def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_ids: bool = False,
+def encode(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, client: Any = None, strict_ids: bool = False,
            progress: Callable[[int, int, float], None] | None = None, append: bool = False) -> EncodeReport:
     """Encode every chunk of the source not yet done into encode.output: on threads of this process for a
     small local run, on Dask workers otherwise. Each task resolves encode.backend where it runs.
-    append: encode the source's files that are new since the store was made into new rows (pqgpu.append)."""
+    cfg: a Config, a dict of sections or a YAML file (load_config). append: encode the source's files that are
+    new since the store was made into new rows (pqgpu.append)."""
     from .cluster import task_runner
 
+    cfg = load_config(cfg)
     qpath = Path(cfg.quantizer.path)
     if not qpath.exists():
         raise PqgpuError(f"No quantizer at {qpath}. Train one first with `pqgpu train -c CONFIG` "
@@ -164,7 +169,7 @@ def encode(cfg: Config, *, overwrite: bool = False, client: Any = None, strict_i
         else:
             store = prepare_store(out, codebook=codebook, n=source.n, chunk_rows=chunk_rows,
                                   id_dtype=source.id_dtype, source=source.fingerprint(), overwrite=overwrite)
-            if store.done[...].any():  # resuming: done chunks must still be there and intact
+            if store.done_flags().any():  # resuming: done chunks must still be there and intact
                 recheck_done_chunks(store)
         pending = store.pending_chunks()
         if len(pending) < len(chunks):
@@ -307,13 +312,14 @@ def check_duplicate_ids(store: Any, source: Source, *, strict: bool, client: Any
     return check(store, source, strict=strict, client=client)
 
 
-def run(cfg: Config, *, overwrite: bool = False, client: Any = None, progress: Any = None,
+def run(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, client: Any = None, progress: Any = None,
         strict_ids: bool = False, retrain: bool = False, append: bool = False) -> EncodeReport:
     """Train when quantizer.path is missing (or retrain=True), then encode, with one set of workers for both.
     An existing quantizer must have the config's M, nbits and OPQ setting (ConfigError otherwise, before
     anything is written). With Dask workers (an existing scheduler, a local cluster of processes for a large
     run, or a client passed in) training is a worker task, so this process never reads the training sample;
-    small local runs train in this process."""
+    small local runs train in this process. cfg: a Config, a dict of sections or a YAML file (load_config)."""
+    cfg = load_config(cfg)
     qpath = Path(cfg.quantizer.path)
     out = cfg.encode.output
     if append:  # before anything is trained or written
@@ -352,15 +358,23 @@ def _check_append_args(out: str, qpath: Path, *, overwrite: bool, retrain: bool)
                          f"quantizer.path ({qpath}) does not exist. Point quantizer.path at that file.")
 
 
-def evaluate_config(cfg: Config, queries: Any, *, ground_truth: Any = None,
-                    ks: tuple[int, ...] = (1, 10, 100), nprobes: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Recall@k and reconstruction MSE of the store encode.output against its source (read chunk by chunk)."""
+def evaluate_config(cfg: Config | dict | str | os.PathLike, queries: Any, *, ground_truth: Any = None,
+                    ks: tuple[int, ...] = (1, 10, 100), nprobes: tuple[int, ...] | None = None,
+                    refine: int | None = None) -> dict[str, Any]:
+    """Recall@k and reconstruction MSE of the store encode.output against its source (read chunk by chunk).
+    cfg: a Config, a dict of sections or a YAML file (load_config). refine R: of the top k*R ADC candidates
+    re-ranked with the source's vectors."""
+    from .refine import check_refine
+
+    cfg = load_config(cfg)
     from .search import evaluate
     from .store import open_store
+
+    refine = check_refine(refine)
 
     store = open_store(cfg.encode.output)
     check_quantizer_matches(store.codebook(), cfg.quantizer, cfg.encode.output, store=True)
     source = open_source(cfg.source)
     blocks = (x for _, x, _ in source.iter_chunks(cfg.encode.chunk_rows))
     return evaluate(store, queries, base_chunks=blocks, ground_truth=ground_truth, ks=ks,
-                    backend=cfg.encode.backend, nprobes=nprobes)
+                    backend=cfg.encode.backend, nprobes=nprobes, refine=refine)

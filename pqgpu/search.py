@@ -26,6 +26,8 @@ from .backend import namespace, resolve_backend, to_device, to_host
 from .codebook import Codebook, as_float32_matrix
 from .errors import ConfigError, InputError, StoreError
 from .evaluation import ExactKnn, check_k, evaluation_inputs, recall_metrics, reconstruction_pass
+from .refine import check_refine, refine_rows, refine_summary, store_metric
+from .sources.recorded import check_source_unchanged
 from .store import as_store
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,7 @@ def search_codes(queries: Any, codebook: Codebook, chunks: Iterable[tuple[int, n
     """Exhaustive ADC top-k of queries (nq, d) over chunks of (start_row, codes uint8 (rows, code_size)).
 
     Chunks come in row order. Returns distances float32 (nq, k) and rows int64 (nq, k), sorted by
-    distance (ties: lower row first); where fewer than k rows exist: row -1, distance inf.
+    distance (ties: lower row first); where fewer than k rows exist: row -1, distance FLT_MAX (as faiss).
     """
     k = check_k(k)
     q = codebook.rotate(as_float32_matrix(queries, "queries", d=codebook.d))
@@ -257,23 +259,34 @@ def rows_to_ids(store: Any, rows: np.ndarray) -> np.ndarray:
 
 
 def search(store_or_path: Any, queries: Any, k: int, *, backend: str = "auto",
-           chunk_rows: int | None = None, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           chunk_rows: int | None = None, nprobe: int | None = None,
+           refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive ADC top-k over a code store (same results as faiss IndexPQ.search on these codes).
 
     queries: (nq, d) float; returns distances float32 (nq, k) (squared L2, ascending) and the store's
-    ids (nq, k): int64 with -1, or object with None, where the store has fewer than k rows (distance inf).
+    ids (nq, k): int64 with -1, or object with None, where the store has fewer than k rows (distance FLT_MAX,
+    np.finfo(np.float32).max, as faiss pads: a real id -1 has a smaller distance; pqgpu.results drops these).
     IVF stores (quantizer.nlist > 0) scan only the nprobe nearest lists (None: a stated default).
+    refine R: take the top k*R by ADC and re-rank them exactly with the original vectors read back from the
+    store's source (pqgpu.refine); the distances are then exact (for ip / cosine: similarities, largest first).
     """
     store = as_store(store_or_path)
+    k = check_k(k)
+    R = check_refine(refine)
+    source = check_source_unchanged(store) if R else None  # refuse before searching
+    kk = k * R if R else k
     if "lists" in store.group:  # IVF store: pqgpu.ivf_search
         from .ivf_search import search_ivf_store
 
-        d, rows = search_ivf_store(store, queries, k, nprobe=nprobe, backend=backend)
-        return d, rows_to_ids(store, rows)
-    if nprobe is not None:
-        raise ConfigError(f"--nprobe applies to IVF stores only; {store.path} was encoded with quantizer.nlist: 0 "
-                          "(every search scans all its codes). Drop --nprobe.")
-    d, rows = search_store(store, queries, k, backend=backend, chunk_rows=chunk_rows)
+        d, rows = search_ivf_store(store, queries, kk, nprobe=nprobe, backend=backend)
+    else:
+        if nprobe is not None:
+            raise ConfigError(f"--nprobe applies to IVF stores only; {store.path} was encoded with quantizer.nlist: 0 "
+                              "(every search scans all its codes). Drop --nprobe.")
+        d, rows = search_store(store, queries, kk, backend=backend, chunk_rows=chunk_rows)
+    if R:
+        q = as_float32_matrix(queries, "queries", d=int(store.attrs["d"]))
+        d, rows, _ = refine_rows(source, q, rows, k, store_metric(store), backend=backend)
     return d, rows_to_ids(store, rows)
 
 
@@ -281,24 +294,30 @@ def search(store_or_path: Any, queries: Any, k: int, *, backend: str = "auto",
 
 def evaluate(store_or_path: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] | None = None,
              ground_truth: Any = None, ks: Iterable[int] = (1, 10, 100), backend: str = "auto",
-             nprobes: Iterable[int] | None = None) -> dict[str, Any]:
+             nprobes: Iterable[int] | None = None, refine: int | None = None) -> dict[str, Any]:
     """Recall@k of ADC search against exact neighbours, reconstruction MSE and compression of a store.
+    refine R: recall of the top k*R ADC candidates re-ranked with the source's vectors (pqgpu.refine).
 
     base_chunks: float (rows, d) blocks of the original vectors in store row order; used for the exact
     neighbours (when ground_truth is None) and the reconstruction MSE. ground_truth: (nq, >= max k) store
     row indices of the exact neighbours, best first. One of the two is required.
     """
     store = as_store(store_or_path)
+    R = check_refine(refine)
     if "lists" in store.group:  # IVF store: recall and queries/s per nprobe (pqgpu.ivf_search)
         from .ivf_search import evaluate_ivf
 
         return evaluate_ivf(store, queries, base_chunks=base_chunks, ground_truth=ground_truth, ks=ks,
-                            nprobes=nprobes, backend=backend)
+                            nprobes=nprobes, backend=backend, refine=R)
     cb, n, q, ks, gt = evaluation_inputs(store, queries, ks, ground_truth, base_chunks)
     nq, kmax = q.shape[0], ks[-1]
+    source = check_source_unchanged(store) if R else None
 
     t0 = time.perf_counter()
-    _dist, found = search_store(store, q, kmax, backend=backend)
+    _dist, found = search_store(store, q, kmax * (R or 1), backend=backend)
+    read: dict[str, Any] = {}
+    if R:
+        _dist, found, read = refine_rows(source, q, found, kmax, store_metric(store), backend=backend)
     t_search = time.perf_counter() - t0
 
     mse = relative_mse = None
@@ -313,6 +332,8 @@ def evaluate(store_or_path: Any, queries: Any, *, base_chunks: Iterable[np.ndarr
         "code_size": cb.code_size, "compression_ratio": round(4 * cb.d / cb.code_size, 2), "nq": nq,
         "ground_truth": "given" if ground_truth is not None else "exact (from base vectors)",
     }
+    if R:
+        result.update(refine_summary(R, read))
     result.update(recall_metrics(found, gt, ks))
     result["mse"] = mse
     result["relative_mse"] = relative_mse

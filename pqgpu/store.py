@@ -19,6 +19,8 @@ import zarr
 
 from . import _fs
 from . import integrity
+from .integrity import Layout, layouts  # noqa: F401 (re-exported: store.layouts)
+from .integrity import stored_keys as _stored_keys
 from ._faults import fault_point
 from .codebook import Codebook
 from .errors import StoreError
@@ -104,7 +106,7 @@ class CodeStore:
         rewrites the flag of the last chunk it completes)."""
         if self.writing is None and self.group.attrs.get("generations"):
             return np.ones(self.n_chunks, bool)
-        return np.asarray(self.done[:self.n_chunks])
+        return integrity.whole(self.done)[:self.n_chunks]  # one batch of its tiny chunk files
 
     def chunk_range(self, i: int) -> tuple[int, int]:
         return i * self.chunk_rows, min(self.n, (i + 1) * self.chunk_rows)
@@ -216,9 +218,7 @@ class CodeStore:
         if layout:
             report.codebook = self.codebook_problem()
             if is_ivf_store(self):
-                from .invert import verify_layout
-
-                report.layout_state, report.layout = verify_layout(self)
+                report.layout_state, report.layout = integrity.verify_layout(self)
         return report
 
     def is_complete(self) -> bool:
@@ -235,9 +235,7 @@ class CodeStore:
                        f"{int(done.sum())}/{int(done.size)} chunks encoded")
         layout = None
         if is_ivf_store(self):
-            from .invert import layout_state
-
-            layout = layout_state(self)
+            layout = integrity.layout_state(self)
         codebook = self.codebook_problem()
         complete = bool(done.all()) and not missing and codebook is None and (layout in (None, "built"))
         return {
@@ -271,7 +269,7 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.bad and self.codebook is None and not self.layout and \
-            self.layout_state in (None, "built", "not built")
+            (self.layout_state in (None, "built") or self.not_done > 0)
 
 
 # Format 1's per-chunk checksum (format 2: pqgpu.integrity): CRC-32 (zlib) of the chunk's values as read through
@@ -296,19 +294,6 @@ def _segments(store: CodeStore) -> list[dict[str, Any]] | None:
     if not is_ivf_store(store):
         return None
     return [{"node": lay.node, "rows": [lay.lo, lay.hi]} for lay in layouts(store)]
-
-
-def _stored_keys(arr: Any) -> set[str]:
-    """Keys of the chunk objects an array holds in its store (relative to the array)."""
-    from zarr.core.sync import sync
-
-    sp = arr.store_path
-    prefix = sp.path.rstrip("/") + "/" if sp.path else ""
-
-    async def listing() -> list[str]:
-        return [k async for k in sp.store.list_prefix(prefix)]
-
-    return {k[len(prefix):] for k in sync(listing())}
 
 
 def _describe(store: CodeStore, bad: dict[int, str], limit: int = 10) -> str:
@@ -480,28 +465,6 @@ def ivf_chunk_rows(chunk_rows: int) -> int:
     """Rows per Zarr chunk of the inverted arrays: smaller than encode chunks, so a probed list of a few
     thousand rows reads little beyond itself."""
     return max(1, min(chunk_rows, MAX_IVF_CHUNK_ROWS))
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One inverted layout of an IVF store: the group `node` (`ivf` for the layout of the first encode,
-    `ivf/segments/<name>` for an append's segment or a compaction) holding store rows [lo, hi) by list."""
-
-    node: str
-    lo: int
-    hi: int
-
-    @property
-    def n(self) -> int:
-        return self.hi - self.lo
-
-
-def layouts(store: Any) -> list[Layout]:
-    """The committed inverted layouts, in row order (root attr `ivf_layouts`; before any append: `ivf`)."""
-    recorded = store.group.attrs.get("ivf_layouts")
-    if not recorded:
-        return [Layout("ivf", 0, int(store.group.attrs["n"]))]
-    return [Layout(str(node), int(lo), int(hi)) for node, lo, hi in recorded]
 
 
 def check_inverted(store: Any) -> None:

@@ -218,6 +218,15 @@ def train_task(cfg: Config, requested_backend: str) -> Trained:
     return Trained(cb, backend, me["worker"], me["host"], len(x), t_read, time.perf_counter() - t1)
 
 
+def train_task_returning_errors(cfg: Config, requested_backend: str) -> Trained | PqgpuError:
+    """train_task on a Dask worker: an expected failure (M not dividing d, a bad sample row) is returned, not
+    raised, so the worker logs no traceback ahead of the CLI's one paragraph (as encode_chunk)."""
+    try:
+        return train_task(cfg, requested_backend)
+    except PqgpuError as exc:
+        return exc
+
+
 def _name_bad_sample_row(source: Source, x: np.ndarray, rows: np.ndarray) -> None:
     bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
     path, local = source.locate(int(rows[bad]))

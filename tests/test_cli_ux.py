@@ -278,3 +278,371 @@ def test_arguments_map_to_config_keys_and_set_wins(tmp_path):
     assert config(str(tmp_path / "d"), "--format", "parquet").source.format == "parquet"
     with pytest.raises(ConfigError, match="--format"):
         config("vectors.bin")
+
+
+# -- issue 22 item 4: what a newcomer trips over ----------------------------------------------------------
+
+def make_ids(n: int = N) -> np.ndarray:
+    return np.arange(n) * 7 + 1000  # make_sample's ids
+
+
+def quick(*extra: str) -> list[str]:
+    """Settings that keep a training run short."""
+    return ["--set", "quantizer.train_size=1500", "--set", "quantizer.niter=2", "--set", "encode.chunk_rows=1000",
+            *extra]
+
+
+def test_format_comes_from_set_source_path(world, tmp_path, capsys):
+    root, _ = world
+    # before: without -c the format was npy, and the id column was taken for an npy ids file ('source.path
+    # 'id' does not exist')
+    assert cli.main(["-q", "run", "--set", f"source.path={root}/data/*.parquet", "--set", "source.id_column=id",
+                     "--out", str(tmp_path / "o"), "--M", "8", *quick()]) == 0, capsys.readouterr().err
+    store = open_store(tmp_path / "o" / "codes.zarr")
+    assert store.attrs["source"]["format"] == "parquet" and store.is_complete()
+    np.testing.assert_array_equal(store.ids[...], make_ids())
+    assert config_from_dict({"source": {"path": "d/x.zarr"}}).source.format == "zarr"
+    assert config_from_dict({}).source.format == "npy"  # neither path nor format: the default stays
+    with pytest.raises(ConfigError, match=r"source\.path.*'d/vectors\.bin'.*--format"):
+        config_from_dict({"source": {"path": "d/vectors.bin"}})
+
+
+def test_npy_ids_error_names_source_id_column(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", sample_vectors(100, D))
+    assert cli.main(["run", str(tmp_path / "x.npy"), "--id-column", "id", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "source.id_column 'id' does not exist" in err and "source.path" not in err, err
+
+
+def test_run_on_a_make_sample_directory(tmp_path, capsys):
+    make_sample(tmp_path / "d", N, D, shards=SHARDS, fmt="parquet", n_queries=10)
+    assert (tmp_path / "d" / "queries.npy").exists()  # beside the shards: before, "several kinds"
+    assert cli.main(["-q", "run", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--M", "8",
+                     "--id-column", "id", *quick()]) == 0, capsys.readouterr().err
+    store = open_store(tmp_path / "o" / "codes.zarr")
+    assert store.n == N and store.attrs["source"]["format"] == "parquet"
+    np.testing.assert_array_equal(store.ids[...], make_ids())
+
+
+def test_npy_make_sample_directory_says_how_to_pair_ids(tmp_path, capsys):
+    make_sample(tmp_path / "d", 300, D, shards=2, fmt="npy", n_queries=5)
+    assert cli.main(["run", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--M", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "ids-0000.npy" in err and "source.id_column" in err and "shard-*.npy" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("how", [["SOURCE"], ["--set"], ["--set", "--format"]])
+def test_nested_split_layout_is_named_plainly(world, tmp_path, capsys, how):
+    import shutil
+
+    root, _ = world
+    for split, shards in (("train", [0, 1]), ("test", [2])):
+        (tmp_path / "hf" / split).mkdir(parents=True)
+        for i in shards:
+            shutil.copy(root / "data" / f"shard-{i:04d}.parquet", tmp_path / "hf" / split)
+    hf = str(tmp_path / "hf")
+    args = [hf] if how == ["SOURCE"] else ["--set", f"source.path={hf}"] + (["--format", "parquet"] if len(how) > 1
+                                                                             else [])
+    assert cli.main(["run", *args, "--out", str(tmp_path / "o"), "--M", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "does not search subdirectories" in err and f"{hf}/train (2 parquet)" in err, err
+    assert f"{hf}/test (1 parquet)" in err and f"{hf}/*/*.parquet" in err, err
+
+
+@pytest.mark.parametrize("argv", [["--debug", "-q", "info", "S"], ["info", "S", "--debug", "-q"],
+                                  ["info", "--quiet", "S", "--debug"], ["--debug", "info", "S", "--quiet"]])
+def test_debug_and_quiet_anywhere(argv):
+    args = cli.build_parser().parse_args(argv)
+    assert (args.debug, args.quiet, args.store) == (True, True, "S")
+    plain = cli.build_parser().parse_args(["info", "S"])
+    assert (plain.debug, plain.quiet) == (False, False)
+
+
+def test_quiet_after_the_subcommand_silences_info(world, tmp_path):
+    root, _ = world
+    rc, out, err = cli_subprocess(["run", f"{root}/data", "--id-column", "id", "--M", "8", "--out",
+                                   str(tmp_path / "o"), *quick(), "--quiet"])
+    assert rc == 0, err
+    assert "INFO" not in err, err
+
+
+def api_results(store: Path, queries: np.ndarray, k: int) -> list[tuple[int, int, int, float]]:
+    from pqgpu.search import search
+
+    d, ids = search(store, queries, k)
+    return [(q, r, int(ids[q, r]), float(d[q, r])) for q in range(len(queries)) for r in range(k)]
+
+
+def read_results(path: Path | str, kind: str, text: str = "") -> list[tuple[int, int, int, float]]:
+    import json
+
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    if kind == "jsonl":
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        return [(r["query"], r["rank"], r["id"], r["distance"]) for r in rows]
+    if kind == "stdout":
+        import io
+
+        t = pcsv.read_csv(io.BytesIO(text.encode()))
+    else:
+        t = pq.read_table(path) if kind == "parquet" else pcsv.read_csv(path)
+    assert t.column_names == ["query", "rank", "id", "distance"]
+    return list(zip(*(t.column(c).to_pylist() for c in t.column_names)))
+
+
+@pytest.mark.parametrize("name,kind", [("r.parquet", "parquet"), ("r.csv", "csv"), ("r.json", "jsonl"),
+                                       ("-", "stdout")])
+def test_search_out_writes_what_its_suffix_says(world, tmp_path, capsys, name, kind):
+    root, _ = world
+    queries = np.load(root / "data" / "queries.npy")
+    out = "-" if name == "-" else str(tmp_path / name)
+    assert cli.main(["-q", "search", str(root / "codes.zarr"), "--queries", str(root / "data" / "queries.npy"),
+                     "-k", "5", "--out", out]) == 0
+    stdout = capsys.readouterr().out
+    got = read_results(out, kind, stdout)
+    want = api_results(root / "codes.zarr", queries, 5)
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    np.testing.assert_allclose([g[3] for g in got], [w[3] for w in want], rtol=1e-6)
+    if name == "-":
+        assert not (Path.cwd() / "-").exists() and stdout.startswith('"query","rank","id","distance"')
+
+
+def test_search_out_with_another_suffix_is_refused(world, tmp_path, capsys):
+    root, _ = world
+    assert cli.main(["search", str(root / "codes.zarr"), "--queries", str(root / "data" / "queries.npy"),
+                     "--out", str(tmp_path / "r.txt")]) == 2
+    err = capsys.readouterr().err
+    assert ".parquet" in err and ".csv" in err and ".json" in err and not (tmp_path / "r.txt").exists(), err
+
+
+def test_search_into_a_closed_pipe_exits_quietly(world, tmp_path):
+    root, _ = world
+    np.save(tmp_path / "q.npy", np.tile(np.load(root / "data" / "queries.npy"), (200, 1)))  # ~500 kB of CSV
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "pqgpu.cli", "-q", "search", str(root / "codes.zarr"),
+                             "--queries", str(tmp_path / "q.npy"), "-k", "10", "--out", "-"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()  # as `| head -1` does, then leave
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    rc = proc.wait(timeout=120)
+    assert first.startswith(b'"query"')
+    assert rc == cli.EXIT_BROKEN_PIPE and err == "", (rc, err)
+
+
+def write_queries(path: Path, q: np.ndarray, kind: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zarr
+
+    if kind == "parquet":
+        pq.write_table(pa.table({"vec": pa.FixedSizeListArray.from_arrays(pa.array(q.ravel()), q.shape[1])}), path)
+    else:
+        zarr.open_group(path, mode="w").create_array("vec", data=q)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "zarr"])
+def test_queries_in_parquet_and_zarr(world, tmp_path, capsys, kind):
+    root, _ = world
+    queries = np.load(root / "data" / "queries.npy")
+    qpath = tmp_path / f"q.{kind}"
+    write_queries(qpath, queries, kind)
+    # the column is named as for sources; without it, the error says which columns there are
+    assert cli.main(["-q", "search", str(root / "codes.zarr"), "--queries", str(qpath), "-k", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "vec" in err and "--vector-column" in err, err
+    assert cli.main(["-q", "search", str(root / "codes.zarr"), "--queries", str(qpath), "--vector-column", "vec",
+                     "-k", "4", "--out", str(tmp_path / "r.csv")]) == 0
+    got, want = read_results(tmp_path / "r.csv", "csv"), api_results(root / "codes.zarr", queries, 4)
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    np.testing.assert_allclose([g[3] for g in got], [w[3] for w in want], rtol=1e-6)
+
+
+def test_queries_of_an_unknown_kind_name_the_formats(world, tmp_path, capsys):
+    root, _ = world
+    (tmp_path / "q.bin").write_bytes(b"\0" * 64)
+    assert cli.main(["search", str(root / "codes.zarr"), "--queries", str(tmp_path / "q.bin")]) == 2
+    err = capsys.readouterr().err
+    assert "--queries" in err and ".parquet" in err and ".npy" in err and ".zarr" in err, err
+
+
+def test_k_larger_than_n_lists_only_real_results(tmp_path, capsys):
+    """A 6-row store whose ids include a real -1: the output has 6 rows per query, none of them padding."""
+    from pqgpu.kernels import unpack_codes
+    from pqgpu.search import search
+
+    n, k = 6, 10
+    x = sample_vectors(n, D, seed=5)
+    ids = np.array([-1, 3, 5, 8, 13, 21], np.int64)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "ids.npy", ids)
+    cb = Codebook(D, 8, 2, x[:4].reshape(4, 8, D // 8).transpose(1, 0, 2).copy())
+    (tmp_path / "o").mkdir()
+    cb.save(tmp_path / "o" / "pq.faiss")
+    assert cli.main(["-q", "encode", str(tmp_path / "x.npy"), "--id-column", str(tmp_path / "ids.npy"),
+                     "--M", "8", "--nbits", "2", "--out", str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    q = sample_vectors(3, D, seed=9)
+    np.save(tmp_path / "q.npy", q)
+    store = tmp_path / "o" / "codes.zarr"
+    assert cli.main(["-q", "search", str(store), "--queries", str(tmp_path / "q.npy"), "-k", str(k),
+                     "--out", str(tmp_path / "r.csv")]) == 0
+    got = read_results(tmp_path / "r.csv", "csv")
+    # brute force: the distance to each row's reconstruction is its ADC distance
+    codes = np.asarray(unpack_codes(open_store(store).codes[...], 8, 2))
+    recon = np.concatenate([cb.centroids[m, codes[:, m]] for m in range(8)], axis=1).astype(np.float64)
+    dist = ((q[:, None, :].astype(np.float64) - recon[None]) ** 2).sum(-1)
+    for qi in range(3):
+        mine = [g for g in got if g[0] == qi]
+        assert [g[1] for g in mine] == list(range(n))  # 6 results, not 10: no padding rows
+        assert sorted(g[2] for g in mine) == sorted(ids.tolist())  # the real id -1 among them
+        np.testing.assert_allclose(sorted(g[3] for g in mine), np.sort(dist[qi]), rtol=1e-5)
+    # the Python API keeps faiss's shape and padding: id -1 and distance FLT_MAX beyond the n real results
+    d, found = search(store, q, k)
+    assert d.shape == (3, k) and (found[:, n:] == -1).all() and (d[:, n:] == np.finfo(np.float32).max).all()
+    assert (d[:, :n] < np.finfo(np.float32).max).all() and (found[:, :n] == -1).sum() == 3
+
+
+def test_doctor_prints_pgvector_version(capsys):
+    import importlib.metadata as md
+
+    try:
+        version = md.version("pgvector")
+    except md.PackageNotFoundError:
+        pytest.skip("pgvector is not installed")
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert f"pgvector: {version}\n" in out, out
+
+
+def test_python_run_takes_a_dict_or_a_yaml_path(world, tmp_path):
+    import pqgpu
+    import yaml
+
+    root, _ = world
+    cfg = {"source": {"path": f"{root}/data/*.parquet", "id_column": "id"},  # format from the path, as on the CLI
+           "quantizer": {"path": str(tmp_path / "a" / "pq.faiss"), "M": 8, "train_size": 1500, "niter": 2},
+           "encode": {"output": str(tmp_path / "a" / "codes.zarr"), "chunk_rows": 1000}}
+    (tmp_path / "a").mkdir()
+    report = pqgpu.run(cfg)
+    assert report.n == N and open_store(tmp_path / "a" / "codes.zarr").is_complete()
+    cfg["encode"]["output"] = str(tmp_path / "b.zarr")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert pqgpu.run(str(tmp_path / "c.yaml")).n == N and pqgpu.run(tmp_path / "c.yaml").chunks_encoded == 0
+    np.testing.assert_array_equal(open_store(tmp_path / "b.zarr").codes[...],
+                                  open_store(tmp_path / "a" / "codes.zarr").codes[...])
+    assert pqgpu.load_config(cfg).source.format == "parquet"
+    for bad in (42, ["source"]):
+        with pytest.raises(pqgpu.ConfigError, match="Expected a path to a YAML config file, a dict"):
+            pqgpu.run(bad)
+
+
+def test_evaluate_takes_the_run_shortcuts(world, tmp_path, capsys):
+    import json
+
+    root, _ = world
+    common = [f"{root}/data", "--id-column", "id", "--M", "8", "--out", str(tmp_path / "o")]
+    assert cli.main(["-q", "run", *common, *quick()]) == 0
+    assert cli.main(["-q", "evaluate", *common, "--queries", str(root / "data" / "queries.npy"), "-k", "1,10",
+                     "--results", str(tmp_path / "e.json")]) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["n"] == N and result["M"] == 8 and 0 < result["1-recall@10"] <= 1
+    capsys.readouterr()
+    # the old meaning of --out (the results file) is refused, pointing to --results
+    assert cli.main(["evaluate", *common[:-2], "--out", str(tmp_path / "e2.json"),
+                     "--queries", str(root / "data" / "queries.npy")]) == 2
+    assert "--results" in capsys.readouterr().err and not (tmp_path / "e2.json").exists()
+
+
+def test_training_error_on_a_process_cluster_is_one_line(world, tmp_path):
+    root, _ = world
+    rc, _, err = cli_subprocess(["run", f"{root}/data", "--M", "7", "--out", str(tmp_path / "o"),
+                                 "--set", "cluster.n_workers=2", "--set", "cluster.dashboard=false"])
+    assert rc == 2, err
+    for noise in ("Traceback", "Compute Failed", "distributed.worker", "ERROR"):
+        assert noise not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: d=32 is not divisible by M=7"), err
+    assert all(" INFO pqgpu." in line for line in lines[:-1]), err
+
+
+# -- issue 22 item 3: quiet to the end -------------------------------------------------------------------
+
+TEARDOWN_SCRIPT = '''
+import logging, sys
+from distributed.diagnostics.plugin import WorkerPlugin
+from pqgpu.cluster import dask_client
+from pqgpu.config import ClusterConfig
+from pqgpu.logs import configure
+
+class HeartbeatAfterTheEnd(WorkerPlugin):
+    """While its worker closes, logs what a worker logs when its heartbeat finds the scheduler gone."""
+    name = "heartbeat-after-the-end"
+
+    def teardown(self, worker):
+        try:
+            raise OSError("Timed out trying to connect to tcp://127.0.0.1:1 after 30 s")
+        except OSError:
+            logging.getLogger("distributed.worker").exception("Failed to communicate with scheduler during heartbeat.")
+
+configure(debug=sys.argv[1] == "debug")
+with dask_client(ClusterConfig(n_workers=2, threads_per_worker=1, dashboard=False)) as client:
+    client.register_plugin(HeartbeatAfterTheEnd())
+    assert client.submit(sum, [1, 2]).result() == 3
+print("complete", file=sys.stderr, flush=True)
+'''
+
+
+@pytest.mark.parametrize("mode", ["plain", pytest.param("debug", marks=pytest.mark.slow)])
+def test_cluster_shutdown_is_quiet(mode):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", TEARDOWN_SCRIPT, mode], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    noise = "Failed to communicate with scheduler during heartbeat"
+    if mode == "debug":  # shown there: the test's worker really logged it
+        assert noise in res.stderr and "Traceback" in res.stderr, res.stderr
+    else:
+        assert noise not in res.stderr and "Traceback" not in res.stderr and "ERROR" not in res.stderr, res.stderr
+
+
+def test_records_after_teardown_begins_are_dropped(monkeypatch):
+    import logging
+
+    from pqgpu import logs
+
+    monkeypatch.setattr(logs, "_closing", False)
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    handler.addFilter(logs.DropExpected())
+    logger = logging.getLogger("distributed.worker.test-teardown")
+    logger.addHandler(handler)
+    try:
+        logger.error("before")
+        logs.begin_teardown()  # what quiet_workers runs in each worker before the cluster closes
+        logger.error("after")
+        logging.getLogger("pqgpu.test-teardown").addHandler(handler)
+        logging.getLogger("pqgpu.test-teardown").error("ours")  # pqgpu's own records are never dropped
+    finally:
+        logger.removeHandler(handler)
+        logging.getLogger("pqgpu.test-teardown").removeHandler(handler)
+    assert seen == ["before", "ours"]
+
+
+def test_padded_slots_of_string_ids_are_left_out():
+    from pqgpu.results import encode_results, result_columns
+
+    big = np.finfo(np.float32).max
+    ids = np.array([["doc-1", None], ["doc-2", "doc-3"]], dtype=object)
+    cols = result_columns(np.array([[0.5, big], [1.5, 2.5]], np.float32), ids)
+    assert cols["id"].tolist() == ["doc-1", "doc-2", "doc-3"] and cols["query"].tolist() == [0, 1, 1]
+    assert encode_results(cols, "csv").decode().splitlines() == [
+        '"query","rank","id","distance"', '0,0,"doc-1",0.5', '1,0,"doc-2",1.5', '1,1,"doc-3",2.5']

@@ -303,6 +303,15 @@ def test_uint64_ids_keep_their_values_and_export_refuses_them(tmp_path, capsys):
     np.testing.assert_array_equal(store.ids[...], big)
     _, found = search(cfg.encode.output, np.zeros((2, D), np.float32), 5)
     assert found.dtype == np.uint64 and set(found.reshape(-1).tolist()) <= set(big.tolist())
+    q = tmp_path / "q.npy"
+    np.save(q, np.zeros((2, D), np.float32))
+    res = tmp_path / "res.parquet"
+    assert cli.main(["search", cfg.encode.output, "--queries", str(q), "-k", "5", "--out", str(res)]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(res)
+    assert str(table.schema.field("id").type) == "uint64"
+    np.testing.assert_array_equal(table.column("id").to_numpy(), found.reshape(-1))
     assert cli.main(["export-faiss", cfg.encode.output, "--out", str(tmp_path / "i.faiss")]) == 2
     err = capsys.readouterr().err
     assert "2**63" in err and "Traceback" not in err and not (tmp_path / "i.faiss").exists()

@@ -20,9 +20,9 @@ def _is_gpu_module(name: str) -> bool:
             or name.startswith(("cupy.", "cupyx.", "numba.cuda.", "array_api_compat.cupy.")))
 
 
-def gpu_imports(source: str) -> list[str]:
-    """The CuPy / numba.cuda modules that `source` imports (statements anywhere, also inside functions,
-    and __import__ / importlib.import_module with a literal name), as 'line: module'."""
+def gpu_imports(source: str, is_module=_is_gpu_module) -> list[str]:
+    """The CuPy / numba.cuda modules (or those `is_module` names) that `source` imports (statements anywhere,
+    also inside functions, and __import__ / importlib.import_module with a literal name), as 'line: module'."""
     found = []
     for node in ast.walk(ast.parse(source)):
         names: list[str] = []
@@ -35,7 +35,7 @@ def gpu_imports(source: str) -> list[str]:
             called = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
             if called in ("__import__", "import_module") and isinstance(node.args[0].value, str):
                 names = [node.args[0].value]
-        hits = [n for n in names if _is_gpu_module(n)]
+        hits = [n for n in names if is_module(n)]
         if hits:
             found.append(f"{node.lineno}: {hits[0]}")
     return found
@@ -62,6 +62,22 @@ def test_only_the_backend_imports_cupy_or_numba_cuda():
     assert seen_backend, "the scan found no CuPy import in backend.py: the scanner is broken"
     assert not offenders, (f"only {sorted(BACKEND_LAYER)} may import cupy / numba.cuda; move these behind "
                            f"pqgpu.backend helpers: {offenders}")
+
+
+# -- dask-cuda: only pqgpu/cluster.py (issue 22 item 5) ------------------------------------------------------
+
+def _is_dask_cuda(name: str) -> bool:
+    return name == "dask_cuda" or name.startswith("dask_cuda.")
+
+
+def test_only_the_cluster_module_imports_dask_cuda():
+    assert gpu_imports("def f():\n    from dask_cuda.utils import get_n_gpus\n", _is_dask_cuda) == ["2: dask_cuda.utils"]
+    found = {path.relative_to(PACKAGE).as_posix(): gpu_imports(path.read_text(encoding="utf-8"), _is_dask_cuda)
+             for path in sorted(PACKAGE.rglob("*.py"))}
+    assert found.pop("cluster.py"), "the scan found no dask_cuda import in cluster.py: the scanner is broken"
+    offenders = {rel: hits for rel, hits in found.items() if hits}
+    assert not offenders, ("only pqgpu/cluster.py may import dask_cuda (ask it, e.g. cluster.dask_cuda_version()): "
+                           f"{offenders}")
 
 
 # -- no import circles -----------------------------------------------------------------------------------

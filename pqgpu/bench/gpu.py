@@ -694,13 +694,14 @@ def step_pipeline(rec: Recorder, p: dict[str, Any], quick: bool, workdir: str) -
                              "peak_device_mib_above_start": dev.result() if cfg.encode.backend == "gpu" else "-"})
 
     if ok:
-        try:
-            import dask_cuda  # noqa: F401
+        from ..cluster import dask_cuda_version
 
+        version, why = dask_cuda_version()  # only pqgpu.cluster imports dask_cuda
+        if version is not None:
             kind, cluster = "local-cuda", {"kind": "local-cuda"}
-        except Exception as exc:
+        else:
             kind, cluster = "local", {"kind": "local", "n_workers": 1}
-            rec.note(f"dask-cuda could not be used ({type(exc).__name__}: {exc}): the GPU pipeline ran on a plain "
+            rec.note(f"dask-cuda could not be used ({why}): the GPU pipeline ran on a plain "
                      "dask LocalCluster with one worker using the GPU instead of local-cuda")
         cfg = cfg_for("gpu", "gpu", cluster)
         t0 = time.perf_counter()

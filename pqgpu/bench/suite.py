@@ -94,7 +94,7 @@ def plots(out: Path, enc: dict[str, Any], scale: dict[str, Any]) -> list[str]:
 
 def run_bench(quick: bool = False, out: str = "bench-report", tiny: bool = False) -> int:
     """Run the suite and write report.json, report.md and PNG plots under `out`. Returns 0."""
-    from . import encode, ivf, pipeline, train
+    from . import encode, ivf, pipeline, refine, train
 
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
@@ -111,18 +111,23 @@ def run_bench(quick: bool = False, out: str = "bench-report", tiny: bool = False
         scale = scaling([1000, 10000, 100000] if not quick else [1000, 20000], 768, 8, runs=3)
         pipe = pipeline.run(quick=quick)
     ivf_r = None if tiny else ivf.run(quick=quick)  # IVF-PQ build and nprobe search vs faiss (pqgpu.bench.ivf)
+    refine_r = None if tiny else refine.run(quick=quick)  # --refine R vs faiss IndexRefineFlat (pqgpu.bench.refine)
     report = {"environment": env, "encode": enc, "train": tr, "scaling": scale, "pipeline": pipe, "ivf": ivf_r,
-              "seconds": time.perf_counter() - t0}
+              "refine": refine_r, "seconds": time.perf_counter() - t0}
     write_json(outp / "report.json", report)
     images = plots(outp, enc, scale)
     if ivf_r and ivf.plot_recall_qps(ivf_r, outp / "ivf_recall_qps.png"):
         images.append("ivf_recall_qps.png")
+    if refine_r and refine.plot_recall_qps(refine_r, outp / "refine_recall_qps.png"):
+        images.append("refine_recall_qps.png")
     md = [f"# pqgpu benchmark report{' (quick)' if quick else ''}\n",
           "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) + "\n",
           "## Encode\n", encode.render(enc), "## Training\n", train.render(tr),
           "## Scaling with n\n", markdown_table(scale["rows"]), "## Pipeline\n", pipeline.render(pipe)]
     if ivf_r:
         md.append(ivf.report_markdown(ivf_r))
+    if refine_r:
+        md.append(refine.report_markdown(refine_r))
     md += [f"![{name}]({name})\n" for name in images]
     md.append(f"\nTotal benchmark time: {report['seconds']:.0f} s\n")
     (outp / "report.md").write_text("\n".join(md))

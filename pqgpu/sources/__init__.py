@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -16,6 +17,7 @@ import numpy as np
 from .. import progress
 from ..config import SourceConfig
 from ..errors import ConfigError, InputError
+from ..formats import COMPANIONS, infer_format, subdirectory_hint  # noqa: F401 (infer_format: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class ShardReader(Protocol):
     def id_dtype(self, cfg: SourceConfig, shard: Shard) -> Any: ...
 
     def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any: ...
+
+    def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]: ...
 
 
 def _reader(fmt: str) -> ShardReader:
@@ -194,6 +198,37 @@ class Source:
             return out, np.concatenate(ids)
         return np.concatenate(xs).astype(np.result_type(*[x.dtype for x in xs]), copy=False), np.concatenate(ids)
 
+    def take_rows(self, rows: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """The vectors of the given global rows (any order, repeats allowed), read shard by shard, each shard
+        once with all its rows (so each Parquet row group is read once), memory bounded by the rows taken.
+
+        Returns the distinct rows (sorted int64 (u,)), their float32 vectors (u, d), and what was read: rows,
+        files, row groups (Parquet) or chunks (Zarr), bytes, seconds."""
+        t0 = time.perf_counter()
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise InputError(f"rows outside 0..{self.n - 1} asked of the source {self.cfg.path!r}.")
+        uniq = np.unique(rows)
+        out = np.empty((uniq.size, self.d), np.float32)
+        reader = _reader(self.cfg.format)
+        stats: dict[str, Any] = {"rows": int(uniq.size), "files": 0}
+        shard_of = np.searchsorted(self.offsets, uniq, side="right") - 1
+        bounds = np.searchsorted(shard_of, np.arange(len(self.shards) + 1))
+        for s, shard in enumerate(self.shards):
+            lo, hi = int(bounds[s]), int(bounds[s + 1])
+            if hi == lo:
+                continue
+            x, read = reader.take(self.cfg, shard, uniq[lo:hi] - self.offsets[s])
+            if x.shape != (hi - lo, self.d):
+                raise InputError(f"{shard.path}: expected {hi - lo} vectors of dimension {self.d}, got an array of "
+                                 f"shape {x.shape}. The file changed since it was listed.")
+            out[lo:hi] = x
+            stats["files"] += 1
+            for key, value in read.items():
+                stats[key] = stats.get(key, 0) + value
+        stats["seconds"] = time.perf_counter() - t0
+        return uniq, out, stats
+
     def locate(self, row: int) -> tuple[str, int]:
         """(file path, row within file) of a global row: for error messages."""
         s = int(np.searchsorted(self.offsets, row, side="right")) - 1
@@ -263,14 +298,15 @@ def store_id_dtype(id_types: set[str]) -> Any:
     return np.uint64 if id_types == {"uint64"} else np.int64
 
 
-def expand_paths(path: str | list[str], suffixes: tuple[str, ...], *, dirs: bool = False) -> list[str]:
-    """A glob, a directory (its files with one of `suffixes`) or a single path, local or fsspec URL; or a
-    list of those (expanded in the order given, each file once). Returns full paths (with the protocol for
-    remote URLs), sorted within each item."""
+def expand_paths(path: str | list[str], suffixes: tuple[str, ...], *, dirs: bool = False,
+                 key: str = "source.path") -> list[str]:
+    """A glob, a directory (its files with one of `suffixes`, but not make-sample's queries.npy) or a single
+    path, local or fsspec URL; or a list of those (expanded in the order given, each file once). Returns full
+    paths (with the protocol for remote URLs), sorted within each item. `key` names the setting in errors."""
     if isinstance(path, (list, tuple)):
         out: dict[str, None] = {}
         for p in path:
-            out.update(dict.fromkeys(expand_paths(p, suffixes, dirs=dirs)))
+            out.update(dict.fromkeys(expand_paths(p, suffixes, dirs=dirs, key=key)))
         return list(out)
     import fsspec
 
@@ -280,21 +316,29 @@ def expand_paths(path: str | list[str], suffixes: tuple[str, ...], *, dirs: bool
     def full(p: str) -> str:
         return p if protocol in ("file", "local") else f"{protocol}://{p}"
 
+    listed = False
     if any(ch in root for ch in "*?["):
         found = sorted(fs.glob(root))
     elif fs.isdir(root) and not (dirs and any(root.rstrip("/").endswith(s) for s in suffixes)):
+        listed = True
         found = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").endswith(suffixes))
+        skipped = [p for p in found if os.path.basename(p.rstrip("/")) in COMPANIONS]
+        if skipped:
+            log.info("%s: %s left out (what make-sample writes beside the shards; a glob takes it if it is one)",
+                     path, ", ".join(os.path.basename(p) for p in skipped))
+            found = [p for p in found if p not in skipped]
     elif fs.exists(root):
         found = [root]
     else:
-        raise InputError(f"source.path {path!r} does not exist. Give a file, a directory or a glob such as "
+        raise InputError(f"{key} {path!r} does not exist. Give a file, a directory or a glob such as "
                          f"data/shards/*{suffixes[0]}.")
     if dirs:
         found = [p for p in found if fs.isdir(p)]
     else:
         found = [p for p in found if fs.isfile(p)]
     if not found:
-        raise InputError(f"source.path {path!r} matches no {'/'.join(suffixes)} files.")
+        hint = subdirectory_hint(path) if listed and protocol in ("file", "local") else ""
+        raise InputError(f"{key} {path!r} matches no {'/'.join(suffixes)} files.{hint}")
     return [full(p.rstrip("/")) for p in found]
 
 
@@ -308,21 +352,16 @@ def file_stamp(path: str) -> tuple:
     return (int(info.get("size") or 0), str(mtime))
 
 
-_FORMAT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".zarr": "zarr"}
-
-
-def infer_format(paths: list[str]) -> str | None:
-    """The source format the paths' extensions name (a directory: the extension its entries share), or
-    None when that is missing or ambiguous."""
-    found = set()
-    for path in paths:
-        p = path.rstrip("/")
-        kind = next((f for s, f in _FORMAT_SUFFIXES.items() if p.lower().endswith(s)), None)
-        if kind is None and "://" not in p and not any(ch in p for ch in "*?[") and os.path.isdir(p):
-            kinds = {f for name in os.listdir(p) for s, f in _FORMAT_SUFFIXES.items()
-                     if name.lower().endswith(s) and not name.startswith(".")}
-            kind = kinds.pop() if len(kinds) == 1 else None
-        if kind is None:
-            return None
-        found.add(kind)
-    return found.pop() if len(found) == 1 else None
+def read_vectors(path: str | list[str], *, fmt: str | None = None, vector_column: str = "embedding",
+                 key: str = "--queries") -> np.ndarray:
+    """Every row of a small vector collection (queries) in any source format, by the same rules as a source
+    (format from the extension, Parquet list / fixed_size_list columns, Zarr arrays, 2-D .npy files; a
+    directory or glob of shards is concatenated in order): (n, d) in the stored float dtype. `key` names the
+    argument in errors."""
+    fmt = fmt or infer_format(path, key=key)
+    try:
+        src = open_source(SourceConfig(format=fmt, path=path, vector_column=vector_column))
+        return np.concatenate([x for _, x, _ in src.iter_chunks(max(src.n, 1))])
+    except InputError as exc:
+        raise InputError(str(exc).replace("source.path", key).replace("Set source.vector_column",
+                                                                      "Give its column with --vector-column")) from None

@@ -31,7 +31,7 @@ class NpyReader:
         paths = expand_paths(cfg.path, (".npy",))
         id_paths: list[str | None] = [None] * len(paths)
         if cfg.id_column:
-            id_paths = expand_paths(cfg.id_column, (".npy",))
+            id_paths = expand_paths(cfg.id_column, (".npy",), key="source.id_column")
             if len(id_paths) != len(paths):
                 raise InputError(f"source.id_column {cfg.id_column!r} matches {len(id_paths)} id file(s) but "
                                  f"source.path matches {len(paths)} vector file(s); they must pair up in sorted order.")
@@ -40,7 +40,10 @@ class NpyReader:
             stamp = file_stamp(path)
             a = _load(path, stamp)
             if a.ndim != 2:
-                raise InputError(f"{path}: expected a 2-D array (rows, d), got shape {a.shape}.")
+                hint = (" Are these ids? A directory or glob of .npy vectors takes every file it matches: give the "
+                        "vectors alone (e.g. DIR/shard-*.npy) and their ids with source.id_column (e.g. "
+                        "'DIR/ids-*.npy')." if a.ndim == 1 else "")
+                raise InputError(f"{path}: expected a 2-D array (rows, d), got shape {a.shape}.{hint}")
             if a.dtype.kind != "f" or a.dtype.itemsize not in (2, 4, 8):
                 raise InputError(f"{path}: dtype {a.dtype} is not supported; expected float16, float32 or float64.")
             extra = None
@@ -83,3 +86,46 @@ class NpyReader:
             raw = np.array(_load(*shard.extra)[lo:hi])
             ids = raw if raw.dtype.kind in "iu" else raw.astype(str)  # integers exactly as stored (Source.read_piece)
         return x, ids
+
+    def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        """Vectors of the given shard rows (sorted, unique int64): a local file through its memory map (only
+        the pages holding them are touched), a remote one by byte ranges (one per run of consecutive rows)."""
+        if "://" not in shard.path:
+            a = _load(shard.path, shard.stamp[:2])
+            try:
+                x = np.asarray(a[rows])
+            except (ValueError, OSError, IndexError) as exc:
+                raise InputError(f"{shard.path}: cannot read rows {int(rows[0])}..{int(rows[-1])}: {exc}. The file "
+                                 "may be truncated.") from None
+            return x, {"bytes": int(x.nbytes)}
+        return _take_remote(shard.path, rows)
+
+
+def _take_remote(path: str, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(p, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+            offset = f.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npy file ({exc}).") from None
+    if fortran and shape[0] > 1:
+        raise InputError(f"{path}: the array is stored in Fortran order, so a row is not contiguous and cannot be "
+                         "read alone from object storage. Save it in C order (np.save of np.ascontiguousarray).")
+    row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)  # consecutive rows: one range
+    starts = [offset + int(r[0]) * row_bytes for r in runs]
+    ends = [offset + (int(r[-1]) + 1) * row_bytes for r in runs]
+    try:
+        blobs = fs.cat_ranges([p] * len(runs), starts, ends)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read rows {int(rows[0])}..{int(rows[-1])}: {exc}.") from None
+    data = b"".join(blobs)
+    if len(data) != len(rows) * row_bytes:
+        raise InputError(f"{path}: expected {len(rows) * row_bytes} bytes for {len(rows)} rows, got {len(data)}. "
+                         "The file may be truncated.")
+    return np.frombuffer(data, dtype).reshape(len(rows), *shape[1:]), {"bytes": len(data)}

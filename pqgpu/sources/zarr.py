@@ -72,3 +72,16 @@ class ZarrReader:
         except Exception as exc:
             raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1}: {exc}. A chunk may be corrupt.") from None
         return x, ids
+
+    def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        """Vectors of the given shard rows (sorted, unique int64) by coordinate selection: Zarr reads only
+        the chunks that hold them. Reports those chunks and their decoded size."""
+        arr = _array(shard.path, cfg.vector_column, "vector_column")
+        try:
+            x = np.asarray(arr.get_orthogonal_selection((rows, slice(None))))
+        except Exception as exc:
+            raise InputError(f"{shard.path}: cannot read rows {int(rows[0])}..{int(rows[-1])}: {exc}. A chunk may "
+                             "be corrupt.") from None
+        crow, ccol = arr.chunks
+        touched = len(np.unique(rows // crow)) * -(-arr.shape[1] // ccol)
+        return x, {"chunks": touched, "bytes": touched * crow * ccol * arr.dtype.itemsize}
