@@ -128,9 +128,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     for gen in info.get("generations") or []:
         files = gen.get("files") or []
         lo, hi = gen.get("rows", [0, 0])
+        names = ", ".join(os.path.basename(f) for f in files[:3]) + (" …" if len(files) > 3 else "")
         print(f"{'generation ' + str(gen.get('generation')):>18}: rows {lo}-{hi - 1} from {len(files)} file(s)"
-              f"{' (' + ', '.join(os.path.basename(f) for f in files[:3]) + (' …' if len(files) > 3 else '') + ')' if files else ''}"
-              f", {gen.get('finished')}, backend {','.join(gen.get('backend') or []) or '?'}, "
+              f"{f' ({names})' if files else ''}, {gen.get('finished')}, backend {','.join(gen.get('backend') or []) or '?'}, "
               f"{len(gen.get('workers') or {})} worker(s), pqgpu {(gen.get('versions') or {}).get('pqgpu', '?')}")
     if info.get("segments") and len(info["segments"]) > 1:
         print(f"{'inverted segments':>18}: {len(info['segments'])} (`pqgpu compact {info['path']}` merges them)")
