@@ -37,6 +37,9 @@ TABLE_BYTES = 256 << 20
 PRECOMPUTED_BYTES = 512 << 20
 # One-off searches whose probes cover the lists load the whole inverted layout (codes + rows) up to this size.
 LOAD_BYTES = 1 << 30
+# Without load: appended segments (an append's new rows) up to this size are read once, when the index opens,
+# instead of once per query batch (one read per segment and batch is what segments cost, pqgpu.append).
+SEGMENT_LOAD_BYTES = 64 << 20
 
 
 def resolve_nprobe(nprobe: Any, nlist: int, where: str = "") -> int:
@@ -266,6 +269,7 @@ class IvfIndex:
         self.offsets = self._segs[0][2] if len(self._segs) == 1 else \
             np.concatenate([[0], np.cumsum(sum(np.diff(o) for _, _, o, _ in self._segs))]).astype(np.int64)
         self.checker = self._segs[0][3]
+        self._held: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # small segments, read once (load=False)
         self.cnorm = np.einsum("ij,ij->i", cb.coarse, cb.coarse).astype(np.float32)
         self.term2 = precomputed_term2(cb)
         self.loaded = bool(load)
@@ -289,8 +293,19 @@ class IvfIndex:
         lists = np.unique(probe)
         if self.loaded:
             return load_lists(self.codes, self.rows, lists, self.offsets, 0)
-        return merge_by_list([load_lists(ivf["codes"], ivf["rows"], lists, offsets, self.gap, checker, node)
-                              for node, ivf, offsets, checker in self._segs], self.cb.nlist)
+        parts = []
+        for (node, ivf, offsets, checker), lay in zip(self._segs, self.layouts):
+            held = self._held.get(node)
+            if held is None and len(self._segs) > 1 and lay.n * (self.cb.code_size + 8) <= SEGMENT_LOAD_BYTES:
+                held = self._held[node] = (
+                    (np.asarray(ivf["codes"][...]), np.asarray(ivf["rows"][...])) if checker is None else
+                    (checker.read(ivf["codes"], f"{node}/codes", 0, lay.n),
+                     checker.read(ivf["rows"], f"{node}/rows", 0, lay.n)))
+            if held is not None:
+                parts.append(load_lists(held[0], held[1], lists, offsets, 0))
+            else:
+                parts.append(load_lists(ivf["codes"], ivf["rows"], lists, offsets, self.gap, checker, node))
+        return merge_by_list(parts, self.cb.nlist)
 
     def _probe_cpu(self, y: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """coarse_distances + select_probes in one numba pass (same lists and distances up to float32 rounding

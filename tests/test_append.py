@@ -93,7 +93,7 @@ def test_appends_equal_one_shot_encode(grown):
         assert len(info["segments"]) == 4
 
 
-def test_ivf_segments_search_like_one_layout_and_compact_equals_one_shot(grown, tmp_path):
+def test_ivf_segments_search_like_one_layout_and_compact_equals_one_shot(grown, tmp_path, monkeypatch):
     from pqgpu.append import compact
     from pqgpu.invert import iter_lists
     from pqgpu.ivf_search import IvfIndex
@@ -103,7 +103,8 @@ def test_ivf_segments_search_like_one_layout_and_compact_equals_one_shot(grown, 
         pytest.skip("IVF only")
     g, o = open_store(cfg.encode.output), open_store(once.encode.output)
     q = synthetic(40, D, seed=99)
-    for load in (True, False):
+    for load, held in ((True, 64 << 20), (False, 64 << 20), (False, 0)):  # held 0: every segment read per batch
+        monkeypatch.setattr("pqgpu.ivf_search.SEGMENT_LOAD_BYTES", held)
         dg, rg = IvfIndex(g, load=load).search(q, 10, nprobe=3, backend="cpu")
         do, ro = IvfIndex(o, load=load).search(q, 10, nprobe=3, backend="cpu")
         np.testing.assert_array_equal(rg, ro)
