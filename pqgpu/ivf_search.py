@@ -149,6 +149,15 @@ def merge_by_list(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return codes, rows, new_lo, new_lo + total
 
 
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k by (distance, row) of several top-k results over disjoint rows (each segment's heap keeps its
+    k smallest (distance, row) pairs, so this is the top-k of one scan over all of them)."""
+    d = np.concatenate([x for x, _ in results], axis=1)
+    r = np.concatenate([x for _, x in results], axis=1)
+    order = np.lexsort((r, d), axis=-1)[:, :k]
+    return np.take_along_axis(d, order, axis=1), np.take_along_axis(r, order, axis=1)
+
+
 def precomputed_term2(cb: Any) -> np.ndarray | None:
     """(nlist, M * ksub) float32 ||r_mk||^2 + 2<c_l,m, r_mk> (one GEMM per sub-quantizer); None when it would exceed
     PRECOMPUTED_BYTES (faiss has the same switch, precomputed_table_max_bytes)."""
@@ -293,6 +302,11 @@ class IvfIndex:
         lists = np.unique(probe)
         if self.loaded:
             return load_lists(self.codes, self.rows, lists, self.offsets, 0)
+        return merge_by_list(self._segment_lists(probe), self.cb.nlist)
+
+    def _segment_lists(self, probe: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """load_lists of the probed lists in each segment (small segments held in memory after one read)."""
+        lists = np.unique(probe)
         parts = []
         for (node, ivf, offsets, checker), lay in zip(self._segs, self.layouts):
             held = self._held.get(node)
@@ -305,7 +319,7 @@ class IvfIndex:
                 parts.append(load_lists(held[0], held[1], lists, offsets, 0))
             else:
                 parts.append(load_lists(ivf["codes"], ivf["rows"], lists, offsets, self.gap, checker, node))
-        return merge_by_list(parts, self.cb.nlist)
+        return parts
 
     def _probe_cpu(self, y: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """coarse_distances + select_probes in one numba pass (same lists and distances up to float32 rounding
@@ -364,6 +378,9 @@ class IvfIndex:
                     self._sub = sub_codes(self.codes, cb)
                 d, r = scan_cpu(yb, cb, probe, dis0, self.offsets[:-1], self.offsets[1:], self._sub, self.rows, k,
                                 self.term2)
+            elif use_cpu and len(self._segs) > 1:  # each segment scanned apart, the top-k merged: no merge copy
+                d, r = merge_topk([scan_cpu(yb, cb, probe, dis0, lo, hi, sub_codes(c, cb), rw, k, self.term2)
+                                   for c, rw, lo, hi in self._segment_lists(probe)], k)
             else:
                 codes, rows, seg_lo, seg_hi = self._lists(probe)
                 if use_cpu:

@@ -109,6 +109,10 @@ def test_ivf_segments_search_like_one_layout_and_compact_equals_one_shot(grown, 
         do, ro = IvfIndex(o, load=load).search(q, 10, nprobe=3, backend="cpu")
         np.testing.assert_array_equal(rg, ro)
         np.testing.assert_array_equal(dg, do)
+    import array_api_compat.numpy as np_xp  # the array-API scan (the GPU's) over merged segments
+
+    np.testing.assert_array_equal(IvfIndex(g, load=False).search(q, 10, nprobe=3, xp=np_xp)[1],
+                                  IvfIndex(o, load=False).search(q, 10, nprobe=3, xp=np_xp)[1])
     for (lg, cg, ig), (lo, co, io) in zip(iter_lists(g, labels="ids"), iter_lists(o, labels="ids"), strict=True):
         assert lg == lo
         np.testing.assert_array_equal(cg, co)
