@@ -17,13 +17,14 @@ COARSE_QUERY_BLOCK = 4
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def probe_lists(y, coarse_t, cnorm, probe, pdist):
+def probe_lists(y, coarse_t, cnorm, probe, pdist, inner_product=False):
     """The nprobe = probe.shape[1] nearest lists of each query and their coarse distances, in one parallel
     pass (no BLAS call: its thread pool would fight numba's for the cores, see scan_tables).
 
     y (nq, d) float32; coarse_t (d, nlist) float32 the coarse centroids transposed; cnorm (nlist,) float32
     ||c||^2; fills probe (nq, nprobe) int64 and pdist (nq, nprobe) float32 with the lists, nearest first
     (ties: lower list), and their distances ||y||^2 + ||c||^2 - 2<y, c> clipped at 0, as faiss's IndexFlatL2.
+    inner_product: the lists of largest <y, c> instead (faiss IndexFlatIP), with pdist = -<y, c> (cnorm unused).
     """
     nq, d = y.shape
     nlist = coarse_t.shape[1]
@@ -45,8 +46,12 @@ def probe_lists(y, coarse_t, cnorm, probe, pdist):
             yn = np.float32(0.0)
             for t in range(d):
                 yn += y[q, t] * y[q, t]
-            for lst in range(nlist):
-                dist[lst] = max(yn + cnorm[lst] - np.float32(2.0) * acc[u, lst], np.float32(0.0))
+            if inner_product:
+                for lst in range(nlist):
+                    dist[lst] = -acc[u, lst]
+            else:
+                for lst in range(nlist):
+                    dist[lst] = max(yn + cnorm[lst] - np.float32(2.0) * acc[u, lst], np.float32(0.0))
             _select(dist, probe[q], pdist[q])
 
 
@@ -87,7 +92,7 @@ def _push(hd, hi, d, row):
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, codes, rows, heap_d, heap_i):
+def scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, codes, rows, heap_d, heap_i, scale):
     """Top-k over the probed lists with faiss's precomputed tables, updating the heaps in place:
     ||y - c_l - r||^2 = ||y - c_l||^2 + (||r||^2 + 2<c_l, r>) - 2<y, r>, so a list's table is
     term2[l] + ip (M * ksub additions, ip = -2<y_m, r_mk> once per query) and a row's distance dis0 + its M
@@ -95,7 +100,9 @@ def scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, codes, rows, heap
 
     y (nq, d) float32 rotated queries; cent_t (M, dsub, ksub) float32 the PQ centroids, transposed so that
     ip is computed along ksub (vectorised; no BLAS call, whose threads would fight numba's for the cores);
-    term2 (nlist, M * ksub) float32; probe (nq, nprobe) int64 and
+    term2 (nlist, M * ksub) float32, or (1, M * ksub): one row for every list; scale float32: -2 (L2, as
+    above), or -1 with a zero term2 row for inner product (a table -<y_m, r_mk>, dis0 = -<y, c_l>: negated
+    scores); probe (nq, nprobe) int64 and
     dis0 (nq, nprobe) float32 ||y - c_l||^2; seg_lo / seg_hi (nlist,) int64: where list l lies in codes
     (R, M) uint8|uint16 sub-codes and rows (R,) int64 store rows; heap_d / heap_i (nq, k) max-heaps by
     (distance, row). Four rows at a time: four independent sums (each in sub-quantizer order) keep the
@@ -109,7 +116,7 @@ def scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, codes, rows, heap
         ip = np.zeros(MK, np.float32)
         for m in range(M):
             for t in range(dsub):
-                yv = np.float32(-2.0) * y[q, m * dsub + t]
+                yv = scale * y[q, m * dsub + t]
                 for c in range(ksub):
                     ip[m * ksub + c] += yv * cent_t[m, t, c]
         tab = np.empty(MK, np.float32)
@@ -123,8 +130,9 @@ def scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, codes, rows, heap
             hi = seg_hi[lst]
             if hi <= lo:
                 continue
+            t2 = lst if term2.shape[0] > 1 else 0
             for e in range(MK):
-                tab[e] = term2[lst, e] + ip[e]
+                tab[e] = term2[t2, e] + ip[e]
             d0 = dis0[q, j]
             i = lo
             while i + 4 <= hi:

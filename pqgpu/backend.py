@@ -417,9 +417,10 @@ def _measure_routes(centroids: Any, nbits: int, prepared: Any, rows: int | None)
 
 def encode_blocks(x: np.ndarray, centroids: np.ndarray, nbits: int, device: NumpyDevice,
                   block_rows: int | None = None, rotation: np.ndarray | None = None,
-                  route: str = "auto") -> np.ndarray:
-    """Encode host x (n, d) (float16 stays float16 on the wire, computed in float32; rotated by `rotation`
-    first when given) into packed codes on
+                  route: str = "auto", normalize: bool = False, row_offset: int = 0) -> np.ndarray:
+    """Encode host x (n, d) (float16 stays float16 on the wire, computed in float32; L2-normalised on the
+    device when normalize (metric cosine; a zero row is an InputError counted from row_offset); rotated by
+    `rotation` first when given) into packed codes on
     `device`, two blocks in flight: while one block computes, the next one's copy is under way.
     route: as for device_encode ("auto" resolves once, before the blocks are planned).
 
@@ -474,6 +475,10 @@ def encode_blocks(x: np.ndarray, centroids: np.ndarray, nbits: int, device: Nump
         with stream:
             xd = device.upload(src, stream)
             xf = xp.astype(xd, xp.float32)
+            if normalize:
+                from .metric import normalize_rows
+
+                xf = normalize_rows(xf, "vectors to encode", row_offset=row_offset + start)
             if rot_t is not None:
                 xf = xp.matmul(xf, rot_t)
             codes = device_encode(xf, cent, nbits, route=route, prepared=prepared, block_bytes=block_bytes)

@@ -55,6 +55,7 @@ def _shorthand(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         put("encode", "output", str(Path(out) / "codes.zarr"))
     put("quantizer", "M", getattr(args, "M", None))
     put("quantizer", "nbits", getattr(args, "nbits", None))
+    put("quantizer", "metric", getattr(args, "metric", None))
     return updates
 
 
@@ -104,7 +105,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    for key in ("path", "n", "d", "M", "nbits", "code_size", "opq", "nlist", "ids_dtype", "chunk_rows"):
+    for key in ("path", "n", "d", "M", "nbits", "code_size", "opq", "metric", "nlist", "ids_dtype", "chunk_rows"):
         print(f"{key:>18}: {info[key]}")
     if info["complete"]:
         state = " (complete)"
@@ -353,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "encode.output (as run writes them)")
         g.add_argument("--M", type=int, help="quantizer.M, sub-quantizers per vector (d %% M == 0)")
         g.add_argument("--nbits", type=int, help="quantizer.nbits, bits per sub-code (1..16)")
+        g.add_argument("--metric", help="quantizer.metric: l2 (default), ip (inner product) or cosine (rows and "
+                       "queries L2-normalised, then inner product)")
 
     sp = sub.add_parser("demo", help="sample data -> train -> encode -> evaluate, on this machine")
     sp.add_argument("--out", default="pqgpu-demo")

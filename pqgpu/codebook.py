@@ -12,6 +12,9 @@ fourcc "LTra"):
     | d_in: int32 | d_out: int32 | is_trained: uint8
 
 all little-endian, A row-major (d_out, d_in), applied as y = A x.
+
+A metric other than l2 is written to ``<path>.metric`` (one word: ip or cosine; see pqgpu.metric), since a
+ProductQuantizer file has no metric field; no such file means l2.
 Training lives in training.py (PQ) and opq.py (OPQ); this module only holds and stores the result.
 """
 
@@ -30,6 +33,7 @@ import numpy as np
 from . import kernels
 from .backend import resolve_backend
 from .errors import ConfigError, InputError
+from .metric import check_metric, normalize_rows
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +77,33 @@ def as_float32_matrix(x: Any, what: str = "input", *, d: int | None = None, row_
     return x
 
 
+def normalize_training(x: np.ndarray, backend: str) -> np.ndarray:
+    """Host rows (n, d) float32 L2-normalised on the resolved backend's device ("cpu" | "gpu") and brought back
+    (metric cosine, before training); InputError names the first zero row."""
+    if backend == "cpu":
+        return normalize_rows(x, "training vectors")
+    from .backend import namespace, to_device, to_host
+
+    xp = namespace("gpu")
+    return np.asarray(to_host(normalize_rows(to_device(x, xp), "training vectors")), dtype=np.float32)
+
+
 @dataclass(frozen=True, eq=False)
 class Codebook:
     """PQ parameters and centroids. centroids: float32 (M, ksub, dsub); rotation: float32 (d, d) or None,
-    applied as x @ rotation.T before quantizing (faiss OPQMatrix convention: y = A x)."""
+    applied as x @ rotation.T before quantizing (faiss OPQMatrix convention: y = A x); metric: l2, ip or
+    cosine (pqgpu.metric; cosine normalises every row before it is rotated and encoded)."""
 
     d: int
     M: int
     nbits: int
     centroids: np.ndarray = field(repr=False)
     rotation: np.ndarray | None = field(default=None, repr=False)
+    metric: str = "l2"
 
     def __post_init__(self) -> None:
         check_params(self.d, self.M, self.nbits)
+        check_metric(self.metric)
         c = np.ascontiguousarray(self.centroids, dtype=np.float32)
         if c.shape != (self.M, self.ksub, self.dsub):
             raise InputError(f"centroids: expected shape {(self.M, self.ksub, self.dsub)} for d={self.d}, "
@@ -114,12 +132,17 @@ class Codebook:
     def rotate(self, x: np.ndarray) -> np.ndarray:
         return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation.T)
 
+    def prepare(self, x: np.ndarray, what: str = "vectors", *, row_offset: int = 0) -> np.ndarray:
+        """Validated float32 rows as the quantizer sees them before rotation: L2-normalised under cosine
+        (InputError naming the first all-zero row), unchanged otherwise."""
+        return normalize_rows(x, what, row_offset=row_offset) if self.metric == "cosine" else x
+
     def assign(self, x: Any, *, row_offset: int = 0, checked: bool = False) -> np.ndarray:
         """Unpacked sub-codes (n, M) (uint16 or int64) of host x after validation and rotation (CPU).
         checked=True: x is already a validated float32 (n, d) matrix (skips a pass over the data)."""
         if not checked:
             x = as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset)
-        x = self.rotate(x)
+        x = self.rotate(self.prepare(x, "vectors to encode", row_offset=row_offset))
         try:
             from . import _cpu
         except ImportError:
@@ -137,7 +160,8 @@ class Codebook:
             valid = x if checked else as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset)
             wire = x if x.dtype == np.float16 else valid
             return encode_blocks(np.ascontiguousarray(wire), self.centroids, self.nbits, cupy_device(),
-                                 rotation=self.rotation)
+                                 rotation=self.rotation, normalize=self.metric == "cosine",
+                                 row_offset=row_offset)
         return np.asarray(kernels.pack_codes(self.assign(x, row_offset=row_offset, checked=checked), self.nbits))
 
     def decode(self, codes: Any) -> np.ndarray:
@@ -160,6 +184,8 @@ class Codebook:
         if self.rotation is not None:
             h.update(b"rotation")
             h.update(np.ascontiguousarray(self.rotation, dtype="<f4").tobytes())
+        if self.metric != "l2":  # (l2 adds nothing: fingerprints of stores made before metrics stay valid)
+            h.update(b"metric:" + self.metric.encode())
         return h.hexdigest()
 
     def save(self, path: str | os.PathLike) -> None:
@@ -172,6 +198,7 @@ class Codebook:
             atomic_write_bytes(opq_path, opq_matrix_bytes(self.rotation))
         else:  # a rotation left from an earlier OPQ quantizer at this path would be loaded with these centroids
             opq_path.unlink(missing_ok=True)
+        write_metric_sidecar(path, self.metric)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Codebook":
@@ -193,10 +220,11 @@ class Codebook:
         opq_path = Path(str(path) + ".opq")
         if opq_path.exists():
             rotation = read_opq_matrix(opq_path)
-        return cls(int(d), int(M), int(nbits), centroids.astype(np.float32), rotation)
+        return cls(int(d), int(M), int(nbits), centroids.astype(np.float32), rotation,
+                   read_metric_sidecar(path) or "l2")
 
     def to_faiss(self) -> Any:
-        """A faiss.ProductQuantizer with these centroids (needs faiss)."""
+        """A faiss.ProductQuantizer with these centroids (needs faiss; the metric is not part of it)."""
         import faiss
 
         pq = faiss.ProductQuantizer(self.d, self.M, self.nbits)
@@ -220,6 +248,37 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# -- metric sidecar (<quantizer>.metric) ----------------------------------------------------------------
+
+def metric_sidecar(path: str | os.PathLike) -> Path:
+    return Path(str(path) + ".metric")
+
+
+def write_metric_sidecar(path: str | os.PathLike, metric: str, *, needed: bool | None = None) -> None:
+    """Write `<path>.metric` when needed (default: metric is not l2), else remove a stale one."""
+    side = metric_sidecar(path)
+    if needed if needed is not None else metric != "l2":
+        atomic_write_bytes(side, (metric + "\n").encode())
+    else:  # one left from an earlier quantizer at this path would be read with this one
+        side.unlink(missing_ok=True)
+
+
+def read_metric_sidecar(path: str | os.PathLike) -> str | None:
+    """The metric in `<path>.metric`, or None when there is no such file."""
+    side = metric_sidecar(path)
+    try:
+        text = side.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"Cannot read the metric file {side}: {exc}. It holds one word (ip or cosine); "
+                         "retrain the quantizer or fix the file.") from None
+    try:
+        return check_metric(text, f"metric file {side}")
+    except ConfigError as exc:
+        raise InputError(str(exc) + " Retrain the quantizer or fix the file.") from None
 
 
 # -- OPQ rotation file (faiss VectorTransform) ----------------------------------------------------------

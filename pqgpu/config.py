@@ -30,6 +30,7 @@ class QuantizerConfig:
     M: int = 16
     nbits: int = 8
     opq: bool = False
+    metric: str = "l2"  # l2 | ip | cosine (pqgpu.metric)
     nlist: int = 0  # > 0: IVF-PQ with nlist coarse lists (pqgpu.ivf); 0: plain PQ
     train_size: int = 262144
     niter: int = 25
@@ -93,6 +94,7 @@ class Config:
 _CHOICES = {
     ("source", "format"): ("parquet", "zarr", "npy"),
     ("encode", "backend"): ("auto", "cpu", "gpu"),
+    ("quantizer", "metric"): ("l2", "ip", "cosine"),
     ("cluster", "kind"): ("local", "local-cuda", "address"),
 }
 

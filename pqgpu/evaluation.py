@@ -1,4 +1,5 @@
-"""What exhaustive and IVF search both use to check arguments and to evaluate results: k checks, the exact
+"""What exhaustive and IVF search both use to check arguments and to evaluate results: k checks, queries as
+the metric sees them and scores back in its sense, the exact
 k-NN of a few queries over streamed base vectors, recall@k, the reconstruction pass and the result table.
 
 Below pqgpu.search and pqgpu.ivf_search (both import it; it imports neither), so data flows one way:
@@ -15,6 +16,7 @@ import numpy as np
 
 from .codebook import as_float32_matrix
 from .errors import ConfigError, InputError
+from .metric import normalize_rows
 
 
 def check_k(k: Any) -> int:
@@ -23,10 +25,30 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
-class ExactKnn:
-    """Exact squared-L2 k-NN of a few queries over base vectors streamed in blocks (host, float32 BLAS)."""
+def prepare_queries(queries: Any, codebook: Any) -> np.ndarray:
+    """Validated float32 queries (nq, d) as the codes see them: normalised under cosine (an all-zero query is an
+    InputError naming it), then rotated."""
+    q = as_float32_matrix(queries, "queries", d=codebook.d)
+    if codebook.metric == "cosine":
+        q = normalize_rows(q, "queries")
+    return codebook.rotate(q)
 
-    def __init__(self, queries: np.ndarray, k: int, block_rows: int = 16384):
+
+def to_metric(d: np.ndarray, metric: str) -> np.ndarray:
+    """Scan distances back in the metric's sense: as they are for l2, negated (similarities) for ip / cosine;
+    a missing result (row -1) then scores -FLT_MAX, as in faiss."""
+    return d if metric == "l2" else -d
+
+
+class ExactKnn:
+    """Exact k-NN of a few queries over base vectors streamed in blocks (host, float32 BLAS): squared L2, or
+    for metric ip / cosine the largest inner products (cosine: queries normalised here; the base blocks must
+    arrive normalised, as reconstruction_pass gives them)."""
+
+    def __init__(self, queries: np.ndarray, k: int, block_rows: int = 16384, metric: str = "l2"):
+        if metric == "cosine":
+            queries = normalize_rows(queries, "queries")
+        self.metric = metric
         self.q = queries
         self.qnorm = (queries.astype(np.float64) ** 2).sum(1).astype(np.float32)
         self.k = k
@@ -37,7 +59,10 @@ class ExactKnn:
     def add(self, start: int, x: np.ndarray) -> None:
         for b0 in range(0, x.shape[0], self.block_rows):
             xb = x[b0:b0 + self.block_rows]
-            dist = self.qnorm[:, None] - 2 * (self.q @ xb.T) + (xb * xb).sum(1)[None, :]
+            if self.metric == "l2":
+                dist = self.qnorm[:, None] - 2 * (self.q @ xb.T) + (xb * xb).sum(1)[None, :]
+            else:  # largest inner product first: the smallest negated one
+                dist = -(self.q @ xb.T)
             kk = min(self.k, xb.shape[0])
             part = np.argpartition(dist, kk - 1, axis=1)[:, :kk]
             cand_d = np.concatenate([self.d, np.take_along_axis(dist, part, axis=1)], axis=1)
@@ -109,14 +134,17 @@ def evaluation_inputs(store: Any, queries: Any, ks: Iterable[int], ground_truth:
 
 
 def reconstruction_pass(base_chunks: Any, n: int, d: int, decode_rows: Callable[[int, int], np.ndarray],
-                        knn: "ExactKnn | None") -> tuple[float, float, np.ndarray | None]:
+                        knn: "ExactKnn | None", metric: str = "l2") -> tuple[float, float, np.ndarray | None]:
     """One pass over the base vectors (the encoded source rows, in store order): (MSE, relative MSE) of
     decode_rows(lo, hi) (float32 reconstructions of store rows lo..hi) against them, and, when knn is given,
-    the exact neighbours it gathers on the way (else None)."""
+    the exact neighbours it gathers on the way (else None). metric cosine: the base rows are normalised
+    first, as they were encoded."""
     err = sq_norm = 0.0
     pos = 0
     for block in base_chunks:
         x = as_float32_matrix(block, "base vectors", d=d, row_offset=pos)
+        if metric == "cosine":
+            x = normalize_rows(x, "base vectors", row_offset=pos)
         rows = x.shape[0]
         if pos + rows > n:
             raise InputError(f"base_chunks hold more than the store's {n} rows (at least {pos + rows}); "

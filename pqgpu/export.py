@@ -1,7 +1,9 @@
 """Export a code store as a faiss index file that searches exactly like `pqgpu.search`.
 
 Layout: IndexIDMap2(IndexPQ) holding the store's codes and int64 ids, or
-IndexIDMap2(IndexPreTransform(OPQMatrix, IndexPQ)) when the codebook has an OPQ rotation.
+IndexIDMap2(IndexPreTransform(OPQMatrix, IndexPQ)) when the codebook has an OPQ rotation. The IndexPQ has
+the store's metric (METRIC_INNER_PRODUCT for ip and cosine); cosine puts faiss's L2 normalisation
+(NormalizationTransform, index_factory's "L2norm") in front, so faiss normalises the queries as pqgpu does.
 Stores with string ids get IndexIDMap over row numbers plus a sidecar `<out>.ids.parquet`
 (columns row, id) that maps faiss results back to the source ids.
 faiss is imported only here, lazily: the rest of pqgpu never needs it.
@@ -43,18 +45,26 @@ def build_faiss_index(codebook: Any, chunks: Any, ids: np.ndarray | None, n: int
     ids: int64 (n,) wrapped with IndexIDMap2, or None for row numbers wrapped with IndexIDMap.
     """
     faiss = import_faiss()
-    index_pq = faiss.IndexPQ(codebook.d, codebook.M, codebook.nbits)
+    metric = faiss.METRIC_L2 if codebook.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    index_pq = faiss.IndexPQ(codebook.d, codebook.M, codebook.nbits, metric)
     faiss.copy_array_to_vector(np.ascontiguousarray(codebook.centroids).ravel(), index_pq.pq.centroids)
     index_pq.is_trained = True
     inner = index_pq
     keep = [index_pq]
+    transforms = []  # in the order faiss applies them
+    if codebook.metric == "cosine":
+        transforms.append(faiss.NormalizationTransform(codebook.d, 2.0))
     if codebook.rotation is not None:
         opq = faiss.OPQMatrix(codebook.d, codebook.M)
         faiss.copy_array_to_vector(np.ascontiguousarray(codebook.rotation, dtype=np.float32).ravel(), opq.A)
         opq.is_trained = True
         opq.is_orthonormal = True  # lets faiss reconstruct() through the rotation
-        inner = faiss.IndexPreTransform(opq, index_pq)
-        keep += [opq, inner]
+        transforms.append(opq)
+    if transforms:
+        inner = faiss.IndexPreTransform(index_pq)
+        for vt in reversed(transforms):
+            inner.prepend_transform(vt)
+        keep += transforms + [inner]
     # faiss only wraps empty indexes in an IDMap: wrap first, then fill the codes and the id map.
     index = faiss.IndexIDMap(inner) if ids is None else faiss.IndexIDMap2(inner)
     expected = 0

@@ -2,17 +2,22 @@
 
 A row x (after the optional OPQ rotation R: y = R x) goes to list l = argmin_l ||y - c_l||^2 and is stored as
 the PQ code of the residual y - c_l, exactly what faiss's IndexIVFPQ (inside IndexPreTransform with OPQ)
-computes for `add`. The trained quantizer is written as a faiss index file, in pure Python (faiss is not a
-runtime dependency). Layout, all little-endian, as faiss's index_write.cpp writes it:
+computes for `add`. With metric ip or cosine (cosine: rows L2-normalised first) the list is
+argmax_l <y, c_l> and the coarse centroids come from spherical k-means with inner-product assignment, as
+faiss's IndexIVF trains its IndexFlatIP quantizer for METRIC_INNER_PRODUCT (cp.spherical = true); the
+residual PQ is L2 k-means either way.
+The trained quantizer is written as a faiss index file, in pure Python (faiss is not a runtime dependency). Layout, all little-endian, as faiss's index_write.cpp writes it:
 
-    index header  = d:int32 ntotal:int64 dummy:int64 dummy:int64 is_trained:uint8 metric_type:int32 (1 = L2)
-    IndexFlatL2   = "IxF2" header  count:uint64 (= nlist*d) float32[nlist*d]            (coarse centroids)
-    IndexIVFPQ    = "IwPQ" header  nlist:uint64 nprobe:uint64  <IndexFlatL2>  direct_map_type:int8
+    index header  = d:int32 ntotal:int64 dummy:int64 dummy:int64 is_trained:uint8 metric_type:int32
+                    (1 = L2, 0 = inner product; cosine = inner product behind an L2 normalisation)
+    IndexFlat     = "IxF2" (L2) | "IxFI" (IP) header  count:uint64 (= nlist*d) float32[nlist*d]  (coarse)
+    IndexIVFPQ    = "IwPQ" header  nlist:uint64 nprobe:uint64  <IndexFlat>  direct_map_type:int8
                     direct_map:uint64 count (+ int64s)  by_residual:uint8  code_size:uint64
                     ProductQuantizer (d, M, nbits:uint64, count:uint64, float32 centroids)  <invlists>
     invlists      = "il00" (none) | "ilar" nlist:uint64 code_size:uint64 ("full" sizes:uint64 vec |
                     "sprs" (list, size) pairs:uint64 vec) then per non-empty list: codes bytes, int64 ids
-    OPQ           = "IxPT" header nt:int32 <VectorTransform "LTra" ...> <IndexIVFPQ>
+    OPQ / cosine  = "IxPT" header nt:int32 [<"VNrm" norm:float32 d_in:int32 d_out:int32 is_trained:uint8>]
+                    [<VectorTransform "LTra" ...>] <IndexIVFPQ>   (VNrm: faiss's L2norm, metric cosine)
 """
 
 from __future__ import annotations
@@ -28,15 +33,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
 import numpy as np
+from array_api_compat import array_namespace
 
 from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
-from .codebook import Codebook, as_float32_matrix, atomic_write_bytes, check_params
+from .codebook import Codebook, as_float32_matrix, atomic_write_bytes, check_params, normalize_training
 from .errors import ConfigError, InputError
+from .metric import FAISS_METRIC_INNER_PRODUCT, FAISS_METRIC_L2, check_metric, faiss_metric_type, normalize_rows
 
 log = logging.getLogger(__name__)
 
-METRIC_L2 = 1
+METRIC_L2 = FAISS_METRIC_L2
 _DUMMY = 1 << 20
 # faiss reads an IVF list number as int64 and our lists array is int32; nlist beyond this is never needed.
 MAX_NLIST = 1 << 24
@@ -79,7 +86,7 @@ class IvfCodebook(Codebook):
 
     @property
     def pq(self) -> Codebook:
-        """The residual PQ alone (no rotation, no coarse quantizer)."""
+        """The residual PQ alone (no rotation, no coarse quantizer, metric l2: residuals are not normalised)."""
         return Codebook(self.d, self.M, self.nbits, self.centroids)
 
     def fingerprint(self) -> str:
@@ -92,7 +99,10 @@ class IvfCodebook(Codebook):
     # -- encoding ---------------------------------------------------------------------------------------
 
     def assign_lists(self, y: np.ndarray) -> np.ndarray:
-        """Nearest coarse centroid of rotated host rows y float32 (n, d) -> int32 (n,) (ties: lowest list)."""
+        """Nearest coarse centroid of rotated host rows y float32 (n, d) -> int32 (n,) (ties: lowest list);
+        for ip / cosine the largest inner product (faiss IndexFlatIP.assign)."""
+        if self.metric != "l2":
+            return np.asarray(kernels.assign_ip(y, self.coarse)).astype(np.int32)
         if self.nlist <= 65536:
             try:
                 from . import _cpu
@@ -112,8 +122,8 @@ class IvfCodebook(Codebook):
         if not checked:
             x = as_float32_matrix(x, "vectors to encode", d=self.d, row_offset=row_offset)
         if resolve_backend(backend) == "gpu":
-            return encode_ivf_xp(x, self, namespace("gpu"))
-        y = self.rotate(x)
+            return encode_ivf_xp(x, self, namespace("gpu"), row_offset=row_offset)
+        y = self.rotate(self.prepare(x, "vectors to encode", row_offset=row_offset))
         lists = self.assign_lists(y)
         residual = y - self.coarse[lists]
         return lists, self.pq.encode(residual, "cpu", checked=True)
@@ -130,44 +140,68 @@ class IvfCodebook(Codebook):
     # -- files ------------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a trained, empty faiss IndexIVFPQ (IndexPreTransform with OPQ) atomically."""
+        """Write a trained, empty faiss IndexIVFPQ (IndexPreTransform with OPQ and / or, for cosine, faiss's
+        L2 normalisation) atomically; the metric is in the file's own header (no .metric sidecar)."""
+        from .codebook import write_metric_sidecar
+
         buf = io.BytesIO()
         write_index(buf, self, sizes=np.zeros(self.nlist, np.int64), lists_data=())
         atomic_write_bytes(Path(path), buf.getvalue())
+        write_metric_sidecar(path, self.metric, needed=False)  # a stale one from a plain-PQ quantizer here
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "IvfCodebook":
         return read_index(path)[0]
 
 
-def encode_ivf_xp(x: np.ndarray, cb: IvfCodebook, xp: Any) -> tuple[np.ndarray, np.ndarray]:
-    """encode_ivf with the array-API kernels on namespace xp (CuPy on the GPU; array_api_strict in tests)."""
+def encode_ivf_xp(x: np.ndarray, cb: IvfCodebook, xp: Any, *, row_offset: int = 0,
+                  prepared: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """encode_ivf with the array-API kernels on namespace xp (CuPy on the GPU; array_api_strict in tests).
+    prepared: x is already normalised (cosine) and rotated."""
     xd = to_device(x, xp)
-    if cb.rotation is not None:
-        xd = xp.matmul(xd, xp.permute_dims(to_device(cb.rotation, xp), (1, 0)))
+    if not prepared:
+        if cb.metric == "cosine":  # on the device, as the rest of the encode
+            xd = normalize_rows(xd, "vectors to encode", row_offset=row_offset)
+        if cb.rotation is not None:
+            xd = xp.matmul(xd, xp.permute_dims(to_device(cb.rotation, xp), (1, 0)))
     coarse = to_device(cb.coarse, xp)
-    lists = kernels.assign(xd, xp.reshape(coarse, (1, cb.nlist, cb.d)))[:, 0]
+    lists = assign_coarse(xd, coarse, cb.metric)
     residual = xd - xp.take(coarse, lists, axis=0)
     sub = kernels.assign(residual, to_device(cb.centroids, xp))
     codes = kernels.pack_codes(sub, cb.nbits)
     return to_host(lists).astype(np.int32), to_host(codes).astype(np.uint8)
 
 
+def assign_coarse(y: Any, coarse: Any, metric: str) -> Any:
+    """List of each rotated row y (n, d) on any namespace: nearest coarse centroid (l2) or largest inner
+    product (ip, cosine) -> (n,) int64, ties to the lowest list."""
+    xp = array_namespace(y)
+    if metric != "l2":
+        return kernels.assign_ip(y, coarse)
+    return kernels.assign(y, xp.reshape(coarse, (1, coarse.shape[0], coarse.shape[1])))[:, 0]
+
+
 # -- training -------------------------------------------------------------------------------------------
 
-def train_coarse(y: np.ndarray, nlist: int, *, niter: int, seed: int, backend: str) -> np.ndarray:
+def train_coarse(y: np.ndarray, nlist: int, *, niter: int, seed: int, backend: str,
+                 metric: str = "l2") -> np.ndarray:
     """k-means of nlist centroids on host rows y float32 (n, d) -> (nlist, d) float32 (our batched k-means,
-    as one sub-quantizer of width d; assignment blocked so nlist up to 65,536 stays within a block budget)."""
-    from .kmeans import ArrayEngine, train_subquantizers
+    as one sub-quantizer of width d; assignment blocked so nlist up to 65,536 stays within a block budget).
+    metric ip / cosine: spherical k-means with inner-product assignment, as faiss's IndexIVF for
+    METRIC_INNER_PRODUCT (centroids renormalised after the initial draw and after every iteration)."""
+    from .kmeans import ArrayEngine, InnerProductEngine, train_subquantizers
 
+    spherical = check_metric(metric) != "l2"
     if resolve_backend(backend) == "cpu":
-        return train_subquantizers(y, 1, nlist, niter=niter, seed=seed)[0]
+        engine = InnerProductEngine() if spherical else None
+        return train_subquantizers(y, 1, nlist, niter=niter, seed=seed, engine=engine, spherical=spherical)[0]
     from .backend import free_device_memory
 
     xp = namespace("gpu")
     block = max(64 << 20, free_device_memory() // 4)
-    return train_subquantizers(to_device(y, xp), 1, nlist, niter=niter, seed=seed,
-                               engine=ArrayEngine(block_bytes=block))[0]
+    engine = (InnerProductEngine if spherical else ArrayEngine)(block_bytes=block)
+    return train_subquantizers(to_device(y, xp), 1, nlist, niter=niter, seed=seed, engine=engine,
+                               spherical=spherical)[0]
 
 
 def plan_training(n: int, d: int, nlist: int, M: int, nbits: int) -> str:
@@ -182,10 +216,12 @@ def plan_training(n: int, d: int, nlist: int, M: int, nbits: int) -> str:
 
 
 def train_ivf(x: Any, M: int, nbits: int, nlist: int, *, niter: int = 25, seed: int = 1234,
-              backend: str = "auto", opq: bool = False) -> IvfCodebook:
+              backend: str = "auto", opq: bool = False, metric: str = "l2") -> IvfCodebook:
     """Train an IVF-PQ quantizer on x (n, d), as faiss "IVF{nlist},PQ{M}x{nbits}" (by_residual) or, with opq,
     "OPQ{M},IVF{nlist},PQ{M}x{nbits}": the rotation is learned on x, the coarse k-means on the rotated x,
-    the PQ on the residuals of the rotated x to their nearest coarse centroid."""
+    the PQ on the residuals of the rotated x to their nearest coarse centroid. metric (pqgpu.metric): ip /
+    cosine train the coarse quantizer as faiss does for METRIC_INNER_PRODUCT; cosine normalises x first."""
+    check_metric(metric)
     x = np.asarray(x)
     if x.ndim != 2:
         raise InputError(f"training vectors: expected a 2-D array (rows, d). Got shape {x.shape} instead.")
@@ -204,22 +240,24 @@ def train_ivf(x: Any, M: int, nbits: int, nlist: int, *, niter: int = 25, seed: 
                     "raise quantizer.train_size for better lists", n, nlist)
     x = as_float32_matrix(x, "training vectors")
     backend = resolve_backend(backend)
+    if metric == "cosine":
+        x = normalize_training(x, backend)
     log.info(plan_training(n, d, nlist, M, nbits))
     rotation = None
     if opq:
         rotation = _train_rotation(x, M, nbits, seed, backend)
         x = np.ascontiguousarray(x @ rotation.T)
     t0 = time.perf_counter()
-    coarse = train_coarse(x, nlist, niter=niter, seed=seed, backend=backend)
+    coarse = train_coarse(x, nlist, niter=niter, seed=seed, backend=backend, metric=metric)
     t1 = time.perf_counter()
-    tmp = IvfCodebook(d, M, nbits, np.zeros((M, 1 << nbits, d // M), np.float32), coarse=coarse)
-    lists = tmp.assign_lists(x) if backend == "cpu" else encode_ivf_xp(x, tmp, namespace("gpu"))[0]
+    tmp = IvfCodebook(d, M, nbits, np.zeros((M, 1 << nbits, d // M), np.float32), metric=metric, coarse=coarse)
+    lists = tmp.assign_lists(x) if backend == "cpu" else encode_ivf_xp(x, tmp, namespace("gpu"), prepared=True)[0]
     residual = x - coarse[lists]
     from .training import train as train_pq
 
     pq = train_pq(residual, M, nbits, niter=niter, seed=seed, backend=backend)
     log.info("IVF training: coarse k-means %.2f s, residual PQ %.2f s", t1 - t0, time.perf_counter() - t1)
-    return IvfCodebook(d, M, nbits, pq.centroids, rotation, coarse=coarse)
+    return IvfCodebook(d, M, nbits, pq.centroids, rotation, metric, coarse=coarse)
 
 
 def _train_rotation(x: np.ndarray, M: int, nbits: int, seed: int, backend: str) -> np.ndarray:
@@ -238,21 +276,33 @@ def _train_rotation(x: np.ndarray, M: int, nbits: int, seed: int, backend: str) 
 
 # -- faiss file format ------------------------------------------------------------------------------------
 
-def _header(d: int, ntotal: int) -> bytes:
-    return struct.pack("<iqqq?i", d, ntotal, _DUMMY, _DUMMY, True, METRIC_L2)
+def _header(d: int, ntotal: int, metric: str = "l2") -> bytes:
+    return struct.pack("<iqqq?i", d, ntotal, _DUMMY, _DUMMY, True, faiss_metric_type(metric))
+
+
+def normalization_bytes(d: int) -> bytes:
+    """A faiss NormalizationTransform (L2, norm 2.0: faiss's "L2norm"), as write_VectorTransform writes it."""
+    return b"VNrm" + struct.pack("<fiiB", 2.0, d, d, 1)
 
 
 def ivf_prefix_bytes(cb: IvfCodebook, ntotal: int, nprobe: int = 1) -> bytes:
-    """Everything of the faiss file before the inverted lists (IxPT + transform + IwPQ ... PQ)."""
+    """Everything of the faiss file before the inverted lists (IxPT + transforms + IwPQ ... PQ). Transforms:
+    faiss's L2 normalisation for cosine, then the OPQ rotation; faiss applies them in that order."""
     parts = []
+    transforms = []
+    if cb.metric == "cosine":
+        transforms.append(normalization_bytes(cb.d))
     if cb.rotation is not None:
         from .codebook import opq_matrix_bytes
 
-        parts += [b"IxPT", _header(cb.d, ntotal), struct.pack("<i", 1), opq_matrix_bytes(cb.rotation)]
+        transforms.append(opq_matrix_bytes(cb.rotation))
+    if transforms:
+        parts += [b"IxPT", _header(cb.d, ntotal, cb.metric), struct.pack("<i", len(transforms)), *transforms]
     coarse = np.ascontiguousarray(cb.coarse, dtype="<f4")
+    flat = b"IxF2" if cb.metric == "l2" else b"IxFI"  # faiss IndexFlatL2 / IndexFlatIP
     parts += [
-        b"IwPQ", _header(cb.d, ntotal), struct.pack("<QQ", cb.nlist, nprobe),
-        b"IxF2", _header(cb.d, cb.nlist), struct.pack("<Q", coarse.size), coarse.tobytes(),
+        b"IwPQ", _header(cb.d, ntotal, cb.metric), struct.pack("<QQ", cb.nlist, nprobe),
+        flat, _header(cb.d, cb.nlist, cb.metric), struct.pack("<Q", coarse.size), coarse.tobytes(),
         struct.pack("<bQ", 0, 0),  # direct map: none, empty array
         struct.pack("<?Q", True, cb.code_size),
         struct.pack("<QQQQ", cb.d, cb.M, cb.nbits, cb.centroids.size),
@@ -295,6 +345,10 @@ def write_index(f: BinaryIO, cb: IvfCodebook, *, sizes: np.ndarray,
 class _Reader:
     def __init__(self, raw: bytes, where: str):
         self.raw, self.pos, self.where = raw, 0, where
+        self.metric: str | None = None  # from the first header read; later headers must agree
+
+    def peek(self) -> bytes:
+        return self.raw[self.pos:self.pos + 4]
 
     def take(self, fmt: str) -> tuple:
         size = struct.calcsize(fmt)
@@ -317,8 +371,12 @@ class _Reader:
 
     def header(self) -> tuple[int, int]:
         d, ntotal, _, _, _trained, metric = self.take("<iqqq?i")
-        if metric != METRIC_L2:
-            raise self.bad(f"metric type {metric} (only L2 = 1 is supported)")
+        if metric not in (FAISS_METRIC_L2, FAISS_METRIC_INNER_PRODUCT):
+            raise self.bad(f"metric type {metric} (pqgpu reads METRIC_L2 = 1 and METRIC_INNER_PRODUCT = 0)")
+        name = "l2" if metric == FAISS_METRIC_L2 else "ip"
+        if self.metric is not None and name != self.metric:
+            raise self.bad(f"its parts disagree on the metric ({self.metric} and {name})")
+        self.metric = name
         return d, ntotal
 
     def bad(self, why: str) -> InputError:
@@ -340,12 +398,23 @@ def read_index(path: str | os.PathLike, *, with_lists: bool = False
     r = _Reader(raw, str(path))
     h = r.fourcc()
     rotation = None
+    normalized = False
     if h == b"IxPT":
         r.header()
         (nt,) = r.take("<i")
-        if nt != 1:
-            raise r.bad(f"{nt} vector transforms (pqgpu reads exactly one OPQ/linear transform)")
-        rotation = _read_linear(r)
+        if not 1 <= nt <= 2:
+            raise r.bad(f"{nt} vector transforms (pqgpu reads an optional L2 normalisation, then an optional "
+                        "square OPQ rotation)")
+        for i in range(nt):
+            if r.peek() == b"VNrm":
+                if i != 0:
+                    raise r.bad("an L2 normalisation after the rotation (pqgpu normalises first, as 'L2norm,OPQ')")
+                _read_normalization(r)
+                normalized = True
+            else:
+                if rotation is not None:
+                    raise r.bad("two linear transforms (pqgpu reads one OPQ rotation)")
+                rotation = _read_linear(r)
         h = r.fourcc()
     if h == b"IvPQ":
         raise r.bad("legacy 'IvPQ' layout (re-save it with a recent faiss)")
@@ -353,8 +422,9 @@ def read_index(path: str | os.PathLike, *, with_lists: bool = False
         raise r.bad(f"fourcc {h!r} (expected b'IwPQ' or b'IxPT')")
     d, _ntotal = r.header()
     nlist, _nprobe = r.take("<QQ")
-    if r.fourcc() != b"IxF2":
-        raise r.bad("the coarse quantizer is not an IndexFlatL2")
+    flat = r.fourcc()
+    if flat not in (b"IxF2", b"IxFI"):
+        raise r.bad(f"the coarse quantizer is {flat!r}, not an IndexFlatL2 / IndexFlatIP")
     qd, qn = r.header()
     (count,) = r.take("<Q")
     if qd != d or qn != nlist or count != nlist * d:
@@ -397,9 +467,22 @@ def read_index(path: str | os.PathLike, *, with_lists: bool = False
                 lists.append((codes, r.array("<i8", int(s))))
     elif ih != b"il00":
         raise r.bad(f"inverted lists of type {ih!r} (pqgpu reads 'ilar' and 'il00')")
-    cb = IvfCodebook(d, int(M), int(nbits), centroids.astype(np.float32), rotation,
+    metric = r.metric or "l2"
+    if normalized:
+        if metric != "ip":
+            raise r.bad("an L2 normalisation in front of an L2 index (pqgpu reads normalisation as metric cosine, "
+                        "which needs METRIC_INNER_PRODUCT)")
+        metric = "cosine"
+    cb = IvfCodebook(d, int(M), int(nbits), centroids.astype(np.float32), rotation, metric,
                      coarse=coarse.astype(np.float32))
     return cb, sizes, lists
+
+
+def _read_normalization(r: _Reader) -> None:
+    r.fourcc()
+    norm, d_in, d_out, _trained = r.take("<fiiB")
+    if norm != 2.0 or d_in != d_out:
+        raise r.bad(f"a normalisation transform with norm {norm} ({d_in} -> {d_out}); pqgpu reads L2 (norm 2)")
 
 
 def _read_linear(r: _Reader) -> np.ndarray:

@@ -6,6 +6,11 @@ coarse centroids c_l are nearest; a row of list l with residual code r scores su
 serves any number of searches; `search_ivf_store` is the one-call form. Rows are scored by fused numba kernels
 on the CPU (faiss's precomputed tables: a list's table is term2[l] - 2<y, r>) or by array-API kernels (CuPy
 on the GPU) over the probed lists of each query batch.
+
+Metric ip / cosine (cosine: queries L2-normalised first), as faiss IndexIVFPQ with METRIC_INNER_PRODUCT: a
+query probes the nprobe lists of largest <y, c_l>, and a row of list l with residual code r scores
+<y, c_l> + sum_m <y_m, r_m> (the tables do not depend on the list). The kernels keep their min-heaps on the
+negated scores (exact), and results are negated back: similarities, largest first, ties to the lower row.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from . import integrity, kernels
 from .backend import namespace, resolve_backend, to_device, to_host
 from .codebook import as_float32_matrix
 from .errors import ConfigError
-from .evaluation import ExactKnn, check_k, evaluation_inputs, recall_metrics, reconstruction_pass
+from .evaluation import (ExactKnn, check_k, evaluation_inputs, prepare_queries, recall_metrics,
+                         reconstruction_pass, to_metric)
 from .invert import layout_checker
 from .refine import check_refine, refine_rows, refine_summary, store_metric
 from .sources.recorded import check_source_unchanged
@@ -56,9 +62,12 @@ def resolve_nprobe(nprobe: Any, nlist: int, where: str = "") -> int:
     return int(nprobe)
 
 
-def coarse_distances(y: np.ndarray, coarse: np.ndarray, cnorm: np.ndarray) -> np.ndarray:
+def coarse_distances(y: np.ndarray, coarse: np.ndarray, cnorm: np.ndarray, metric: str = "l2") -> np.ndarray:
     """(nq, nlist) float32 ||y||^2 + ||c||^2 - 2<y, c>, clipped at 0: what faiss's IndexFlatL2 quantizer
-    returns, and the dis0 that its by_residual scan adds to every table sum."""
+    returns, and the dis0 that its by_residual scan adds to every table sum. metric ip / cosine: -<y, c>
+    (the smallest first are faiss IndexFlatIP's largest; negated, the dis0 of its inner-product scan)."""
+    if metric != "l2":
+        return np.ascontiguousarray(-(y @ coarse.T), dtype=np.float32)
     dist = y @ coarse.T
     dist *= np.float32(-2.0)
     dist += cnorm[None, :]
@@ -185,18 +194,24 @@ def sub_codes(codes: np.ndarray, cb: Any) -> np.ndarray:
 
 
 def scan_cpu(y: np.ndarray, cb: Any, probe: np.ndarray, dis0: np.ndarray, seg_lo: np.ndarray, seg_hi: np.ndarray,
-             sub: np.ndarray, rows: np.ndarray, k: int, term2: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+             sub: np.ndarray, rows: np.ndarray, k: int, term2: np.ndarray | None,
+             metric: str = "l2") -> tuple[np.ndarray, np.ndarray]:
     """Top-k (distances float32 (nq, k), rows int64 (nq, k)) with the numba kernels: faiss's precomputed
     tables when term2 is given (a list's table is term2[l] - 2<y, r>, its distances dis0 + the table sum),
-    else a table per (query, list) from the residual y - c_l."""
+    else a table per (query, list) from the residual y - c_l. metric ip / cosine: one table -<y, r> for
+    every list (term2 is ignored), distances dis0 = -<y, c_l> plus its sum: negated scores."""
     from . import _ivf_cpu
+
+    scale = np.float32(-2.0)
+    if metric != "l2":
+        term2, scale = np.zeros((1, cb.M * cb.ksub), np.float32), np.float32(-1.0)
 
     nq = y.shape[0]
     heap_d = np.full((nq, k), MISSING_DISTANCE, np.float32)
     heap_i = np.full((nq, k), -1, np.int64)
     if term2 is not None:
         cent_t = np.ascontiguousarray(cb.centroids.transpose(0, 2, 1))
-        _ivf_cpu.scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, sub, rows, heap_d, heap_i)
+        _ivf_cpu.scan_tables(y, cent_t, term2, probe, dis0, seg_lo, seg_hi, sub, rows, heap_d, heap_i, scale)
     else:
         _ivf_cpu.scan_probes(y, cb.coarse, cb.centroids, probe, seg_lo, seg_hi, sub, rows, heap_d, heap_i)
     order = np.lexsort((heap_i, heap_d), axis=-1)
@@ -204,9 +219,10 @@ def scan_cpu(y: np.ndarray, cb: Any, probe: np.ndarray, dis0: np.ndarray, seg_lo
 
 
 def scan_xp(y: np.ndarray, cb: Any, probe: np.ndarray, seg_lo: np.ndarray, seg_hi: np.ndarray, codes: np.ndarray,
-            rows: np.ndarray, k: int, xp: Any) -> tuple[np.ndarray, np.ndarray]:
+            rows: np.ndarray, k: int, xp: Any, dis0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The same top-k with array-API kernels on namespace xp: every (query, candidate) pair padded to the
-    longest candidate list of the batch, scored by table look-ups, then sorted."""
+    longest candidate list of the batch, scored by table look-ups, then sorted. metric ip / cosine: dis0
+    (nq, nprobe) float32 -<y, c_l> of the probes, plus the sum of the query's tables -<y_m, r_mk>."""
     nq, nprobe = probe.shape
     M, ksub = cb.M, cb.ksub
     valid_probe = probe >= 0
@@ -226,16 +242,23 @@ def scan_xp(y: np.ndarray, cb: Any, probe: np.ndarray, seg_lo: np.ndarray, seg_h
                 cand_pos[q, pos:pos + s] = np.arange(seg_lo[lst[q, j]], seg_lo[lst[q, j]] + s)
                 valid[q, pos:pos + s] = True
                 pos += s
-    residual = (np.repeat(y, nprobe, axis=0) - cb.coarse[lst.reshape(-1)]).astype(np.float32)
-    tables = kernels.distance_tables(to_device(residual, xp), to_device(cb.centroids, xp))  # (nq*nprobe, M, ksub)
+    ip = cb.metric != "l2"
+    if ip:  # one table per query: pair q * nprobe + j looks up table q
+        tables = -kernels.inner_product_tables(to_device(y, xp), to_device(cb.centroids, xp))  # (nq, M, ksub)
+    else:
+        residual = (np.repeat(y, nprobe, axis=0) - cb.coarse[lst.reshape(-1)]).astype(np.float32)
+        tables = kernels.distance_tables(to_device(residual, xp), to_device(cb.centroids, xp))  # (nq*nprobe, M, ksub)
     flat_tables = xp.reshape(tables, (-1,))
     sub = xp.astype(kernels.unpack_codes(to_device(np.ascontiguousarray(codes), xp), M, cb.nbits), xp.int64)
     pair = to_device(cand_pair.reshape(-1), xp)
     pos = to_device(cand_pos.reshape(-1), xp)
+    table_of = pair // nprobe if ip else pair
     dist = xp.zeros((nq * L,), dtype=xp.float32)
     for m in range(M):
         code_m = xp.take(sub[:, m], pos, axis=0) if sub.shape[0] else xp.zeros_like(pos)
-        dist = dist + xp.take(flat_tables, pair * (M * ksub) + m * ksub + code_m, axis=0)
+        dist = dist + xp.take(flat_tables, table_of * (M * ksub) + m * ksub + code_m, axis=0)
+    if ip:  # faiss: dis0 + the table sum
+        dist = xp.take(to_device(np.ascontiguousarray(dis0, dtype=np.float32).reshape(-1), xp), pair, axis=0) + dist
     valid_d = to_device(valid.reshape(-1), xp)
     dist = xp.where(valid_d, dist, xp.asarray(MISSING_DISTANCE, dtype=xp.float32))
     rows_d = to_device(rows, xp)
@@ -280,7 +303,7 @@ class IvfIndex:
         self.checker = self._segs[0][3]
         self._held: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # small segments, read once (load=False)
         self.cnorm = np.einsum("ij,ij->i", cb.coarse, cb.coarse).astype(np.float32)
-        self.term2 = precomputed_term2(cb)
+        self.term2 = precomputed_term2(cb) if cb.metric == "l2" else None
         self.loaded = bool(load)
         self.codes = self.rows = self._sub = self._coarse_t = None
         if self.loaded:  # read once and checked once: later searches read nothing from the store
@@ -330,7 +353,7 @@ class IvfIndex:
             self._coarse_t = np.ascontiguousarray(self.cb.coarse.T)
         probe = np.empty((y.shape[0], nprobe), np.int64)
         pdist = np.empty((y.shape[0], nprobe), np.float32)
-        _ivf_cpu.probe_lists(y, self._coarse_t, self.cnorm, probe, pdist)
+        _ivf_cpu.probe_lists(y, self._coarse_t, self.cnorm, probe, pdist, self.cb.metric != "l2")
         return probe, pdist
 
     def _batch(self, nprobe: int, cpu: bool) -> int:
@@ -347,11 +370,12 @@ class IvfIndex:
     def search(self, queries: Any, k: int, *, nprobe: Any = None, backend: str = "auto",
                xp: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k: distances float32 (nq, k) and store rows int64 (nq, k) (-1 and FLT_MAX where fewer than
-        k rows lie in the probed lists). xp: force an array namespace."""
+        k rows lie in the probed lists; metric ip / cosine: similarities, largest first, -FLT_MAX where
+        missing). xp: force an array namespace."""
         k = check_k(k)
         cb = self.cb
         nprobe = resolve_nprobe(nprobe, cb.nlist, self.path)
-        y = np.ascontiguousarray(cb.rotate(as_float32_matrix(queries, "queries", d=cb.d)), dtype=np.float32)
+        y = np.ascontiguousarray(prepare_queries(queries, cb), dtype=np.float32)
         use_cpu = xp is None and resolve_backend(backend) == "cpu"
         if not use_cpu and xp is None:
             xp = namespace("gpu")
@@ -372,24 +396,26 @@ class IvfIndex:
             if use_cpu:
                 probe, dis0 = self._probe_cpu(yb, nprobe)
             else:
-                probe, dis0 = select_probes(coarse_distances(yb, cb.coarse, self.cnorm), nprobe, use_numba=False)
+                probe, dis0 = select_probes(coarse_distances(yb, cb.coarse, self.cnorm, cb.metric), nprobe,
+                                            use_numba=False)
             if use_cpu and self.loaded:  # the whole layout in memory: lists lie at their offsets
                 if self._sub is None:
                     self._sub = sub_codes(self.codes, cb)
                 d, r = scan_cpu(yb, cb, probe, dis0, self.offsets[:-1], self.offsets[1:], self._sub, self.rows, k,
-                                self.term2)
+                                self.term2, cb.metric)
             elif use_cpu and len(self._segs) > 1:  # each segment scanned apart, the top-k merged: no merge copy
-                d, r = merge_topk([scan_cpu(yb, cb, probe, dis0, lo, hi, sub_codes(c, cb), rw, k, self.term2)
-                                   for c, rw, lo, hi in self._segment_lists(probe)], k)
+                d, r = merge_topk([scan_cpu(yb, cb, probe, dis0, lo, hi, sub_codes(c, cb), rw, k, self.term2,
+                                            cb.metric) for c, rw, lo, hi in self._segment_lists(probe)], k)
             else:
                 codes, rows, seg_lo, seg_hi = self._lists(probe)
                 if use_cpu:
-                    d, r = scan_cpu(yb, cb, probe, dis0, seg_lo, seg_hi, sub_codes(codes, cb), rows, k, self.term2)
+                    d, r = scan_cpu(yb, cb, probe, dis0, seg_lo, seg_hi, sub_codes(codes, cb), rows, k, self.term2,
+                                    cb.metric)
                 else:
-                    d, r = scan_xp(yb, cb, probe, seg_lo, seg_hi, codes, rows, k, xp)
+                    d, r = scan_xp(yb, cb, probe, seg_lo, seg_hi, codes, rows, k, xp, dis0)
             out_d.append(d)
             out_r.append(r)
-        d = np.concatenate(out_d) if out_d else np.zeros((0, k), np.float32)
+        d = to_metric(np.concatenate(out_d) if out_d else np.zeros((0, k), np.float32), cb.metric)
         r = np.concatenate(out_r) if out_r else np.zeros((0, k), np.int64)
         dt = time.perf_counter() - t0
         log.info("IVF search: %d queries, k=%d, nprobe=%d of %d lists in %.3f s (%.1f queries/s)", nq, k, nprobe,
@@ -408,6 +434,10 @@ def search_ivf_store(store: Any, queries: Any, k: int, *, nprobe: Any = None, ba
     distances float32 (nq, k) and store rows int64 (nq, k) (-1 and FLT_MAX where fewer than k rows lie in the
     probed lists). load: read the whole inverted layout first (None: when the queries probe at least as
     many lists as there are and it fits in LOAD_BYTES; otherwise only the probed lists are read)."""
+    if store.metric == "cosine":  # refuse a zero query before the index is opened
+        from .metric import normalize_rows
+
+        normalize_rows(as_float32_matrix(queries, "queries"), "queries")
     if load is None:
         nq = len(queries) if hasattr(queries, "__len__") else 1
         nlist = int(store.group.attrs.get("nlist", 1))
@@ -437,10 +467,11 @@ def evaluate_ivf(store: Any, queries: Any, *, base_chunks: Iterable[np.ndarray] 
         mse, relative_mse, exact = reconstruction_pass(
             base_chunks, n, cb.d,
             lambda lo, hi: cb.decode_ivf(np.asarray(store.codes[lo:hi]), np.asarray(lists[lo:hi])),
-            ExactKnn(q, kmax) if gt is None else None)
+            ExactKnn(q, kmax, metric=cb.metric) if gt is None else None, cb.metric)
         gt = exact if gt is None else gt
     result: dict[str, Any] = {
-        "n": n, "d": cb.d, "M": cb.M, "nbits": cb.nbits, "opq": cb.rotation is not None, "nlist": cb.nlist,
+        "n": n, "d": cb.d, "M": cb.M, "nbits": cb.nbits, "opq": cb.rotation is not None, "metric": cb.metric,
+        "nlist": cb.nlist,
         "code_size": cb.code_size, "compression_ratio": round(4 * cb.d / cb.code_size, 2), "nq": nq,
         "ground_truth": "given" if ground_truth is not None else "exact (from base vectors)",
     }

@@ -175,3 +175,49 @@ def distance_tables(queries: Any, centroids: Any) -> Any:
     tab = xp.matmul(qs, ct) + cnorm + qnorm  # (M, nq, ksub)
     return xp.permute_dims(tab, (1, 0, 2))
 
+
+
+def inner_product_tables(queries: Any, centroids: Any) -> Any:
+    """ADC look-up tables for inner product: (nq, d) queries -> (nq, M, ksub) <q_m, c_mk> (faiss
+    compute_inner_prod_tables); the score of a code is the sum of its M entries."""
+    xp = array_namespace(queries, centroids)
+    M, ksub, dsub = centroids.shape
+    nq = queries.shape[0]
+    qs = xp.permute_dims(xp.reshape(queries, (nq, M, dsub)), (1, 0, 2))  # (M, nq, dsub)
+    tab = xp.matmul(qs, xp.permute_dims(centroids, (0, 2, 1)))  # (M, nq, ksub)
+    return xp.permute_dims(tab, (1, 0, 2))
+
+
+def assign_ip(x: Any, centroids: Any, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Any:
+    """Largest inner product: x (n, d), centroids (k, d) float32 -> (n,) int64 argmax_k <x, c_k> (faiss
+    IndexFlatIP.assign), lowest k on exact ties.
+
+    float32 dot products, blocked; where the runner-up lies within the float32 error bound of the best
+    ((d + 2) 2^-22 ||x|| max_k ||c_k||, twice the classic gamma_d bound, as TIE_BOUND for L2) the float64
+    products decide, so the answer is the exact argmax whatever the summation order."""
+    xp = array_namespace(x, centroids)
+    n, d = x.shape
+    k = centroids.shape[0]
+    ct = xp.permute_dims(centroids, (1, 0))  # (d, k)
+    cmax = xp.sqrt(xp.max(xp.sum(centroids * centroids, axis=1)))
+    step = max(1, block_bytes // (4 * max(k, 1)))
+    parts = []
+    for start in range(0, n, step):
+        xb = x[start:min(start + step, n), :]
+        s = xp.matmul(xb, ct)  # (b, k)
+        idx = xp.argmax(s, axis=1)
+        bound = (d + 2) * 2.0**-22 * xp.sqrt(xp.sum(xb * xb, axis=1)) * cmax
+        near = xp.count_nonzero(s >= (xp.max(s, axis=1) - bound)[:, None], axis=1) >= 2
+        (rows,) = xp.nonzero(near)
+        f = int(rows.shape[0])
+        if f:
+            xs = xp.astype(xp.take(xb, rows, axis=0), xp.float64)
+            exact = xp.argmax(xp.matmul(xs, xp.astype(ct, xp.float64)), axis=1)  # first: lowest k on ties
+            pos = xp.arange(xb.shape[0], dtype=rows.dtype)
+            slot = xp.minimum(xp.searchsorted(rows, pos), f - 1)
+            hit = xp.take(rows, slot) == pos
+            idx = xp.where(hit, xp.astype(xp.take(exact, slot), idx.dtype), idx)
+        parts.append(xp.astype(idx, xp.int64))
+    if not parts:
+        return xp.zeros((0,), dtype=xp.int64)
+    return parts[0] if len(parts) == 1 else xp.concat(parts)

@@ -74,6 +74,25 @@ class NumpyEngine(ArrayEngine):
         return np.asarray(sums, np.float64), np.asarray(counts, np.int64)
 
 
+class InnerProductEngine(ArrayEngine):
+    """Assignment to the largest inner product (faiss IndexFlatIP, for spherical k-means), any namespace;
+    centroids (1, k, d): one "sub-quantizer" spanning all of d, as the coarse k-means of IVF trains it."""
+
+    def assign(self, x: Any, centroids: np.ndarray) -> Any:
+        xp = array_namespace(x)
+        idx = kernels.assign_ip(x, to_device(np.ascontiguousarray(centroids[0]), xp), block_bytes=self.block_bytes)
+        return xp.reshape(idx, (idx.shape[0], 1))
+
+
+def renormalize(centroids: np.ndarray) -> np.ndarray:
+    """Every centroid (M, ksub, dsub) scaled to unit L2 norm in place (zero ones left alone), as faiss's
+    fvec_renorm_L2 in Clustering::post_process_centroids for spherical k-means."""
+    norm2 = np.einsum("mkt,mkt->mk", centroids, centroids, dtype=np.float32)
+    scale = np.where(norm2 > 0, 1.0 / np.sqrt(np.maximum(norm2, np.finfo(np.float32).tiny)), 1.0)
+    centroids *= scale.astype(np.float32)[:, :, None]
+    return centroids
+
+
 def default_engine(x: Any) -> ArrayEngine:
     if isinstance(x, np.ndarray):
         try:
@@ -113,8 +132,11 @@ def _take_rows(x: Any, rows: np.ndarray) -> Any:
 
 
 def train_subquantizers(x: Any, M: int, ksub: int, *, niter: int = 25, seed: int = 1234,
-                        engine: ArrayEngine | None = None) -> np.ndarray:
+                        engine: ArrayEngine | None = None, spherical: bool = False) -> np.ndarray:
     """Train M k-means of ksub centroids on the dsub-wide column groups of x.
+
+    spherical: centroids renormalised to unit norm after the initial draw and after every iteration
+    (faiss ClusteringParameters.spherical; pair it with InnerProductEngine, as faiss's IndexIVF does).
 
     x: (n, d) float32 in any array namespace, n >= ksub. Returns centroids float32 (M, ksub, dsub) on the host.
     Deterministic for a given seed and input.
@@ -132,6 +154,8 @@ def train_subquantizers(x: Any, M: int, ksub: int, *, niter: int = 25, seed: int
     host_init = to_host(_take_rows(x, rng.permutation(n)[:ksub]))  # faiss: k distinct random rows
     centroids = np.ascontiguousarray(
         host_init.reshape(ksub, M, dsub).transpose(1, 0, 2), dtype=np.float32)
+    if spherical:
+        renormalize(centroids)
     t0 = time.perf_counter()
     for it in range(niter):
         codes = engine.assign(x, centroids)
@@ -142,6 +166,8 @@ def train_subquantizers(x: Any, M: int, ksub: int, *, niter: int = 25, seed: int
         nsplit = split_empty_clusters(centroids, counts, n, rng)
         if nsplit:
             log.debug("k-means iteration %d: split %d empty clusters", it, nsplit)
+        if spherical:
+            renormalize(centroids)
         progress.report("k-means", it + 1, niter)
     log.info("k-means: M=%d ksub=%d dsub=%d n=%d niter=%d in %.2f s", M, ksub, dsub, n, niter,
              time.perf_counter() - t0)

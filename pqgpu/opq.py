@@ -18,9 +18,10 @@ from array_api_compat import array_namespace
 
 from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
-from .codebook import Codebook, as_float32_matrix, check_params
+from .codebook import Codebook, as_float32_matrix, check_params, normalize_training
 from .errors import ConfigError, InputError
 from .kmeans import default_engine, split_empty_clusters, train_subquantizers
+from .metric import check_metric
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,9 @@ def opq_rotation(x: Any, M: int, nbits: int, *, opq_iter: int = OPQ_ITER, niter_
 
 def train_opq(x: Any, M: int, nbits: int = 8, *, niter: int = 25, opq_iter: int = OPQ_ITER,
               niter_pq: int = NITER_PQ, niter_pq_0: int = NITER_PQ_0, max_train_points: int = MAX_TRAIN_POINTS,
-              seed: int = 1234, backend: str = "auto") -> Codebook:
+              seed: int = 1234, backend: str = "auto", metric: str = "l2") -> Codebook:
     """Train OPQ + PQ on host x (n, d) float16/32/64. Returns a Codebook with `rotation` (d, d).
+    metric (pqgpu.metric) is recorded; cosine normalises x first (OPQ and PQ stay L2, as in faiss).
 
     The rotation is learned on at most `max_train_points` rows (a seeded random subset, as faiss);
     the final PQ (`niter` iterations) on all of x rotated, subsampled by k-means as faiss does.
@@ -118,7 +120,10 @@ def train_opq(x: Any, M: int, nbits: int = 8, *, niter: int = 25, opq_iter: int 
     if n < need:
         raise InputError(f"OPQ training needs at least 2**nbits = {need} rows for nbits={nbits}; got {n}. "
                          f"Provide more rows (faiss recommends >= {39 * need}) or lower nbits.")
+    check_metric(metric)
     x = as_float32_matrix(x, "training vectors")
+    if metric == "cosine":
+        x = normalize_training(x, resolve_backend(backend))
     rng = np.random.default_rng(seed)
     sample = x
     if n > max_train_points:
@@ -136,4 +141,4 @@ def train_opq(x: Any, M: int, nbits: int = 8, *, niter: int = 25, opq_iter: int 
                                 niter_pq_0=niter_pq_0, seed=seed)
         xr = xp.matmul(to_device(x, xp), xp.permute_dims(to_device(rotation, xp), (1, 0)))
         centroids = train_subquantizers(xr, M, 1 << nbits, niter=niter, seed=seed)
-    return Codebook(d, M, nbits, centroids, rotation)
+    return Codebook(d, M, nbits, centroids, rotation, metric)

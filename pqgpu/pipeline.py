@@ -49,8 +49,9 @@ def train(cfg: Config | dict | str | os.PathLike, *, backend: str | None = None,
     else:
         worker = _training_worker(client, requested)
         progress.listen(client)
+        plan, parts, t_read = _read_sample_on_workers(client, cfg)
         where = {"workers": [worker], "allow_other_workers": False} if worker else {}
-        fut = client.submit(train_task_returning_errors, cfg, requested, pure=False,
+        fut = client.submit(train_task_returning_errors, cfg, requested, plan, parts, t_read, pure=False,
                             key=f"pqgpu-train-{os.getpid()}-{time.monotonic_ns()}", **where)
         done = fut.result()
         if isinstance(done, PqgpuError):  # an expected failure, returned by the task (see tasks.encode_chunk)
@@ -64,15 +65,45 @@ def train(cfg: Config | dict | str | os.PathLike, *, backend: str | None = None,
     return cb
 
 
-def _params(M: int, nbits: int, opq: bool) -> str:
-    return f"M={M}, nbits={nbits}, opq={'true' if opq else 'false'}"
+def _read_sample_on_workers(client: Any, cfg: Config) -> tuple[Any, list[Any], float]:
+    """Plan the training sample here and read its parts as tasks spread over all workers (4 per thread);
+    the parts stay on the workers, as futures, until the training task gathers them."""
+    from distributed import wait
+
+    from . import progress
+    from .sources.sampling import plan_for
+    from .tasks import read_sample_part
+
+    t0 = time.perf_counter()
+    source = open_source(cfg.source)
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()) or 1
+    plan = plan_for(source, cfg.quantizer.train_size, cfg.quantizer.seed, parts=4 * threads)
+    [src] = client.scatter([source], broadcast=True)
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    parts = [client.submit(read_sample_part, src, part, plan.unit_rows, pure=False, key=f"pqgpu-sample-{i}-{tag}")
+             for i, part in enumerate(plan.parts)]
+    meter = progress.Stage("training sample", len(parts), "parts", brief=True)
+    try:
+        from distributed import as_completed
+
+        for _ in as_completed(parts):
+            meter.add(1)
+    finally:
+        meter.close()
+    wait(parts)
+    return plan, parts, time.perf_counter() - t0
+
+
+def _params(M: int, nbits: int, opq: bool, metric: str = "l2") -> str:
+    return f"M={M}, nbits={nbits}, opq={'true' if opq else 'false'}, metric={metric}"
 
 
 def check_quantizer_matches(codebook: Codebook, q: QuantizerConfig, where: str, *, store: bool = False) -> None:
-    """ConfigError when a quantizer (file, or a store's codebook when store=True) has another M, nbits or
-    OPQ setting than the config: using it would silently give codes of another shape than asked for."""
-    have = (codebook.M, codebook.nbits, codebook.rotation is not None)
-    want = (q.M, q.nbits, q.opq)
+    """ConfigError when a quantizer (file, or a store's codebook when store=True) has another M, nbits,
+    OPQ setting or metric than the config: using it would silently give codes (or scores) of another kind
+    than asked for."""
+    have = (codebook.M, codebook.nbits, codebook.rotation is not None, codebook.metric)
+    want = (q.M, q.nbits, q.opq, q.metric)
     if have == want:
         return
     if store:
@@ -81,7 +112,9 @@ def check_quantizer_matches(codebook: Codebook, q: QuantizerConfig, where: str, 
             f"{_params(*want)}; its figures would describe another quantizer than the one configured. Either "
             "encode again with this config (`pqgpu run --retrain --overwrite`, which replaces quantizer.path and "
             "the store), or set encode.output (and quantizer.path) to the ones made with these settings.")
-    files = f"{where} (with {where}.opq)" if have[2] else str(where)
+    sidecars = [s for s, on in ((".opq", have[2]), (".metric", have[3] != "l2" and not getattr(codebook, "nlist", 0)))
+                if on]
+    files = f"{where} (with {' and '.join(where + s for s in sidecars)})" if sidecars else str(where)
     raise ConfigError(
         f"The quantizer {files} has {_params(*have)}, but the config asks for {_params(*want)}; pqgpu will not "
         "use a quantizer that disagrees with the config, and nothing was written. Either retrain it "

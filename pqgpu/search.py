@@ -4,6 +4,10 @@ Asymmetric distance computation: each query gets a table of squared distances to
 sub-quantizer, (nq, M, ksub); the distance to a code is the sum of M table look-ups. The scan runs chunk
 by chunk with a running top-k per query, so memory is bounded by the chunk size, not by n.
 
+Inner product (metric ip, and cosine after normalising the queries): the tables hold -<q_m, c_mk>, so the
+same min-heap engines keep the largest scores (negation is exact: the sums are faiss's, negated), and the
+results are negated back: scores in the metric's own sense, larger first, ties to the lower row.
+
 Two engines share that shape (as faiss's DatasetAssign / DatasetAssignGPU): the array-API one runs on
 NumPy, CuPy and array_api_strict; on the CPU a fused numba kernel (pqgpu._cpu_adc) replaces it.
 Compute functions take arrays and iterators; only `search`, `evaluate` and `search_store` open stores.
@@ -25,7 +29,8 @@ from . import kernels
 from .backend import namespace, resolve_backend, to_device, to_host
 from .codebook import Codebook, as_float32_matrix
 from .errors import ConfigError, InputError, StoreError
-from .evaluation import ExactKnn, check_k, evaluation_inputs, recall_metrics, reconstruction_pass
+from .evaluation import (ExactKnn, check_k, evaluation_inputs, prepare_queries, recall_metrics,
+                         reconstruction_pass, to_metric)
 from .refine import check_refine, refine_rows, refine_summary, store_metric
 from .sources.recorded import check_source_unchanged
 from .store import as_store
@@ -130,13 +135,20 @@ class NumbaScanner:
         return np.take_along_axis(d, order, axis=1), np.take_along_axis(r, order, axis=1)
 
 
+def adc_tables(queries: Any, centroids: Any, metric: str) -> Any:
+    """Tables the min-heap scan sums: (nq, M, ksub) ||q_m - c_mk||^2 for l2, -<q_m, c_mk> for ip / cosine."""
+    if metric == "l2":
+        return kernels.distance_tables(queries, centroids)
+    return -kernels.inner_product_tables(queries, centroids)
+
+
 def make_scanner(queries: np.ndarray, codebook: Codebook, k: int, backend: str) -> Any:
-    """Tables for host queries (already rotated) and the engine that scans codes with them."""
+    """Tables for host queries (already normalised and rotated) and the engine that scans codes with them."""
     if resolve_backend(backend) == "cpu":
         # float64 tables cost nothing next to the scan and keep ||q||^2 + ||c||^2 - 2 q.c cancellation
         # out of the distances.
-        tables = np.asarray(kernels.distance_tables(queries.astype(np.float64),
-                                                    codebook.centroids.astype(np.float64))).astype(np.float32)
+        tables = np.asarray(adc_tables(queries.astype(np.float64), codebook.centroids.astype(np.float64),
+                                       codebook.metric)).astype(np.float32)
         try:
             return NumbaScanner(tables, k, codebook.nbits)
         except ImportError:
@@ -145,7 +157,7 @@ def make_scanner(queries: np.ndarray, codebook: Codebook, k: int, backend: str) 
 
             return ArrayScanner(xp.asarray(tables), k, codebook.nbits)
     xp = namespace("gpu")
-    tables = kernels.distance_tables(to_device(queries, xp), to_device(codebook.centroids, xp))
+    tables = adc_tables(to_device(queries, xp), to_device(codebook.centroids, xp), codebook.metric)
     return ArrayScanner(tables, k, codebook.nbits)
 
 
@@ -159,17 +171,19 @@ def search_codes(queries: Any, codebook: Codebook, chunks: Iterable[tuple[int, n
     """Exhaustive ADC top-k of queries (nq, d) over chunks of (start_row, codes uint8 (rows, code_size)).
 
     Chunks come in row order. Returns distances float32 (nq, k) and rows int64 (nq, k), sorted by
-    distance (ties: lower row first); where fewer than k rows exist: row -1, distance FLT_MAX (as faiss).
+    distance (ties: lower row first); where fewer than k rows exist: row -1, distance FLT_MAX. For metric
+    ip / cosine the first array holds similarities, largest first (missing: -FLT_MAX).
     """
     k = check_k(k)
-    q = codebook.rotate(as_float32_matrix(queries, "queries", d=codebook.d))
+    q = prepare_queries(queries, codebook)
     scanner = make_scanner(q, codebook, k, backend)
     for start, codes in chunks:
         if codes.ndim != 2 or codes.shape[1] != codebook.code_size:
             raise InputError(f"codes at row {start}: expected (rows, {codebook.code_size}) uint8 for M="
                              f"{codebook.M}, nbits={codebook.nbits}. Got {codes.dtype} {codes.shape} instead.")
         scanner.add(int(start), np.asarray(codes, dtype=np.uint8))
-    return scanner.result()
+    d, rows = scanner.result()
+    return to_metric(d, codebook.metric), rows
 
 
 # -- store wrappers -------------------------------------------------------------------------------------
@@ -263,9 +277,10 @@ def search(store_or_path: Any, queries: Any, k: int, *, backend: str = "auto",
            refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive ADC top-k over a code store (same results as faiss IndexPQ.search on these codes).
 
-    queries: (nq, d) float; returns distances float32 (nq, k) (squared L2, ascending) and the store's
-    ids (nq, k): int64 with -1, or object with None, where the store has fewer than k rows (distance FLT_MAX,
-    np.finfo(np.float32).max, as faiss pads: a real id -1 has a smaller distance; pqgpu.results drops these).
+    queries: (nq, d) float; returns distances float32 (nq, k) (squared L2, ascending; for metric ip / cosine
+    similarities, descending, as faiss's METRIC_INNER_PRODUCT) and the store's ids (nq, k): int64 with -1,
+    or object with None, where the store has fewer than k rows (distance FLT_MAX, np.finfo(np.float32).max,
+    as faiss pads; similarity -FLT_MAX: a real id -1 scores otherwise; pqgpu.results drops these).
     IVF stores (quantizer.nlist > 0) scan only the nprobe nearest lists (None: a stated default).
     refine R: take the top k*R by ADC and re-rank them exactly with the original vectors read back from the
     store's source (pqgpu.refine); the distances are then exact (for ip / cosine: similarities, largest first).
@@ -324,11 +339,11 @@ def evaluate(store_or_path: Any, queries: Any, *, base_chunks: Iterable[np.ndarr
     if base_chunks is not None:
         mse, relative_mse, exact = reconstruction_pass(
             base_chunks, n, cb.d, lambda lo, hi: cb.decode(np.asarray(store.codes[lo:hi])),
-            ExactKnn(q, kmax) if gt is None else None)
+            ExactKnn(q, kmax, metric=cb.metric) if gt is None else None, cb.metric)
         gt = exact if gt is None else gt
 
     result: dict[str, Any] = {
-        "n": n, "d": cb.d, "M": cb.M, "nbits": cb.nbits, "opq": cb.rotation is not None,
+        "n": n, "d": cb.d, "M": cb.M, "nbits": cb.nbits, "opq": cb.rotation is not None, "metric": cb.metric,
         "code_size": cb.code_size, "compression_ratio": round(4 * cb.d / cb.code_size, 2), "nq": nq,
         "ground_truth": "given" if ground_truth is not None else "exact (from base vectors)",
     }

@@ -122,9 +122,10 @@ class CodeStore:
                 from .ivf import IvfCodebook
 
                 out: Codebook = IvfCodebook(int(a["d"]), int(a["M"]), int(a["nbits"]), cb["centroids"][...],
-                                            rotation, coarse=cb["coarse"][...])
+                                            rotation, self.metric, coarse=cb["coarse"][...])
             else:
-                out = Codebook(int(a["d"]), int(a["M"]), int(a["nbits"]), cb["centroids"][...], rotation)
+                out = Codebook(int(a["d"]), int(a["M"]), int(a["nbits"]), cb["centroids"][...], rotation,
+                               self.metric)
         except StoreError:
             raise
         except Exception as exc:  # a missing or undecodable codebook node
@@ -154,6 +155,11 @@ class CodeStore:
             family = integrity.chunk_family(self.group, self.n)
             self.__dict__["_checker"] = None if family is None else integrity.Checker(self.path, self.group, family)
         return self.__dict__["_checker"]
+
+    @property
+    def metric(self) -> str:
+        """l2, ip or cosine (pqgpu.metric); stores made before metrics existed are l2."""
+        return str(self.group.attrs.get("metric", "l2"))
 
     def pending_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done_flags())]
@@ -240,7 +246,7 @@ class CodeStore:
         complete = bool(done.all()) and not missing and codebook is None and (layout in (None, "built"))
         return {
             "path": self.path, "n": a["n"], "d": a["d"], "M": a["M"], "nbits": a["nbits"],
-            "code_size": a["code_size"], "opq": "rotation" in self.group["codebook"],
+            "code_size": a["code_size"], "opq": "rotation" in self.group["codebook"], "metric": self.metric,
             "chunk_rows": a["chunk_rows"], "chunks_done": int(done.sum()) - len(missing), "chunks": int(done.size),
             "chunks_missing": missing,
             "complete": complete, "codes": codes_state, "layout": layout,
@@ -350,7 +356,7 @@ def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_r
         add_ivf_nodes(group, codebook, n, chunk_rows)
     group.attrs.update({
         "format_version": FORMAT_VERSION, "d": codebook.d, "M": codebook.M, "nbits": codebook.nbits,
-        "code_size": codebook.code_size, "n": int(n), "chunk_rows": int(chunk_rows),
+        "metric": codebook.metric, "code_size": codebook.code_size, "n": int(n), "chunk_rows": int(chunk_rows),
         "codebook_sha256": codebook.fingerprint(), "source": source, "created_by": versions(),
     })
     return CodeStore(path, group, writing=int(n))
@@ -433,7 +439,9 @@ def _restore_codebook(store: CodeStore, codebook: Codebook) -> None:
 def _mismatches(store: CodeStore, codebook: Codebook, chunk_rows: int) -> list[str]:
     a = store.attrs
     out = []
-    if a.get("codebook_sha256") != codebook.fingerprint():
+    if store.metric != codebook.metric:
+        out.append(f"it was made with metric {store.metric}, the quantizer now has metric {codebook.metric}")
+    elif a.get("codebook_sha256") != codebook.fingerprint():
         out.append(f"it was made with another codebook (sha256 {str(a.get('codebook_sha256'))[:12]}…, "
                    f"now {codebook.fingerprint()[:12]}…)")
     if int(a.get("chunk_rows", -1)) != chunk_rows:

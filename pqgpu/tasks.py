@@ -73,10 +73,14 @@ class ChunkResult:
     host: str
 
 
-def check_vectors(source: Source, x: np.ndarray, start: int, d: int) -> np.ndarray:
-    """float32 (rows, d), with a NaN/Inf error that names the file and row it came from."""
+def check_vectors(source: Source, x: np.ndarray, start: int, d: int, metric: str = "l2") -> np.ndarray:
+    """float32 (rows, d), with a NaN/Inf error (and, for metric cosine, an all-zero row error) that names the
+    file and row it came from."""
     try:
-        return as_float32_matrix(x, "vectors", d=d, row_offset=start)
+        x = as_float32_matrix(x, "vectors", d=d, row_offset=start)
+        if metric == "cosine":
+            _refuse_zero_rows(source, x, start)
+        return x
     except InputError:
         finite = np.isfinite(np.asarray(x, dtype=np.float32)).all(axis=1) if np.asarray(x).ndim == 2 else None
         if finite is None or finite.all():
@@ -87,6 +91,20 @@ def check_vectors(source: Source, x: np.ndarray, start: int, d: int) -> np.ndarr
                          "the same command again: the chunks of the rewritten file are encoded again and the others "
                          "kept. Dropping the row instead changes the file's row count, which needs --overwrite (the "
                          "whole source encoded again).") from None
+
+
+def _refuse_zero_rows(source: Source, x: np.ndarray, start: int, rows: np.ndarray | None = None) -> None:
+    """InputError naming the file and row of the first all-zero row of x (metric cosine cannot normalise it).
+    rows: the global row of each row of x (a training sample); default start + position."""
+    from .metric import zero_norm_rows
+
+    first, count = zero_norm_rows(x)
+    if count:
+        row = int(rows[first]) if rows is not None else start + first
+        path, local = source.locate(row)
+        raise InputError(f"{path}: row {local} (global row {row}) is all zeros ({count} such row(s) in this "
+                         f"{'sample' if rows is not None else 'chunk'}); quantizer.metric cosine divides every row "
+                         "by its norm. Drop or fix zero vectors in the source, or use metric ip or l2.")
 
 
 def encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, requested_backend: str,
@@ -119,7 +137,7 @@ def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codeb
         chunk = _after(chunk, keep)
     x, ids = source.read_chunk(chunk)
     t1 = time.perf_counter()
-    x = check_vectors(source, x, chunk.start, codebook.d)
+    x = check_vectors(source, x, chunk.start, codebook.d, codebook.metric)
     if backend == "gpu":
         from .backend import pinned_copy
 
@@ -185,44 +203,69 @@ class Trained:
     train_seconds: float
 
 
-def train_task(cfg: Config, requested_backend: str) -> Trained:
-    """Read the training sample from the source (here, on this worker) and train the quantizer of
-    cfg.quantizer. The caller writes the quantizer file: workers need not see quantizer.path."""
+def read_sample_part(source: Source, blocks: Any, unit_rows: int) -> tuple[np.ndarray, int] | PqgpuError:
+    """One part of the training sample (pqgpu.sources.sampling.read_blocks), read on this worker; an expected
+    failure is returned, not raised (see encode_chunk)."""
+    from .sources.sampling import read_blocks
+
+    try:
+        return read_blocks(source, blocks, unit_rows)
+    except PqgpuError as exc:
+        return exc
+
+
+def train_task(cfg: Config, requested_backend: str, plan: Any = None, parts: Any = None,
+               read_seconds: float = 0.0) -> Trained:
+    """Train the quantizer of cfg.quantizer here on its training sample: with `plan` (a sampling.Plan) and
+    `parts` (read_sample_part of each of its parts, read on the workers) from those; otherwise drawn here.
+    The caller writes the quantizer file: workers need not see quantizer.path."""
     from . import progress
+    from .sources.sampling import assemble, draw_sample
 
     q = cfg.quantizer
     with progress.forward_from():
         backend = resolve_here(requested_backend)
         t0 = time.perf_counter()
         source = open_source(cfg.source)
-        x, rows = source.sample(q.train_size, q.seed)
-        t_read = time.perf_counter() - t0
+        if plan is None:
+            sample = draw_sample(source, q.train_size, q.seed)
+        else:
+            failed = next((r for r in parts if isinstance(r, PqgpuError)), None)
+            if failed is not None:
+                raise failed
+            sample = assemble(source, plan, parts, read_seconds + time.perf_counter() - t0)
+        x, rows = sample.x, sample.rows
+        t_read = sample.seconds
         if not np.isfinite(x).all():
             _name_bad_sample_row(source, x, rows)
         x = as_float32_matrix(x, "training sample")
-        log.info("training sample: %d of %d rows (d=%d) read in %.2f s", len(x), source.n, source.d, t_read)
+        if q.metric == "cosine":
+            _refuse_zero_rows(source, x, 0, rows)
+        log.info("%s (d=%d)", sample.describe(source.n), source.d)
         t1 = time.perf_counter()
         if q.nlist:  # IVF-PQ: coarse k-means, then PQ of the residuals (pqgpu.ivf)
             from .ivf import train_ivf
 
-            cb = train_ivf(x, q.M, q.nbits, q.nlist, niter=q.niter, seed=q.seed, backend=backend, opq=q.opq)
+            cb = train_ivf(x, q.M, q.nbits, q.nlist, niter=q.niter, seed=q.seed, backend=backend, opq=q.opq,
+                           metric=q.metric)
         elif q.opq:
             from .opq import train_opq
 
-            cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
+            cb = train_opq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend, metric=q.metric)
         else:
             from .training import train as train_pq
 
-            cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend)
+            cb = train_pq(x, q.M, q.nbits, niter=q.niter, seed=q.seed, backend=backend, metric=q.metric)
     me = where_am_i()
     return Trained(cb, backend, me["worker"], me["host"], len(x), t_read, time.perf_counter() - t1)
 
 
-def train_task_returning_errors(cfg: Config, requested_backend: str) -> Trained | PqgpuError:
+def train_task_returning_errors(cfg: Config, requested_backend: str, *sample: Any) -> Trained | PqgpuError:
     """train_task on a Dask worker: an expected failure (M not dividing d, a bad sample row) is returned, not
-    raised, so the worker logs no traceback ahead of the CLI's one paragraph (as encode_chunk)."""
+    raised, so the worker logs no traceback ahead of the CLI's one paragraph (as encode_chunk). `sample`:
+    train_task's plan, parts and read_seconds."""
     try:
-        return train_task(cfg, requested_backend)
+        return train_task(cfg, requested_backend, *sample)
     except PqgpuError as exc:
         return exc
 

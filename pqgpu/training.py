@@ -11,22 +11,28 @@ from typing import Any
 import numpy as np
 
 from .backend import device_count, free_device_memory, namespace, on_device, resolve_backend, to_device
-from .codebook import Codebook, as_float32_matrix, check_params
+from .codebook import Codebook, as_float32_matrix, check_params, normalize_training
 from .errors import ConfigError, InputError
 from .kmeans import ArrayEngine, train_split, train_subquantizers
+from .metric import check_metric
 from .opq import train_opq
 
 
 def train(x: Any, M: int, nbits: int = 8, *, niter: int = 25, seed: int = 1234,
-          backend: str = "auto", opq: bool = False, devices: list[int] | None = None) -> Codebook:
+          backend: str = "auto", opq: bool = False, devices: list[int] | None = None,
+          metric: str = "l2") -> Codebook:
     """Train a PQ codebook on x (n, d) float16/32/64 (computed in float32). Needs n >= 2**nbits rows.
+
+    metric (l2 | ip | cosine, pqgpu.metric) is recorded in the codebook; cosine L2-normalises x first (on the
+    backend's device). PQ training itself is L2 k-means for every metric, as in faiss.
 
     opq=True also learns an OPQ rotation (faiss OPQMatrix defaults); see pqgpu.opq.train_opq.
     On the GPU, the sub-quantizers are split over `devices` (default: every visible GPU; restrict with
     CUDA_VISIBLE_DEVICES or this list).
     """
+    check_metric(metric)
     if opq:
-        return train_opq(x, M, nbits, niter=niter, seed=seed, backend=backend)
+        return train_opq(x, M, nbits, niter=niter, seed=seed, backend=backend, metric=metric)
     x = np.asarray(x)
     if x.ndim != 2:
         raise InputError(f"training vectors: expected a 2-D array (rows, d). Got shape {x.shape} instead.")
@@ -38,11 +44,13 @@ def train(x: Any, M: int, nbits: int = 8, *, niter: int = 25, seed: int = 1234,
         raise InputError(f"training needs at least 2**nbits = {1 << nbits} rows for nbits={nbits}; got {n}. "
                          f"Provide more rows (faiss recommends >= {39 * (1 << nbits)}) or lower nbits.")
     x = as_float32_matrix(x, "training vectors")
+    if metric == "cosine":
+        x = normalize_training(x, resolve_backend(backend))
     if resolve_backend(backend) == "cpu":
         centroids = train_subquantizers(x, M, 1 << nbits, niter=niter, seed=seed)
     else:
         centroids = _train_gpu(x, M, 1 << nbits, niter, seed, devices)
-    return Codebook(d, M, nbits, centroids)
+    return Codebook(d, M, nbits, centroids, metric=metric)
 
 
 def _train_gpu(x: np.ndarray, M: int, ksub: int, niter: int, seed: int, devices: list[int] | None) -> np.ndarray:

@@ -52,6 +52,19 @@ def test_ivf_bench_gpu_without_a_gpu_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "rep").exists()  # no report from a run that did not happen
 
 
+@pytest.mark.slow
+def test_metric_bench_tiny_against_faiss_inner_product():
+    from pqgpu.bench import metric
+
+    r = metric.run(n=2500, d=16, M=4, nbits=6, nlist=8, nprobe=8, nq=20, train_size=2500, niter=3, runs=1)
+    assert [(row["metric"], row["index"]) for row in r["rows"]] == [
+        ("ip", "PQ4x6"), ("ip", "IVF8,PQ4x6"), ("cosine", "PQ4x6"), ("cosine", "IVF8,PQ4x6")]
+    for row in r["rows"]:  # same quantizer family on the same data: recall close to faiss's
+        assert abs(row["recall10_pqgpu"] - row["recall10_faiss"]) <= 0.1, row
+        assert row["recall10_pqgpu"] > 0.3 and row["qps_pqgpu"] > 0
+    assert "METRIC_INNER_PRODUCT" in metric.report_markdown(r)
+
+
 def test_refine_bench_tiny_matches_faiss_refineflat(tmp_path):
     """The refine bench at a toy size: with faiss's IndexRefineFlat over the same centroids, recall@10 agrees at
     every R, rises with R, and the re-rank reads rows from the Parquet source."""

@@ -182,19 +182,19 @@ cluster: {{n_workers: 1}}
     assert 0.5 <= result["1-recall@10"] <= 1.0 and result["mse"] > 0
 
 
-def test_training_sample_reads_are_bounded_by_the_window(tmp_path, monkeypatch):
-    """A sparse sample must not read the whole span between its first and last row of a shard at once."""
-    import pqgpu.sources as sources
-    from pqgpu.sources import open_source
-    from pqgpu.sources.parquet import ParquetReader
+def test_training_sample_is_read_on_all_workers_and_trains_as_in_process(tmp_path, client):
+    """On a Dask cluster the sample's parts are tasks on every worker; the quantizer equals the one trained in
+    this process from the same seeded sample, and loads in faiss."""
+    from distributed import get_task_stream
 
-    make_sample(tmp_path / "data", 6000, 8, shards=4, fmt="parquet")
-    source = open_source(make_config(tmp_path, "parquet", M=2).source)
-    spans = []
-    real = ParquetReader.read
-    monkeypatch.setattr(ParquetReader, "read", lambda self, cfg, shard, lo, hi, **kw: spans.append(hi - lo) or
-                        real(self, cfg, shard, lo, hi, **kw))
-    monkeypatch.setattr(sources, "SAMPLE_WINDOW_ROWS", 500)
-    x, rows = source.sample(300, seed=3)
-    assert max(spans) <= 500 and len(spans) >= 6000 // 500 - 1
-    np.testing.assert_array_equal(x, source_rows("parquet", 6000, 8)[rows])
+    make_sample(tmp_path / "data", 12000, 16, shards=4, fmt="parquet")
+    cfg = make_config(tmp_path, "parquet", M=4)
+    with get_task_stream(client) as ts:
+        on_workers = train(cfg, client=client)
+    workers = {t["worker"] for t in ts.data if str(t["key"]).startswith("pqgpu-sample")}
+    assert len(workers) == 2
+    here = train(cfg)
+    np.testing.assert_array_equal(on_workers.centroids, here.centroids)
+    pq = faiss.read_ProductQuantizer(str(cfg.quantizer.path))
+    np.testing.assert_array_equal(faiss.vector_to_array(pq.centroids).reshape(on_workers.centroids.shape),
+                                  here.centroids)

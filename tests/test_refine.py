@@ -18,6 +18,7 @@ from pqgpu.config import config_from_dict
 from pqgpu.errors import ConfigError, InputError
 from pqgpu.pipeline import evaluate_config, run
 from pqgpu.refine import exact_rerank
+from pqgpu.store import open_store
 
 from .helpers import NAMESPACES, synthetic
 
@@ -271,7 +272,9 @@ def test_refine_uses_the_metric_the_store_records(parquet_encoded, tmp_path):
     out = tmp_path / "codes.zarr"
     shutil.copytree(cfgs[0].encode.output, out)
     for metric in ("ip", "cosine"):
-        zarr.open_group(str(out), mode="r+").attrs["metric"] = metric
+        group = zarr.open_group(str(out), mode="r+")
+        group.attrs["metric"] = metric  # the metric is part of the codebook's sha256 (pqgpu.metric): record it
+        group.attrs["codebook_sha256"] = open_store(str(out)).codebook(check=False).fingerprint()
         cand = adc_candidates(str(out), q, K * R, None)
         ref_s, ref_rows = brute_rerank(q, x[np.maximum(cand, 0)], cand, metric, K)
         sim, got = pqgpu.search(str(out), q, K, backend="cpu", refine=R)

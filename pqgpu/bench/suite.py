@@ -94,7 +94,7 @@ def plots(out: Path, enc: dict[str, Any], scale: dict[str, Any]) -> list[str]:
 
 def run_bench(quick: bool = False, out: str = "bench-report", tiny: bool = False) -> int:
     """Run the suite and write report.json, report.md and PNG plots under `out`. Returns 0."""
-    from . import encode, ivf, pipeline, refine, train
+    from . import encode, ivf, metric, pipeline, refine, train
 
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
@@ -111,9 +111,10 @@ def run_bench(quick: bool = False, out: str = "bench-report", tiny: bool = False
         scale = scaling([1000, 10000, 100000] if not quick else [1000, 20000], 768, 8, runs=3)
         pipe = pipeline.run(quick=quick)
     ivf_r = None if tiny else ivf.run(quick=quick)  # IVF-PQ build and nprobe search vs faiss (pqgpu.bench.ivf)
+    metric_r = None if tiny else metric.run(quick=quick)  # ip / cosine vs faiss METRIC_INNER_PRODUCT
     refine_r = None if tiny else refine.run(quick=quick)  # --refine R vs faiss IndexRefineFlat (pqgpu.bench.refine)
     report = {"environment": env, "encode": enc, "train": tr, "scaling": scale, "pipeline": pipe, "ivf": ivf_r,
-              "refine": refine_r, "seconds": time.perf_counter() - t0}
+              "metric": metric_r, "refine": refine_r, "seconds": time.perf_counter() - t0}
     write_json(outp / "report.json", report)
     images = plots(outp, enc, scale)
     if ivf_r and ivf.plot_recall_qps(ivf_r, outp / "ivf_recall_qps.png"):
@@ -126,6 +127,8 @@ def run_bench(quick: bool = False, out: str = "bench-report", tiny: bool = False
           "## Scaling with n\n", markdown_table(scale["rows"]), "## Pipeline\n", pipeline.render(pipe)]
     if ivf_r:
         md.append(ivf.report_markdown(ivf_r))
+    if metric_r:
+        md.append(metric.report_markdown(metric_r))
     if refine_r:
         md.append(refine.report_markdown(refine_r))
     md += [f"![{name}]({name})\n" for name in images]

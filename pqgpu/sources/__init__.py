@@ -14,15 +14,11 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .. import progress
 from ..config import SourceConfig
 from ..errors import ConfigError, InputError
 from ..formats import COMPANIONS, infer_format, subdirectory_hint  # noqa: F401 (infer_format: re-exported)
 
 log = logging.getLogger(__name__)
-
-SAMPLE_WINDOW_ROWS = 32768  # the most rows one read of Source.sample() asks for
-
 
 @dataclass(frozen=True)
 class Shard:
@@ -97,6 +93,13 @@ class ShardReader(Protocol):
     def vector_dtype(self, cfg: SourceConfig, shard: Shard) -> Any: ...
 
     def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]: ...
+
+    # the training sample (pqgpu.sources.sampling): vectors of rows [lo, hi) and the bytes read for them
+    def read_block(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, int]: ...
+
+    def stored_bytes(self, cfg: SourceConfig, shard: Shard) -> int: ...
+
+    def unit_rows(self, cfg: SourceConfig, shard: Shard) -> int: ...  # rows one read costs at least
 
 
 def _reader(fmt: str) -> ShardReader:
@@ -241,26 +244,12 @@ class Source:
             yield chunk, x, ids
 
     def sample(self, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """`size` rows drawn uniformly without replacement from the whole source (all shards), in source
-        order, read shard by shard without loading the dataset. Returns (vectors, global row numbers)."""
-        n = self.n
-        size = min(size, n)
-        rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False)) if size < n else np.arange(n)
-        reader = _reader(self.cfg.format)
-        out = []
-        for s, shard in enumerate(self.shards):
-            progress.report("training sample", s, len(self.shards), "shards", brief=True)
-            lo_g, hi_g = self.offsets[s], self.offsets[s] + shard.n_rows
-            sel = rows[(rows >= lo_g) & (rows < hi_g)] - lo_g
-            # one read per window of SAMPLE_WINDOW_ROWS shard rows that holds sampled rows, from its first to
-            # its last sampled row: memory is bounded by the window, however far apart the samples lie
-            for part in np.split(sel, np.flatnonzero(np.diff(sel // SAMPLE_WINDOW_ROWS)) + 1) if sel.size else []:
-                x, _ = reader.read(self.cfg, shard, int(part[0]), int(part[-1]) + 1)
-                out.append(np.asarray(x[part - part[0]]))
-        progress.report("training sample", len(self.shards), len(self.shards), "shards", brief=True)
-        if not out:
-            return np.zeros((0, self.d), np.float32), rows
-        return np.concatenate(out), rows
+        """`size` rows from across the whole source, seeded, in source order, as many small blocks read in
+        parallel (pqgpu.sources.sampling). Returns (vectors, global row numbers)."""
+        from .sampling import draw_sample
+
+        s = draw_sample(self, size, seed)
+        return s.x, s.rows
 
 
 def open_source(cfg: SourceConfig) -> Source:

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["Unsupported", "leaf_column", "read_rows"]
+__all__ = ["Unsupported", "leaf_column", "page_rows", "read_rows"]
 
 
 class Unsupported(Exception):
@@ -282,10 +282,13 @@ class _File:
         st = os.fstat(self.f.fileno())
         self.size = st.st_size
         self.key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        self.bytes_read = 0
 
     def read(self, offset: int, n: int) -> bytes:
         self.f.seek(offset)
-        return self.f.read(max(0, min(n, self.size - offset)))
+        data = self.f.read(max(0, min(n, self.size - offset)))
+        self.bytes_read += len(data)
+        return data
 
     def close(self) -> None:
         self.f.close()
@@ -310,9 +313,15 @@ def _bit_width(max_level: int) -> int:
 
 
 def read_rows(path: str, pf: Any, leaf: int, row_group_offsets: Any, lo: int, hi: int, d: int,
-              out: np.ndarray | None = None) -> np.ndarray:
+              out: np.ndarray | None = None, *, skip_pages: bool = False, stats: dict | None = None) -> np.ndarray:
     """Vectors of rows [lo, hi) of the file (counted from its first row), (hi - lo, d) in the column's dtype;
-    written into `out` when it is a C-contiguous array of that shape and dtype."""
+    written into `out` when it is a C-contiguous array of that shape and dtype.
+
+    skip_pages: reach the first wanted page by the value counts in the page headers before it, reading only
+    those headers (the training sample: a few rows deep inside a row group cost about one page, not the row
+    group up to them). The pages skipped are not checked, so on a malformed file (a null or ragged list
+    before the rows) the rows returned are real rows of the file but maybe not rows lo..hi; encode reads
+    every page and names such a row. stats: its "bytes" grows by the bytes read from the file."""
     md = pf.metadata
     col = pf.schema.column(leaf)
     dtype = _value_dtype(col)
@@ -329,10 +338,12 @@ def read_rows(path: str, pf: Any, leaf: int, row_group_offsets: Any, lo: int, hi
             a, b = max(lo, rg_lo) - rg_lo, min(hi, int(row_group_offsets[g + 1])) - rg_lo
             rg = md.row_group(g)
             _read_row_group(f, rg.column(leaf), dtype, max_def, max_rep, d, rg.num_rows, a, b,
-                            flat[(rg_lo + a - lo) * d:(rg_lo + b - lo) * d])
+                            flat[(rg_lo + a - lo) * d:(rg_lo + b - lo) * d], skip_pages)
             g += 1
     finally:
         f.close()
+        if stats is not None:
+            stats["bytes"] = stats.get("bytes", 0) + f.bytes_read
     if g == first or int(row_group_offsets[g]) < hi:
         raise Unsupported("rows past the last row group")
     return out
@@ -348,7 +359,7 @@ _CHECKED_LOCK = threading.Lock()
 
 
 def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep: int, d: int, rows: int, a: int,
-                    b: int, out: np.ndarray) -> None:
+                    b: int, out: np.ndarray, skip_pages: bool = False) -> None:
     """Values of rows [a, b) of one row group of `rows` rows into out (flat, (b - a) * d)."""
     codec_name = meta.compression
     if codec_name not in _CODECS:
@@ -373,9 +384,14 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
             _CHECKED.popitem(last=False)
         i = bisect.bisect_right(checked, (want_lo, end)) - 1
         resume = checked[i] if i >= 0 else None
-    if resume:
-        if has_dict:
-            dictionary = _dictionary_page(f, pos, codec, dtype)
+    if skip_pages:
+        skipped = _skip_to(f, pos, end, want_lo)
+        if skipped[0] > (resume[0] if resume else 0):
+            resume = skipped
+        # pages reached by skipping were not checked from the row group's start: record none of this read
+        checked = []
+    dict_at = pos if has_dict else None  # read when a page needs it: writers that fall back to PLAIN leave a
+    if resume:                           # dictionary page of ~1 MiB that no page of the rows wanted uses
         seen, pos = resume
     rep_bw, def_bw = _bit_width(max_rep), _bit_width(max_def)
     # read past want_hi until a page shows the next list starting exactly there (or the row group ends),
@@ -391,7 +407,7 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
         body_at = pos + hlen
         pos = body_at + csize
         if ptype == _DICTIONARY_PAGE:
-            dictionary = _dictionary_page(f, page_at, codec, dtype, (header, hlen))
+            dict_at, dictionary = page_at, None
             continue
         if ptype == _DATA_PAGE:
             h = header.get(5) or {}
@@ -435,8 +451,67 @@ def _read_row_group(f: _File, meta: Any, dtype: np.dtype, max_def: int, max_rep:
         lo_in, hi_in = max(want_lo - seen, 0), min(want_hi - seen, n)
         if lo_in < hi_in:
             dst = out[seen + lo_in - want_lo:seen + hi_in - want_lo]
+            if dictionary is None and dict_at is not None and encoding in (_PLAIN_DICTIONARY, _RLE_DICTIONARY):
+                dictionary = _dictionary_page(f, dict_at, codec, dtype)
             _decode_values(values, encoding, n, dtype, dictionary, lo_in, hi_in, dst)
         seen += n
+
+
+# Data page positions found from headers alone (not checked): (file key, column chunk offset) -> sorted
+# [(values before the page, page position)], so the blocks of a sample that share a row group walk its
+# headers once.
+_HEADERS: OrderedDict = OrderedDict()
+_HEADERS_LOCK = threading.Lock()
+
+
+def _skip_to(f: _File, pos: int, end: int, want: int) -> tuple[int, int]:
+    """(values before it, position) of the data page that holds value `want` of the column chunk starting
+    at pos, found from the page headers alone (about 256 bytes each)."""
+    key = (f.key, pos)
+    with _HEADERS_LOCK:
+        known = _HEADERS.setdefault(key, [])
+        _HEADERS.move_to_end(key)
+        if len(_HEADERS) > _CHECKED_ROW_GROUPS:
+            _HEADERS.popitem(last=False)
+        i = bisect.bisect_right(known, (want, end)) - 1
+        seen, at = known[i] if i >= 0 else (0, pos)
+        if i >= 0 and i + 1 < len(known):  # the page after it is known too: no header to read
+            return seen, at
+    pos = at
+    while pos < end:
+        header, hlen = _page_header(f, pos)
+        ptype, csize = header.get(1), header.get(3)
+        if csize is None or csize < 0:
+            raise Unsupported("page header without sizes")
+        if ptype in (_DATA_PAGE, _DATA_PAGE_V2):
+            n = (header.get(5 if ptype == _DATA_PAGE else 8) or {}).get(1, 0)
+            with _HEADERS_LOCK:
+                j = bisect.bisect_left(known, (seen, pos))
+                if j == len(known) or known[j] != (seen, pos):
+                    known.insert(j, (seen, pos))
+            if seen + n > want:
+                return seen, pos
+            seen += n
+        pos += hlen + csize
+    raise Unsupported("row group has fewer values than rows x d")
+
+
+def page_rows(path: str, pf: Any, leaf: int, d: int) -> int | None:
+    """Rows in the first data page of the file's first row group (one header read), or None."""
+    md = pf.metadata
+    if not md.num_row_groups or d <= 0:
+        return None
+    f = _File(path)
+    try:
+        header, _ = _page_header(f, md.row_group(0).column(leaf).data_page_offset)
+    except (Unsupported, OSError):
+        return None
+    finally:
+        f.close()
+    if header.get(1) not in (_DATA_PAGE, _DATA_PAGE_V2):
+        return None
+    n = (header.get(5 if header.get(1) == _DATA_PAGE else 8) or {}).get(1, 0)
+    return max(1, n // d) if n else None
 
 
 def _dictionary_page(f: _File, pos: int, codec: str | None, dtype: np.dtype, parsed: Any = None) -> np.ndarray:

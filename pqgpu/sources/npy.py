@@ -87,6 +87,23 @@ class NpyReader:
             ids = raw if raw.dtype.kind in "iu" else raw.astype(str)  # integers exactly as stored (Source.read_piece)
         return x, ids
 
+    def read_block(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, int]:
+        """Vectors of rows [lo, hi) for the training sample (a slice of the memory map) and the bytes they
+        span. (A remote .npy is loaded whole by list_shards already; only local files are read by slice.)"""
+        a = _load(shard.path, shard.stamp[:2])
+        try:
+            x = np.array(a[lo:hi])
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1}: {exc}. The file may be "
+                             "truncated.") from None
+        return x, int(x.nbytes)
+
+    def stored_bytes(self, cfg: SourceConfig, shard: Shard) -> int:
+        return int(shard.stamp[0])
+
+    def unit_rows(self, cfg: SourceConfig, shard: Shard) -> int:
+        return 1
+
     def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
         """Vectors of the given shard rows (sorted, unique int64): a local file through its memory map (only
         the pages holding them are touched), a remote one by byte ranges (one per run of consecutive rows)."""

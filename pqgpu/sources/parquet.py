@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from ..config import SourceConfig
 from ..errors import InputError
 from . import Shard, expand_paths, file_stamp
-from ._parquet_pages import Unsupported, leaf_column, read_rows
+from ._parquet_pages import Unsupported, leaf_column, page_rows, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,57 @@ class ParquetReader:
 
     def take(self, cfg: SourceConfig, shard: Shard, rows: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
         return take_rows(cfg, shard, rows)
+
+
+    def read_block(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, int]:
+        """Vectors of rows [lo, hi) for the training sample, and the bytes read: the page reader reads only the
+        pages that hold them (found from the page headers); pyarrow, where that does not apply, the row groups."""
+        if FAST_PAGES and shard.d:
+            leaf = _leaf(shard.path, shard.stamp, cfg.vector_column)
+            if leaf is not None:
+                stats = {"bytes": 0}
+                try:
+                    return read_rows(shard.path, _open(shard.path, shard.stamp), leaf, shard.extra, lo, hi, shard.d,
+                                     skip_pages=True, stats=stats), stats["bytes"]
+                except Unsupported as exc:
+                    log.debug("%s rows %d..%d: sample read with pyarrow (%s)", shard.path, lo, hi - 1, exc)
+                except Exception as exc:  # noqa: BLE001 - pyarrow reads it instead, and words any error
+                    log.warning("%s rows %d..%d: the page reader failed (%r); reading with pyarrow", shard.path, lo,
+                                hi - 1, exc)
+        pf = _open(shard.path, shard.stamp)
+        offsets = shard.extra
+        first = int(np.searchsorted(offsets, lo, side="right")) - 1
+        last = int(np.searchsorted(offsets, hi, side="left")) - 1
+        groups = list(range(first, max(first, last) + 1))
+        try:
+            table = _read_slice(pf, groups, [cfg.vector_column], lo - offsets[first], hi - lo)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1} (row groups {groups[0]}..{groups[-1]}): "
+                             f"{exc}. The file may be truncated or corrupt.") from None
+        md = pf.metadata
+        leaves = [i for i in range(md.num_columns) if pf.schema.column(i).path.split(".")[0] == cfg.vector_column]
+        nbytes = sum(md.row_group(g).column(i).total_compressed_size for g in groups for i in leaves)
+        return vectors_from_arrow(table.column(0), shard.path, lo), int(nbytes)
+
+    def stored_bytes(self, cfg: SourceConfig, shard: Shard) -> int:
+        return int(shard.stamp[0])
+
+    def unit_rows(self, cfg: SourceConfig, shard: Shard) -> int:
+        """Rows a sample read costs at least: a data page (writers cut them at about 1 MiB) for the page reader,
+        a row group for pyarrow."""
+        pf = _open(shard.path, shard.stamp)
+        md = pf.metadata
+        rg_rows = max(1, int(np.median([md.row_group(g).num_rows for g in range(md.num_row_groups)])))
+        leaf = _leaf(shard.path, shard.stamp, cfg.vector_column) if FAST_PAGES else None
+        if leaf is None:
+            return rg_rows
+        rows = _page_rows(shard.path, shard.stamp, leaf, shard.d or 0)
+        return int(min(rows, rg_rows)) if rows else rg_rows
+
+
+@functools.lru_cache(maxsize=64)
+def _page_rows(path: str, stamp: tuple, leaf: int, d: int) -> int | None:
+    return page_rows(path, _open(path, stamp), leaf, d)
 
 
 STREAM_BATCH_ROWS = 8192

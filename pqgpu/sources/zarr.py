@@ -85,3 +85,27 @@ class ZarrReader:
         crow, ccol = arr.chunks
         touched = len(np.unique(rows // crow)) * -(-arr.shape[1] // ccol)
         return x, {"chunks": touched, "bytes": touched * crow * ccol * arr.dtype.itemsize}
+
+    def read_block(self, cfg: SourceConfig, shard: Shard, lo: int, hi: int) -> tuple[np.ndarray, int]:
+        """Vectors of rows [lo, hi) for the training sample: Zarr reads only the chunks that hold them. The
+        bytes are those chunks at the array's mean stored chunk size."""
+        arr = _array(shard.path, cfg.vector_column, "vector_column")
+        try:
+            x = np.asarray(arr[lo:hi])
+        except Exception as exc:
+            raise InputError(f"{shard.path}: cannot read rows {lo}..{hi - 1}: {exc}. A chunk may be corrupt.") from None
+        c = arr.chunks[0]
+        touched = (hi - 1) // c - lo // c + 1 if hi > lo else 0
+        return x, int(touched * self.stored_bytes(cfg, shard) / max(1, -(-arr.shape[0] // c)))
+
+    def stored_bytes(self, cfg: SourceConfig, shard: Shard) -> int:
+        return _stored(shard.path, cfg.vector_column)
+
+    def unit_rows(self, cfg: SourceConfig, shard: Shard) -> int:
+        return int(_array(shard.path, cfg.vector_column, "vector_column").chunks[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _stored(path: str, name: str) -> int:
+    """Stored (compressed) bytes of one array of a group: a listing of its chunks, once per process."""
+    return int(_array(path, name, "vector_column").nbytes_stored())
