@@ -335,3 +335,30 @@ def test_append_on_dask_workers(tmp_path):
     for name in ("codes", "ids", "lists"):
         np.testing.assert_array_equal(g.group[name][...], o.group[name][...])
     assert g.attrs["generations"][1]["files"][-1].endswith("shard-0002.parquet") and g.verify().ok
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_ivf_segments_of_another_metric_search_like_one_layout(tmp_path, monkeypatch, metric):
+    import dataclasses
+
+    from pqgpu.ivf_search import IvfIndex
+
+    data = tmp_path / "data"
+    write_shard(data, 0)
+    cfg = config(tmp_path, data, "grow.zarr", 8)
+    cfg = dataclasses.replace(cfg, quantizer=dataclasses.replace(cfg.quantizer, metric=metric))
+    run(cfg)
+    write_shard(data, 1)
+    write_shard(data, 2)
+    run(cfg, append=True)
+    once = dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, output=str(tmp_path / "once.zarr")))
+    encode(once)
+    g, o = open_store(cfg.encode.output), open_store(once.encode.output)
+    q = synthetic(30, D, seed=3)
+    monkeypatch.setattr("pqgpu.ivf_search.SEGMENT_LOAD_BYTES", 0)
+    for load in (True, False):
+        dg, rg = IvfIndex(g, load=load).search(q, 10, nprobe=3, backend="cpu")
+        do, ro = IvfIndex(o, load=load).search(q, 10, nprobe=3, backend="cpu")
+        np.testing.assert_array_equal(rg, ro)
+        np.testing.assert_array_equal(dg, do)
+        assert (np.diff(dg, axis=1) <= 0).all()  # similarities, largest first
