@@ -362,3 +362,23 @@ def test_ivf_segments_of_another_metric_search_like_one_layout(tmp_path, monkeyp
         np.testing.assert_array_equal(rg, ro)
         np.testing.assert_array_equal(dg, do)
         assert (np.diff(dg, axis=1) <= 0).all()  # similarities, largest first
+
+
+def test_append_to_a_store_smaller_than_one_chunk(tmp_path):
+    """Its Zarr chunks hold its n rows, not chunk_rows: the append gives them the encode grid first."""
+    import dataclasses
+
+    data = tmp_path / "data"
+    write_shard(data, 0)
+    cfg = config(tmp_path, data, "grow.zarr", 8)
+    cfg = dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, chunk_rows=1000))
+    run(cfg)
+    assert open_store(cfg.encode.output).codes.chunks[0] == SIZES[0]
+    write_shard(data, 1)
+    run(cfg, append=True)
+    once = dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, output=str(tmp_path / "once.zarr")))
+    encode(once)
+    g, o = open_store(cfg.encode.output), open_store(once.encode.output)
+    assert g.codes.chunks[0] == 1000 and g.verify().ok
+    for name in ("codes", "ids", "lists"):
+        np.testing.assert_array_equal(g.group[name][...], o.group[name][...])
