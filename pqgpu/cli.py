@@ -86,14 +86,15 @@ def _print_report(report: Any) -> None:
 def cmd_encode(args: argparse.Namespace) -> int:
     from .pipeline import encode
 
-    _print_report(encode(_config(args), overwrite=args.overwrite, strict_ids=args.strict_ids))
+    _print_report(encode(_config(args), overwrite=args.overwrite, strict_ids=args.strict_ids, append=args.append))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run
 
-    _print_report(run(_config(args), overwrite=args.overwrite, strict_ids=args.strict_ids, retrain=args.retrain))
+    _print_report(run(_config(args), overwrite=args.overwrite, strict_ids=args.strict_ids, retrain=args.retrain,
+                      append=args.append))
     return 0
 
 
@@ -125,6 +126,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     where = files[0]["path"] if files and isinstance(files[0], dict) else src.get("path")
     print(f"{'source':>18}: {src.get('format')} {where}{' …' if len(files) > 1 else ''} ({len(files)} file(s))")
     print(f"{'created_by':>18}: {info.get('created_by')}")
+    for gen in info.get("generations") or []:
+        files = gen.get("files") or []
+        lo, hi = gen.get("rows", [0, 0])
+        names = ", ".join(os.path.basename(f) for f in files[:3]) + (" …" if len(files) > 3 else "")
+        print(f"{'generation ' + str(gen.get('generation')):>18}: rows {lo}-{hi - 1} from {len(files)} file(s)"
+              f"{f' ({names})' if files else ''}, {gen.get('finished')}, backend {','.join(gen.get('backend') or []) or '?'}, "
+              f"{len(gen.get('workers') or {})} worker(s), pqgpu {(gen.get('versions') or {}).get('pqgpu', '?')}")
+    if info.get("segments") and len(info["segments"]) > 1:
+        print(f"{'inverted segments':>18}: {len(info['segments'])} (`pqgpu compact {info['path']}` merges them)")
+    if info.get("append"):
+        print(f"{'append':>18}: {info['append']}")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from .append import compact
+
+    merged = compact(args.store)
+    print(f"{args.store}: {merged} inverted segments merged into one" if merged else
+          f"{args.store}: one inverted layout already; nothing to compact")
     return 0
 
 
@@ -363,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--overwrite", action="store_true",
                             help="replace an existing store with a fresh one (e.g. made with another codebook)")
             sp.add_argument("--strict-ids", action="store_true", help="duplicate ids are an error, not a warning")
+            sp.add_argument("--append", action="store_true",
+                            help="encode only the source files that are new since the store was made, into new "
+                            "rows at its end, with its codebook (one generation; IVF: one inverted segment)")
         if name == "run":
             sp.add_argument("--retrain", action="store_true",
                             help="train a new quantizer even when quantizer.path exists, replacing it (with "
@@ -373,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("store")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("compact", help="merge an IVF store's appended inverted segments into one layout")
+    sp.add_argument("store")
+    sp.set_defaults(func=cmd_compact)
 
     queries_help = ("query vectors: a .npy, .parquet or .zarr file, directory or glob, read as a source is (a "
                     "Parquet list / fixed_size_list column, a Zarr array, a 2-D .npy array)")

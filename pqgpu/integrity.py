@@ -74,6 +74,10 @@ class Family:
     grid: int  # rows per chunk
     n: int  # rows of each array
     flags: str  # bool array: chunk c is written (its CRCs recorded)
+    # (chunk, rows, ((array, crc), ...)): the CRCs of the committed partial last chunk, recorded at commit
+    # (root attr `tail_crcs`), used for that chunk when it holds exactly `rows` rows: an append that completes
+    # it rewrites its table row before the new rows are committed (pqgpu.append)
+    tail: tuple | None = None
 
     def chunk_range(self, c: int) -> tuple[int, int]:
         return c * self.grid, min(self.n, (c + 1) * self.grid)
@@ -83,21 +87,27 @@ class Family:
         return max(1, -(-self.n // self.grid))
 
 
-def chunk_family(group: Any) -> Family | None:
-    """codes, ids (and lists) per encode chunk; None for a format-1 store (1-D zlib checksums or none)."""
+def chunk_family(group: Any, n: int | None = None) -> Family | None:
+    """codes, ids (and lists) per encode chunk, over the committed rows (or n rows, for a writer); None for a
+    format-1 store (1-D zlib checksums or none)."""
     if "checksums" not in group or group["checksums"].ndim != 2:
         return None
+    a = group.attrs
     cols = tuple(group["checksums"].attrs["columns"])
-    return Family("checksums", cols, int(group.attrs["chunk_rows"]), int(group.attrs["n"]), "done")
+    t = a.get("tail_crcs")
+    tail = None if not t else (int(t["chunk"]), int(t["rows"]), tuple((k, int(v)) for k, v in t["crcs"].items()))
+    return Family("checksums", cols, int(a["chunk_rows"]), int(a["n"]) if n is None else int(n), "done", tail)
 
 
-def ivf_family(group: Any) -> Family | None:
-    """The inverted arrays per inverted chunk; None until the layout's arrays exist (or in a format-1 store)."""
-    if "ivf" not in group or "checksums" not in group["ivf"]:
+def ivf_family(group: Any, node: str = "ivf") -> Family | None:
+    """The inverted arrays of one layout (`ivf`, or an appended segment `ivf/segments/<name>`) per inverted
+    chunk; None until the layout's arrays exist (or in a format-1 store)."""
+    if node not in group or "checksums" not in group[node]:
         return None
-    ivf = group["ivf"]
-    cols = tuple(f"ivf/{c}" for c in ivf["checksums"].attrs["columns"])
-    return Family("ivf/checksums", cols, int(ivf.attrs["chunk_rows"]), int(group.attrs["n"]), "ivf/copy_done")
+    ivf = group[node]
+    cols = tuple(f"{node}/{c}" for c in ivf["checksums"].attrs["columns"])
+    n = int(ivf.attrs["n"]) if "n" in ivf.attrs else int(group.attrs["n"])
+    return Family(f"{node}/checksums", cols, int(ivf.attrs["chunk_rows"]), n, f"{node}/copy_done")
 
 
 def create_table(group: Any, path: str, n_chunks: int, columns: Sequence[str], rows_per_zarr_chunk: int = 1) -> None:
@@ -123,13 +133,26 @@ class Checker:
         self.family = family
         self.sums = whole(group[family.table])
         self.flags = whole(group[family.flags]) if flags else None
+        if self.flags is not None and family.flags == "done" and group.attrs.get("generations"):
+            # committed chunks are complete (an append under way, or killed, clears the flag of the partial
+            # last chunk it rewrites; its committed rows are checked against tail_crcs)
+            self.flags[:min(family.n_chunks, self.flags.shape[0])] = True
         self.columns = {name: j for j, name in enumerate(family.arrays)}
+        self.tail = None if family.tail is None else (family.tail[0], family.tail[1], dict(family.tail[2]))
+
+    def recorded(self, c: int, name: str) -> int:
+        """The CRC recorded for chunk c of `name` (the committed tail's, for a partial last chunk)."""
+        t = self.tail
+        if t is not None and c == t[0] and name in t[2]:
+            a, b = self.family.chunk_range(c)
+            if b - a == t[1]:
+                return int(t[2][name])
+        return int(self.sums[c, self.columns[name]])
 
     def problems(self, name: str, lo: int, values: Any) -> list[tuple[int, str]]:
         """(chunk, reason) for each chunk of `name` whose rows [c*grid, ...) lie wholly in values (rows
         lo .. lo + len(values)) and differ from the recorded CRC (or were never recorded)."""
         f = self.family
-        j = self.columns[name]
         hi = lo + len(values)
         out = []
         for c in range(-(-lo // f.grid), f.n_chunks):
@@ -140,7 +163,7 @@ class Checker:
                 out.append((c, "never completed (its write was interrupted)"))
                 continue
             got = crc(values[a - lo:b - lo])
-            want = int(self.sums[c, j])
+            want = self.recorded(c, name)
             if got != want:
                 out.append((c, f"checksum mismatch (recorded {want:08x}, stored data gives {got:08x})"))
         return out
@@ -344,15 +367,15 @@ def verify_family(store_path: str, group: Any, family: Family, chunks: Sequence[
         if _plain_dir(arr) is None or arr.chunks[0] != family.grid:
             slow[name] = arr
             continue
-        j = checker.columns[name]
         for c, got in stream_crcs(arr, todo, family).items():
+            want = checker.recorded(c, name)
             if isinstance(got, tuple):  # a missing file: lost data unless the chunk was all fill values
-                if got[0] != int(checker.sums[c, j]):
+                if got[0] != want:
                     bad.append((name, c, got[1], family.chunk_range(c)))
             elif isinstance(got, Exception):
                 bad.append((name, c, f"unreadable ({type(got).__name__}: {got})", family.chunk_range(c)))
-            elif got != int(checker.sums[c, j]):
-                bad.append((name, c, f"checksum mismatch (recorded {int(checker.sums[c, j]):08x}, stored data "
+            elif got != want:
+                bad.append((name, c, f"checksum mismatch (recorded {want:08x}, stored data "
                                      f"gives {got:08x})", family.chunk_range(c)))
     if slow:
         row_bytes = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize if a.dtype.kind in "iub"
@@ -451,71 +474,115 @@ def stored_keys(arr: Any) -> set[str]:
 
 # -- an IVF store's inverted layout: its state (pqgpu info, verify, resume) ----------------------------------------------------
 
+@dataclass(frozen=True)
+class Layout:
+    """One inverted layout of an IVF store: the group `node` (`ivf` for the layout of the first encode,
+    `ivf/segments/<name>` for an append's segment or a compaction) holding store rows [lo, hi) by list."""
+
+    node: str
+    lo: int
+    hi: int
+
+    @property
+    def n(self) -> int:
+        return self.hi - self.lo
+
+
+def layouts(store: Any) -> list[Layout]:
+    """The committed inverted layouts, in row order (root attr `ivf_layouts`; before any append: `ivf`)."""
+    recorded = store.group.attrs.get("ivf_layouts")
+    if not recorded:
+        return [Layout("ivf", 0, int(store.group.attrs["n"]))]
+    return [Layout(str(node), int(lo), int(hi)) for node, lo, hi in recorded]
+
+
 def layout_state(store: Any) -> str:
-    """Cheap (flags, offsets and listings, no data read): `built`, `building (...)`, `not built` or
-    `damaged (...)`."""
-    ivf = store.group["ivf"]
+    """Cheap (flags, offsets and listings, no data read), over every committed layout: `built`,
+    `building (...)`, `not built` or `damaged (...)`."""
+    states = [node_state(store, lay) for lay in layouts(store)]
+    for kind in ("damaged", "building", "not built"):
+        found = [st for st in states if st.startswith(kind)]
+        if found:
+            return found[0]
+    return "built"
+
+
+def node_state(store: Any, layout: Layout) -> str:
+    if layout.node not in store.group:
+        return "not built"
+    ivf = store.group[layout.node]
     a = ivf.attrs
     if not a.get("complete"):
         if not a.get("starts_done") or "copy_done" not in ivf:
             return "not built"
         scattered = int(whole(ivf["scatter_done"]).sum())
         copied = int(whole(ivf["copy_done"]).sum())
-        return (f"building (interrupted or running: scatter {scattered}/{ivf['scatter_done'].shape[0]} chunks, "
-                f"copy {copied}/{ivf['copy_done'].shape[0]})")
-    problems = _cheap_problems(store)
+        where = "" if layout.node == "ivf" else f" of {layout.node}"
+        return (f"building (interrupted or running{where}: scatter {scattered}/{ivf['scatter_done'].shape[0]} "
+                f"chunks, copy {copied}/{ivf['copy_done'].shape[0]})")
+    problems = _cheap_problems(store, layout)
     return "built" if not problems else f"damaged ({'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''})"
 
 
-def _cheap_problems(store: Any) -> list[str]:
-    ivf = store.group["ivf"]
+def _cheap_problems(store: Any, layout: Layout | None = None) -> list[str]:
+    layout = layout or layouts(store)[0]
+    node = layout.node
+    ivf = store.group[node]
     out = []
     for name in ("offsets", "codes", "rows", "ids", "copy_done"):
         if name == "ids" and store.ids.dtype.kind not in "iu":
             continue
         if name not in ivf:
-            out.append(f"ivf/{name} is missing")
+            out.append(f"{node}/{name} is missing")
     if out:
         return out
     if not whole(ivf["copy_done"]).all():
-        out.append("ivf/copy_done says some inverted chunks were never copied")
+        out.append(f"{node}/copy_done says some inverted chunks were never copied")
     offsets = np.asarray(ivf["offsets"][...])
     try:
         check_offsets(store.path, ivf, offsets)
     except StoreError:
-        out.append("ivf/offsets differ from what was written")
-    if offsets[-1] != store.n:
-        out.append(f"ivf/offsets end at {int(offsets[-1])}, not at the store's {store.n} rows")
+        out.append(f"{node}/offsets differ from what was written")
+    if offsets[-1] != layout.n:
+        out.append(f"{node}/offsets end at {int(offsets[-1])}, not at the layout's {layout.n} rows")
     icr = int(ivf.attrs["chunk_rows"])
     for name in ("codes", "rows", "ids"):
         if name not in ivf:
             continue
         arr = ivf[name]
         keys = stored_keys(arr)
-        missing = [j for j in range(-(-store.n // icr))
+        missing = [j for j in range(-(-layout.n // icr))
                    if arr.metadata.encode_chunk_key((j, 0) if arr.ndim == 2 else (j,)) not in keys]
         if missing:
-            out.append(f"ivf/{name} has lost {len(missing)} chunk file(s) (chunk {', '.join(map(str, missing[:5]))}"
-                       f"{' …' if len(missing) > 5 else ''})")
+            out.append(f"{node}/{name} has lost {len(missing)} chunk file(s) (chunk "
+                       f"{', '.join(map(str, missing[:5]))}{' …' if len(missing) > 5 else ''})")
     return out
 
 
 def verify_layout(store: Any) -> tuple[str, list[tuple[str, int, str, tuple[int, int]]]]:
-    """(state, damaged chunks as (array, chunk, why, (lo, hi))): reads every inverted chunk of a built layout
-    and compares it with its CRC (presence only for a layout built without CRCs)."""
+    """(state, damaged chunks as (array, chunk, why, (lo, hi))): reads every inverted chunk of every built
+    layout and compares it with its CRC (presence only for a layout built without CRCs)."""
     state = layout_state(store)
-    ivf = store.group["ivf"]
-    if not ivf.attrs.get("complete") or "copy_done" not in ivf or "offsets" not in ivf:
-        return state, []
     bad: list[tuple[str, int, str, tuple[int, int]]] = []
-    family = ivf_family(store.group)
-    if family is None:
-        return state, [(p, -1, "", (0, 0)) for p in _cheap_problems(store)]
-    bad.extend(verify_family(store.path, store.group, family, range(family.n_chunks)))
-    try:
-        check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
-    except StoreError:
-        bad.append(("ivf/offsets", 0, "differ from what was written (CRC mismatch)", (0, 0)))
+    for lay in layouts(store):
+        bad += verify_node(store, lay)
     if bad and state == "built":
         state = f"damaged ({len(bad)} problem(s))"
     return state, bad
+
+
+def verify_node(store: Any, layout: Layout) -> list[tuple[str, int, str, tuple[int, int]]]:
+    if layout.node not in store.group:
+        return []
+    ivf = store.group[layout.node]
+    if not ivf.attrs.get("complete") or "copy_done" not in ivf or "offsets" not in ivf:
+        return []
+    family = ivf_family(store.group, layout.node)
+    if family is None:
+        return [(p, -1, "", (0, 0)) for p in _cheap_problems(store, layout)]
+    bad = list(verify_family(store.path, store.group, family, range(family.n_chunks)))
+    try:
+        check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
+    except StoreError:
+        bad.append((f"{layout.node}/offsets", 0, "differ from what was written (CRC mismatch)", (0, 0)))
+    return bad

@@ -44,7 +44,7 @@ import zarr
 
 from . import integrity
 from .errors import StoreError
-from .store import as_store, check_inverted, is_ivf_store
+from .store import Layout, as_store, check_inverted, is_ivf_store, layouts
 
 log = logging.getLogger(__name__)
 
@@ -62,35 +62,53 @@ def write_chunk_lists(path: str, i: int, start: int, lists: np.ndarray) -> None:
 
 # -- phases ---------------------------------------------------------------------------------------------
 
-def _staging(path: str) -> Path:
-    return Path(str(path).rstrip("/") + ".ivf-staging")
+def _staging(path: str, node: str = "ivf") -> Path:
+    suffix = "" if node == "ivf" else "-" + node.rsplit("/", 1)[-1]
+    return Path(str(path).rstrip("/") + ".ivf-staging" + suffix)
 
 
-def _iter_counts(ivf: Any, n_chunks: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(chunk, its per-list counts int64 (nlist,)) in chunk order, read COUNTS_BLOCK_BYTES at a time."""
-    counts = ivf["counts"]
+def pieces(layout: Layout, chunk_rows: int) -> list[tuple[int, int, int]]:
+    """(chunk, lo, hi): the rows [lo, hi) of each encode chunk that lie in the layout, in row order (piece k
+    of the layout is chunk c0 + k; only the first and last can be part of a chunk)."""
+    if layout.n <= 0:
+        return []
+    return [(c, max(layout.lo, c * chunk_rows), min(layout.hi, (c + 1) * chunk_rows))
+            for c in range(layout.lo // chunk_rows, -(-layout.hi // chunk_rows))]
+
+
+def _iter_counts(g: Any, layout: Layout, *, from_lists: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    """(piece, its per-list counts int64 (nlist,)) in row order: the chunk's row of ivf/counts,
+    COUNTS_BLOCK_BYTES at a time, or for a piece that is part of its chunk (or from_lists) a count of its
+    lists."""
+    counts = g["ivf/counts"]
+    cr = int(g.attrs["chunk_rows"])
+    todo = pieces(layout, cr)
     step = max(1, COUNTS_BLOCK_BYTES // (counts.dtype.itemsize * counts.shape[1]))
-    for c0 in range(0, n_chunks, step):
-        block = np.asarray(counts[c0:min(n_chunks, c0 + step)])
-        for j in range(block.shape[0]):
-            yield c0 + j, block[j].astype(np.int64)
+    for b0 in range(0, len(todo), step):
+        part = todo[b0:b0 + step]
+        block = None if from_lists else np.asarray(counts[part[0][0]:part[-1][0] + 1])
+        for j, (c, lo, hi) in enumerate(part):
+            row = None if block is None else block[j].astype(np.int64)
+            if row is None or lo != c * cr or int(row.sum()) != hi - lo:
+                row = np.bincount(np.asarray(g["lists"][lo:hi]), minlength=counts.shape[1]).astype(np.int64)
+            yield b0 + j, row
 
 
-def _prepare(store: Any) -> tuple[Any, Path]:
+def _prepare(store: Any, layout: Layout) -> tuple[Any, Path]:
     """Phase 2: offsets (once; `starts_done` says where the lists start is known), output arrays, staging
     files and done flags (when missing)."""
     g = store.group
-    ivf = g["ivf"]
+    ivf = g[layout.node]
     nlist = int(ivf.attrs["nlist"])
-    n, n_chunks = store.n, store.n_chunks
+    n, n_chunks = layout.n, len(pieces(layout, int(g.attrs["chunk_rows"])))
     if not ivf.attrs.get("starts_done"):
         total = np.zeros(nlist, np.int64)
-        for _, row in _iter_counts(ivf, n_chunks):
+        for _, row in _iter_counts(g, layout):
             total += row
         if int(total.sum()) != n:  # damaged counts: they follow from the (checksummed) lists
             log.warning("%s: the per-chunk list counts add up to %d rows, not %d (ivf/counts is damaged); "
                         "counting them again from the lists", store.path, int(total.sum()), n)
-            total = _recount(store, ivf)
+            total = _recount(store, g["ivf"], layout)
         offsets = np.zeros(nlist + 1, np.int64)
         np.cumsum(total, out=offsets[1:])
         if "starts" in ivf:  # the (n_chunks, nlist) array of an earlier layout: no longer needed
@@ -113,11 +131,11 @@ def _prepare(store: Any) -> tuple[Any, Path]:
         # one Zarr chunk of checksums per copy task (copy_items keeps the tasks on this grid)
         integrity.create_table(ivf, "checksums", n_out, ["codes", "rows"] + (["ids"] if "ids" in ivf else []),
                                rows_per_zarr_chunk=copy_group(g))
-        ivf.attrs["starts_done"] = True
+        ivf.attrs.update({"starts_done": True, "lo": layout.lo, "n": n})
         sizes = np.diff(offsets)
         log.info("IVF layout: %d lists, sizes min %d / median %d / max %d rows; %.1f MiB of codes to invert",
                  nlist, sizes.min(), int(np.median(sizes)), sizes.max(), n * cs / 2**20)
-    staging = _staging(store.path)
+    staging = _staging(store.path, layout.node)
     scatter_done = ivf["scatter_done"]
     if not ivf["copy_done"][...].all():
         files = _staging_files(staging, n, int(g.attrs["code_size"]), "ids" in ivf)
@@ -133,21 +151,20 @@ def _prepare(store: Any) -> tuple[Any, Path]:
     return ivf, staging
 
 
-def _recount(store: Any, ivf: Any) -> np.ndarray:
-    """Rewrite ivf/counts from the lists (each chunk's lists checked against their CRC where recorded);
-    returns the total rows per list."""
-    family = integrity.chunk_family(store.group)
+def _recount(store: Any, ivf: Any, layout: Layout) -> np.ndarray:
+    """Rewrite ivf/counts of the layout's chunks from the lists (each chunk's lists checked against their
+    CRC where recorded); returns the layout's total rows per list."""
+    family = integrity.chunk_family(store.group, store.n)
     checker = integrity.Checker(store.path, store.group, family) if family and "lists" in family.arrays else None
     counts = ivf["counts"]
     total = np.zeros(counts.shape[1], np.int64)
-    for c in range(store.n_chunks):
+    for c, plo, phi in pieces(layout, store.chunk_rows):
         lo, hi = store.chunk_range(c)
         lists = np.asarray(store.group["lists"][lo:hi])
         if checker is not None:
             checker.check("lists", lo, lists)
-        row = np.bincount(lists, minlength=counts.shape[1]).astype(counts.dtype)
-        counts[c] = row
-        total += row
+        counts[c] = np.bincount(lists, minlength=counts.shape[1]).astype(counts.dtype)
+        total += np.bincount(lists[plo - lo:phi - lo], minlength=counts.shape[1])
     return total
 
 
@@ -169,29 +186,34 @@ def _memmap(staging: Path, name: str, n: int, code_size: int) -> np.memmap:
     return np.memmap(staging / f"{name}.bin", dtype=np.int64, mode="r+", shape=(n,))
 
 
-def _scatter_items(store: Any, ivf: Any) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """(chunk, (lists present, their row counts, where its rows of each start)) for every chunk not yet
-    scattered: the starts of chunk c are offsets + the counts of chunks before c, summed while streaming."""
+def _scatter_items(store: Any, layout: Layout) -> Iterator[tuple[int, tuple]]:
+    """(piece, (node, its rows lo, hi, lists present, their row counts, where its rows of each start)) for
+    every piece not yet scattered: the starts of piece k are offsets + the counts of pieces before k, summed
+    while streaming."""
+    ivf = store.group[layout.node]
     running = np.asarray(ivf["offsets"][...])[:-1].copy()
     done = integrity.whole(ivf["scatter_done"])
-    for c, row in _iter_counts(ivf, store.n_chunks):
-        if not done[c]:
+    spans = pieces(layout, store.chunk_rows)
+    for k, row in _iter_counts(store.group, layout):
+        if not done[k]:
             present = np.flatnonzero(row)
             # int32 lists and sizes (< 2**31 rows per chunk), int64 starts: 16 B per list present
-            yield c, (present.astype(np.int32), row[present].astype(np.int32), running[present])
+            yield k, (layout.node, spans[k][1], spans[k][2], present.astype(np.int32), row[present].astype(np.int32),
+                      running[present])
         running += row
 
 
-def scatter_chunk(path: str, i: int, present: np.ndarray, sizes: np.ndarray, starts: np.ndarray) -> int:
-    """Dask task (phase 3): chunk i's rows to their final inverted positions in the staging files; its rows of
-    list present[j] (sizes[j] of them) go to starts[j] onwards, in row order."""
+def scatter_chunk(path: str, i: int, node: str, lo: int, hi: int, present: np.ndarray, sizes: np.ndarray,
+                  starts: np.ndarray) -> int:
+    """Dask task (phase 3): piece i (store rows [lo, hi)) of the layout `node` to their final inverted
+    positions in the staging files; its rows of list present[j] (sizes[j] of them) go to starts[j] onwards,
+    in row order."""
     from ._faults import fault_point
     from .store import open_store
 
     store = open_store(path, mode="r+")
     g = store.group
-    lo, hi = store.chunk_range(i)
-    n, cs = store.n, int(g.attrs["code_size"])
+    n, cs = int(g[node].attrs["n"]), int(g.attrs["code_size"])
     lists = np.asarray(g["lists"][lo:hi]).astype(np.int64)
     order = np.argsort(lists, kind="stable")
     sorted_lists = lists[order]
@@ -202,13 +224,13 @@ def scatter_chunk(path: str, i: int, present: np.ndarray, sizes: np.ndarray, sta
                          "or damaged). Re-encode with `pqgpu encode --overwrite`.")
     first = np.searchsorted(sorted_lists, sorted_lists, side="left")  # first sorted position of each row's list
     dest = np.repeat(starts, sizes) + (np.arange(hi - lo) - first)
-    staging = _staging(path)
+    staging = _staging(path, node)
     codes = _memmap(staging, "codes", n, cs)
     codes[dest] = np.asarray(g["codes"][lo:hi])[order]
     rows = _memmap(staging, "rows", n, cs)
     rows[dest] = lo + order
     mapped = [codes, rows]
-    if "ids" in g["ivf"]:
+    if "ids" in g[node]:
         ids = _memmap(staging, "ids", n, cs)
         ids[dest] = np.asarray(g["ids"][lo:hi]).astype(np.int64)[order]
         mapped.append(ids)
@@ -216,11 +238,11 @@ def scatter_chunk(path: str, i: int, present: np.ndarray, sizes: np.ndarray, sta
     for m in mapped:
         m.flush()
     del mapped, codes, rows
-    g["ivf/scatter_done"][i] = True
+    g[f"{node}/scatter_done"][i] = True
     return hi - lo
 
 
-def copy_chunk(path: str, j: int, count: int = 1) -> int:
+def copy_chunk(path: str, j: int, count: int = 1, node: str = "ivf") -> int:
     """Dask task (phase 4): output chunks j .. j + count - 1 of the inverted arrays from the staging files into
     Zarr, in one write per array (Zarr writes the chunks concurrently), then marked done together."""
     from ._faults import fault_point
@@ -228,10 +250,10 @@ def copy_chunk(path: str, j: int, count: int = 1) -> int:
 
     store = open_store(path, mode="r+")
     g = store.group
-    ivf = g["ivf"]
+    ivf = g[node]
     icr = int(ivf.attrs["chunk_rows"])
-    n, cs = store.n, int(g.attrs["code_size"])
-    staging = _staging(path)
+    n, cs = int(ivf.attrs["n"]), int(g.attrs["code_size"])
+    staging = _staging(path, node)
     lo, hi = j * icr, min(n, (j + count) * icr)
     values = {}
     for name in ("codes", "rows", "ids"):
@@ -253,20 +275,20 @@ def copy_chunk(path: str, j: int, count: int = 1) -> int:
     return hi - lo
 
 
-def _copy_items(ivf: Any, per_task: int) -> Iterator[tuple[int, tuple[int]]]:
+def _copy_items(ivf: Any, per_task: int, node: str | None = None) -> Iterator[tuple[int, tuple]]:
     """(first, (count,)) for runs of at most per_task consecutive output chunks not yet copied, never across
     a multiple of per_task (so each Zarr chunk of ivf/checksums has one writer)."""
     todo = np.flatnonzero(~integrity.whole(ivf["copy_done"]))
     start = prev = None
     for j in todo.tolist():
         if start is not None and (j != prev + 1 or j // per_task != start // per_task):
-            yield start, (prev + 1 - start,)
+            yield start, (prev + 1 - start,) + ((node,) if node else ())
             start = None
         if start is None:
             start = j
         prev = j
     if start is not None:
-        yield start, (prev + 1 - start,)
+        yield start, (prev + 1 - start,) + ((node,) if node else ())
 
 
 def _run(client: Any, fn: Any, path: str, items: Iterable[tuple[int, tuple]], what: str) -> None:
@@ -321,16 +343,31 @@ def build_inverted(store_or_path: Any, *, client: Any = None) -> None:
     if not store.is_complete():
         raise StoreError(f"{store.path}: {len(store.pending_chunks())} chunk(s) are not encoded yet; run "
                          "`pqgpu encode` to finish them before building the inverted lists.")
-    if store.group["ivf"].attrs.get("complete"):
-        return
     store = _open_rw(store)
-    ivf, staging = _prepare(store)
-    _run(client, scatter_chunk, store.path, _scatter_items(store, ivf), "scatter")
+    for layout in layouts(store) if store.writing is None else [Layout("ivf", 0, store.n)]:
+        build_layout(store, layout, client=client)
+
+
+def build_layout(store: Any, layout: Layout, *, client: Any = None) -> None:
+    """Build (or finish) one inverted layout: rows [layout.lo, layout.hi) of a store whose chunks holding
+    them are encoded, into the group layout.node (created here for a segment)."""
+    g = store.group
+    if layout.node not in g:
+        g.create_group(layout.node)
+    ivf = g[layout.node]
+    if ivf.attrs.get("complete"):
+        return
+    if "nlist" not in ivf.attrs:
+        ivf.attrs.update({"nlist": int(g["ivf"].attrs["nlist"]), "chunk_rows": int(g["ivf"].attrs["chunk_rows"]),
+                          "complete": False, "lo": layout.lo, "n": layout.n})
+    ivf, staging = _prepare(store, layout)
+    _run(client, scatter_chunk, store.path, _scatter_items(store, layout), "scatter")
     if not ivf["scatter_done"][...].all():
         raise StoreError(f"{store.path}: some inverted-list scatter tasks did not finish; run `pqgpu encode` again.")
     # as many rows per copy task as per encode chunk: fewer, larger tasks than one per output chunk
     per_task = copy_group(store.group)
-    _run(client, copy_chunk, store.path, _copy_items(ivf, per_task), "copy")
+    _run(client, copy_chunk, store.path, _copy_items(ivf, per_task, None if layout.node == "ivf" else layout.node),
+         "copy")
     if not ivf["copy_done"][...].all():
         raise StoreError(f"{store.path}: some inverted-list copy tasks did not finish; run `pqgpu encode` again.")
     ivf.attrs["complete"] = True
@@ -338,8 +375,10 @@ def build_inverted(store_or_path: Any, *, client: Any = None) -> None:
 
 
 def _open_rw(store: Any) -> Any:
-    from .store import open_store
+    from .store import CodeStore, open_store
 
+    if store.writing is not None:
+        return CodeStore(store.path, open_store(store.path, mode="r+").group, writing=store.writing)
     return open_store(store.path, mode="r+")
 
 
@@ -347,11 +386,27 @@ def iter_lists(store: Any, block_rows: int | None = None, *, labels: str = "rows
                ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(list, codes uint8 (size, code_size), labels (size,)) for every non-empty list in list order, labels
     from `ivf/rows` (store rows) or `ivf/ids`, reading the inverted arrays sequentially in blocks of whole
-    inverted chunks, each checked against its CRC (memory: one block plus one list)."""
+    inverted chunks, each checked against its CRC (memory: one block plus one list). Over an appended store's
+    segments, a list's rows of each segment follow one another in segment (so row) order: what one layout of
+    all rows holds."""
     check_inverted(store)
-    ivf = store.group["ivf"]
+    its = [_iter_layout(store, lay, block_rows, labels) for lay in layouts(store)]
+    if len(its) == 1:
+        yield from its[0]
+        return
+    heads = [next(it, None) for it in its]
+    while any(h is not None for h in heads):
+        lst = min(h[0] for h in heads if h is not None)
+        parts = [h for h in heads if h is not None and h[0] == lst]
+        yield lst, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+        heads = [next(it, None) if h is not None and h[0] == lst else h for h, it in zip(heads, its)]
+
+
+def _iter_layout(store: Any, layout: Layout, block_rows: int | None, labels: str
+                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    ivf = store.group[layout.node]
     offsets = integrity.check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
-    checker = layout_checker(store)
+    checker = layout_checker(store, layout.node)
     icr = int(ivf.attrs["chunk_rows"])
     step = int(block_rows or icr) * 4
     buf_lo = buf_hi = 0
@@ -361,40 +416,48 @@ def iter_lists(store: Any, block_rows: int | None = None, *, labels: str = "rows
         a, b = int(offsets[lst]), int(offsets[lst + 1])
         if b > buf_hi:
             lo = (a // icr) * icr
-            hi = min(store.n, max(-(-b // icr) * icr, lo + step))
-            codes, rows = read_inverted(ivf, checker, "codes", lo, hi), read_inverted(ivf, checker, labels, lo, hi)
+            hi = min(layout.n, max(-(-b // icr) * icr, lo + step))
+            codes = read_inverted(ivf, checker, "codes", lo, hi, layout.node)
+            rows = read_inverted(ivf, checker, labels, lo, hi, layout.node)
             buf_lo, buf_hi = lo, hi
         yield int(lst), codes[a - buf_lo:b - buf_lo], rows[a - buf_lo:b - buf_lo]
 
 
-def layout_checker(store: Any) -> integrity.Checker | None:
-    """The CRCs of the inverted arrays (None for a layout built by a pqgpu that recorded none)."""
-    family = integrity.ivf_family(store.group)
+def layout_checker(store: Any, node: str = "ivf") -> integrity.Checker | None:
+    """The CRCs of one layout's inverted arrays (None for a layout built by a pqgpu that recorded none)."""
+    family = integrity.ivf_family(store.group, node)
     return None if family is None else integrity.Checker(store.path, store.group, family)
 
 
-def read_inverted(ivf: Any, checker: integrity.Checker | None, name: str, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of ivf/<name>, checked chunk by chunk when the layout has CRCs."""
+def read_inverted(ivf: Any, checker: integrity.Checker | None, name: str, lo: int, hi: int,
+                  node: str = "ivf") -> np.ndarray:
+    """Rows [lo, hi) of <node>/<name>, checked chunk by chunk when the layout has CRCs."""
     if checker is None:
         return np.asarray(ivf[name][lo:hi])
-    return checker.read(ivf[name], f"ivf/{name}", lo, hi)
+    return checker.read(ivf[name], f"{node}/{name}", lo, hi)
 
 
 def recheck_layout(store: Any) -> bool:
-    """Before a resume that has nothing left to encode: verify a built layout; when it is damaged, name the
-    damage in a WARNING and mark it for a rebuild. Returns True when it must be (re)built."""
-    ivf = store.group["ivf"]
-    if not ivf.attrs.get("complete"):
-        return True
-    if not integrity.ENABLED:  # pqgpu.bench.integrity's baseline
-        return False
-    state, bad = integrity.verify_layout(store)
-    if not bad and state == "built":
-        return False
-    what = "; ".join(f"{name} chunk {c}: {why}" if c >= 0 else name for name, c, why, _ in bad[:5]) or state
-    log.warning("%s: the inverted layout is damaged (%s); rebuilding it from the codes and lists", store.path, what)
-    ivf.attrs.update({"complete": False, "starts_done": False})
-    return True
+    """Before a resume that has nothing left to encode: verify the built layouts; mark each damaged one for a
+    rebuild, naming the damage in a WARNING. Returns True when one must be (re)built."""
+    todo = False
+    for lay in layouts(store):
+        ivf = store.group[lay.node] if lay.node in store.group else None
+        if ivf is None or not ivf.attrs.get("complete"):
+            todo = True
+            continue
+        if not integrity.ENABLED:  # pqgpu.bench.integrity's baseline
+            continue
+        state = integrity.node_state(store, lay)
+        bad = integrity.verify_node(store, lay)
+        if not bad and state == "built":
+            continue
+        what = "; ".join(f"{name} chunk {c}: {why}" if c >= 0 else name for name, c, why, _ in bad[:5]) or state
+        log.warning("%s: the inverted layout %s is damaged (%s); rebuilding it from the codes and lists", store.path,
+                    lay.node, what)
+        ivf.attrs.update({"complete": False, "starts_done": False})
+        todo = True
+    return todo
 
 
 def build_inverted_with(path: str, client: Any, *, rebuild: bool = False) -> None:
@@ -404,7 +467,9 @@ def build_inverted_with(path: str, client: Any, *, rebuild: bool = False) -> Non
 
     store = open_store(path, mode="r+")
     if rebuild:
-        store.group["ivf"].attrs.update({"complete": False, "starts_done": False})
+        for lay in layouts(store):
+            if lay.node in store.group:
+                store.group[lay.node].attrs.update({"complete": False, "starts_done": False})
     elif not recheck_layout(store):
         return
     build_inverted(store, client=client)
@@ -422,21 +487,21 @@ def export_ivf(store: Any, out_path: str | os.PathLike) -> Path:
                          "ids, and unlike IndexPQ its ids cannot be replaced by row numbers plus a sidecar without "
                          "losing the list layout. Re-encode with an integer id column (source.id_column), or with "
                          "source.id_column: null for row numbers, to export this store to faiss.")
-    ivf = store.group["ivf"]
     if store.ids.dtype.kind == "u" and store.n:
-        top = max(int(np.asarray(ivf["ids"][lo:lo + (1 << 20)]).max()) for lo in range(0, store.n, 1 << 20))
+        top = max(int(np.asarray(store.group[lay.node]["ids"][lo:lo + (1 << 20)]).max())
+                  for lay in layouts(store) for lo in range(0, lay.n, 1 << 20))
         if top > np.iinfo(np.int64).max:
             raise InputError(f"{store.path}: ids up to {top} do not fit faiss's int64 ids. Re-encode with ids "
                              "below 2**63.")
     cb = store.codebook()
-    offsets = np.asarray(ivf["offsets"][...])
+    sizes = sum(np.diff(np.asarray(store.group[lay.node]["offsets"][...])) for lay in layouts(store))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     t0 = time.perf_counter()
     try:
         with open(tmp, "wb") as f:
-            write_index(f, cb, sizes=np.diff(offsets),
+            write_index(f, cb, sizes=sizes,
                         lists_data=((lst, c, i.astype(np.int64)) for lst, c, i in iter_lists(store, labels="ids")))
             f.flush()
             os.fsync(f.fileno())

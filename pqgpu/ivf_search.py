@@ -30,7 +30,7 @@ from .evaluation import (ExactKnn, check_k, evaluation_inputs, prepare_queries, 
 from .invert import layout_checker
 from .refine import check_refine, refine_rows, refine_summary, store_metric
 from .sources.recorded import check_source_unchanged
-from .store import check_inverted
+from .store import check_inverted, layouts
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ TABLE_BYTES = 256 << 20
 PRECOMPUTED_BYTES = 512 << 20
 # One-off searches whose probes cover the lists load the whole inverted layout (codes + rows) up to this size.
 LOAD_BYTES = 1 << 30
+# Without load: appended segments (an append's new rows) up to this size are read once, when the index opens,
+# instead of once per query batch (one read per segment and batch is what segments cost, pqgpu.append).
+SEGMENT_LOAD_BYTES = 64 << 20
 
 
 def resolve_nprobe(nprobe: Any, nlist: int, where: str = "") -> int:
@@ -89,7 +92,7 @@ def select_probes(dist: np.ndarray, nprobe: int, use_numba: bool = True) -> tupl
 
 
 def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.ndarray, gap: int,
-               checker: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+               checker: Any = None, node: str = "ivf") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Codes and store rows of the given lists (sorted, unique), read from codes_src (n, code_size) and
     rows_src (n,) (Zarr or NumPy arrays in inverted order) as few contiguous ranges: lists closer than gap
     rows share one read. With a checker (pqgpu.integrity, for Zarr arrays) each range is read as whole
@@ -113,8 +116,8 @@ def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.nda
             codes_parts.append(np.asarray(codes_src[a:b]))
             rows_parts.append(np.asarray(rows_src[a:b]))
         else:
-            codes_parts.append(checker.read(codes_src, "ivf/codes", a, b))
-            rows_parts.append(checker.read(rows_src, "ivf/rows", a, b))
+            codes_parts.append(checker.read(codes_src, f"{node}/codes", a, b))
+            rows_parts.append(checker.read(rows_src, f"{node}/rows", a, b))
         bases.append((a, pos))
         pos += b - a
     nlist = offsets.shape[0] - 1
@@ -128,6 +131,40 @@ def load_lists(codes_src: Any, rows_src: Any, lists: np.ndarray, offsets: np.nda
     codes = np.concatenate(codes_parts) if codes_parts else np.zeros((0, codes_src.shape[1]), np.uint8)
     rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, np.int64)
     return codes, rows, seg_lo, seg_hi
+
+
+def merge_by_list(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], nlist: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One (codes, rows, seg_lo, seg_hi) from the loaded lists of several segments (each as load_lists
+    returns them, in row order): list l holds its rows of segment 0, then of segment 1, ..., so its rows stay
+    in increasing row order, as in one layout built over all rows (and the scans see the same sequence)."""
+    if len(parts) == 1:
+        return parts[0]
+    sizes = np.stack([hi - lo for _, _, lo, hi in parts])  # (segments, nlist)
+    total = sizes.sum(0)
+    new_lo = np.zeros(nlist, np.int64)
+    np.cumsum(total[:-1], out=new_lo[1:])
+    before = np.cumsum(sizes, axis=0) - sizes  # rows of each list in the segments before
+    codes = np.empty((int(total.sum()), parts[0][0].shape[1]), np.uint8)
+    rows = np.empty(int(total.sum()), np.int64)
+    for s, (c, r, lo, _hi) in enumerate(parts):
+        lists = np.flatnonzero(sizes[s])
+        cnt = sizes[s, lists]
+        within = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        src = np.repeat(lo[lists], cnt) + within
+        dst = np.repeat(new_lo[lists] + before[s, lists], cnt) + within
+        codes[dst] = c[src]
+        rows[dst] = r[src]
+    return codes, rows, new_lo, new_lo + total
+
+
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k by (distance, row) of several top-k results over disjoint rows (each segment's heap keeps its
+    k smallest (distance, row) pairs, so this is the top-k of one scan over all of them)."""
+    d = np.concatenate([x for x, _ in results], axis=1)
+    r = np.concatenate([x for _, x in results], axis=1)
+    order = np.lexsort((r, d), axis=-1)[:, :k]
+    return np.take_along_axis(d, order, axis=1), np.take_along_axis(r, order, axis=1)
 
 
 def precomputed_term2(cb: Any) -> np.ndarray | None:
@@ -252,21 +289,33 @@ class IvfIndex:
         self.path = store.path
         self.n = store.n
         self.cb = cb = store.codebook()
-        ivf = store.group["ivf"]
-        self._ivf = ivf
+        # every committed layout (an appended store: one segment per append until `pqgpu compact`)
+        self.layouts = layouts(store)
+        self._segs = []
+        for lay in self.layouts:
+            ivf = store.group[lay.node]
+            self._segs.append((lay.node, ivf, integrity.check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...])),
+                               layout_checker(store, lay.node)))
+        ivf = self._ivf = self._segs[0][1]
         self.gap = int(ivf.attrs["chunk_rows"])
-        self.offsets = integrity.check_offsets(store.path, ivf, np.asarray(ivf["offsets"][...]))
-        self.checker = layout_checker(store)
+        self.offsets = self._segs[0][2] if len(self._segs) == 1 else \
+            np.concatenate([[0], np.cumsum(sum(np.diff(o) for _, _, o, _ in self._segs))]).astype(np.int64)
+        self.checker = self._segs[0][3]
+        self._held: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # small segments, read once (load=False)
         self.cnorm = np.einsum("ij,ij->i", cb.coarse, cb.coarse).astype(np.float32)
         self.term2 = precomputed_term2(cb) if cb.metric == "l2" else None
         self.loaded = bool(load)
         self.codes = self.rows = self._sub = self._coarse_t = None
         if self.loaded:  # read once and checked once: later searches read nothing from the store
-            if self.checker is None:
-                self.codes, self.rows = np.asarray(ivf["codes"][...]), np.asarray(ivf["rows"][...])
-            else:
-                self.codes = self.checker.read(ivf["codes"], "ivf/codes", 0, self.n)
-                self.rows = self.checker.read(ivf["rows"], "ivf/rows", 0, self.n)
+            parts = []
+            for (node, ivf, offsets, checker), lay in zip(self._segs, self.layouts):
+                if checker is None:
+                    codes, rows = np.asarray(ivf["codes"][...]), np.asarray(ivf["rows"][...])
+                else:
+                    codes = checker.read(ivf["codes"], f"{node}/codes", 0, lay.n)
+                    rows = checker.read(ivf["rows"], f"{node}/rows", 0, lay.n)
+                parts.append((codes, rows, offsets[:-1], offsets[1:]))
+            self.codes, self.rows, _, _ = merge_by_list(parts, cb.nlist)
         self.load_seconds = time.perf_counter() - t0
         log.info("IVF index %s opened in %.3f s (%s)", self.path, self.load_seconds,
                  f"{self.n} rows in memory" if self.loaded else "probed lists read per query batch")
@@ -276,7 +325,24 @@ class IvfIndex:
         lists = np.unique(probe)
         if self.loaded:
             return load_lists(self.codes, self.rows, lists, self.offsets, 0)
-        return load_lists(self._ivf["codes"], self._ivf["rows"], lists, self.offsets, self.gap, self.checker)
+        return merge_by_list(self._segment_lists(probe), self.cb.nlist)
+
+    def _segment_lists(self, probe: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """load_lists of the probed lists in each segment (small segments held in memory after one read)."""
+        lists = np.unique(probe)
+        parts = []
+        for (node, ivf, offsets, checker), lay in zip(self._segs, self.layouts):
+            held = self._held.get(node)
+            if held is None and len(self._segs) > 1 and lay.n * (self.cb.code_size + 8) <= SEGMENT_LOAD_BYTES:
+                held = self._held[node] = (
+                    (np.asarray(ivf["codes"][...]), np.asarray(ivf["rows"][...])) if checker is None else
+                    (checker.read(ivf["codes"], f"{node}/codes", 0, lay.n),
+                     checker.read(ivf["rows"], f"{node}/rows", 0, lay.n)))
+            if held is not None:
+                parts.append(load_lists(held[0], held[1], lists, offsets, 0))
+            else:
+                parts.append(load_lists(ivf["codes"], ivf["rows"], lists, offsets, self.gap, checker, node))
+        return parts
 
     def _probe_cpu(self, y: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """coarse_distances + select_probes in one numba pass (same lists and distances up to float32 rounding
@@ -337,6 +403,9 @@ class IvfIndex:
                     self._sub = sub_codes(self.codes, cb)
                 d, r = scan_cpu(yb, cb, probe, dis0, self.offsets[:-1], self.offsets[1:], self._sub, self.rows, k,
                                 self.term2, cb.metric)
+            elif use_cpu and len(self._segs) > 1:  # each segment scanned apart, the top-k merged: no merge copy
+                d, r = merge_topk([scan_cpu(yb, cb, probe, dis0, lo, hi, sub_codes(c, cb), rw, k, self.term2,
+                                            cb.metric) for c, rw, lo, hi in self._segment_lists(probe)], k)
             else:
                 codes, rows, seg_lo, seg_hi = self._lists(probe)
                 if use_cpu:

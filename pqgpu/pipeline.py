@@ -162,10 +162,11 @@ class EncodeReport:
 
 
 def encode(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, client: Any = None, strict_ids: bool = False,
-           progress: Callable[[int, int, float], None] | None = None) -> EncodeReport:
+           progress: Callable[[int, int, float], None] | None = None, append: bool = False) -> EncodeReport:
     """Encode every chunk of the source not yet done into encode.output: on threads of this process for a
     small local run, on Dask workers otherwise. Each task resolves encode.backend where it runs.
-    cfg: a Config, a dict of sections or a YAML file (load_config)."""
+    cfg: a Config, a dict of sections or a YAML file (load_config). append: encode the source's files that are
+    new since the store was made into new rows (pqgpu.append)."""
     from .cluster import task_runner
 
     cfg = load_config(cfg)
@@ -184,13 +185,25 @@ def encode(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, c
     chunk_rows = cfg.encode.chunk_rows
     chunks = plan_chunks([s.n_rows for s in source.shards], chunk_rows)
     out = cfg.encode.output
+    if append:
+        _check_append_args(out, qpath, overwrite=overwrite, retrain=False)
     t0 = time.perf_counter()
     backends: dict[str, str] = {}
+    plan = None
     with exclusive_lock(out):
-        store = prepare_store(out, codebook=codebook, n=source.n, chunk_rows=chunk_rows,
-                              id_dtype=source.id_dtype, source=source.fingerprint(), overwrite=overwrite)
-        if store.done_flags().any():  # resuming: done chunks must still be there and intact
-            recheck_done_chunks(store)
+        if append:
+            from .append import prepare_append
+
+            plan = prepare_append(out, codebook=codebook, source=source, chunk_rows=chunk_rows)
+            if plan is None:
+                log.info("--append: the source has no files that are new since %s was made; nothing to do", out)
+                return EncodeReport(out, source.n, len(chunks), 0, time.perf_counter() - t0, 0.0, {})
+            store = plan.store
+        else:
+            store = prepare_store(out, codebook=codebook, n=source.n, chunk_rows=chunk_rows,
+                                  id_dtype=source.id_dtype, source=source.fingerprint(), overwrite=overwrite)
+            if store.done_flags().any():  # resuming: done chunks must still be there and intact
+                recheck_done_chunks(store)
         pending = store.pending_chunks()
         if len(pending) < len(chunks):
             log.info("resuming %s: %d of %d chunks already done", out, len(chunks) - len(pending), len(chunks))
@@ -202,16 +215,28 @@ def encode(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, c
                 require_gpu_everywhere(runner)
             if todo:
                 backends.update(_run_tasks(runner, source, todo, out, codebook, cfg.encode.backend, total_rows,
-                                           progress))
+                                           progress, keep=plan.keep if plan else None))
                 _record_run(store, backends, len(todo))
             if not store.is_complete():
                 raise StoreError(f"{out}: encoding finished but {len(store.pending_chunks())} chunk(s) are not "
                                  "marked done. Run `pqgpu encode` again to finish them.")
             check_duplicate_ids(store, source, strict=strict_ids, client=_dask_only(runner))
-            if getattr(codebook, "nlist", 0):  # IVF: group the rows by list (pqgpu.invert), resumable
+            if plan is not None:  # the new rows' inverted segment, then the commit (pqgpu.append)
+                from .append import commit
+
+                if plan.segment is not None:
+                    from .invert import build_layout
+
+                    build_layout(store, plan.segment, client=_dask_only(runner))
+                commit(plan, backends)
+            elif getattr(codebook, "nlist", 0):  # IVF: group the rows by list (pqgpu.invert), resumable
                 from .invert import build_inverted_with
 
                 build_inverted_with(out, _dask_only(runner), rebuild=bool(todo))
+            if plan is None:
+                from .append import record_first_generation
+
+                record_first_generation(store, backends)
 
         if client is not None:
             work(client)
@@ -258,7 +283,7 @@ def _record_run(store: Any, backends: dict[str, str], chunks: int) -> None:
 
 
 def _run_tasks(runner: Any, source: Source, todo: list[Chunk], out: str, codebook: Codebook, backend: str,
-               total_rows: int, callback: Any) -> dict[str, str]:
+               total_rows: int, callback: Any, keep: dict[int, int] | None = None) -> dict[str, str]:
     """Submit one encode task per chunk and wait for them, with progress. Returns {worker: backend}."""
     from . import progress
     from .cluster import InProcess
@@ -277,7 +302,8 @@ def _run_tasks(runner: Any, source: Source, todo: list[Chunk], out: str, codeboo
         # the codebook travels to each worker once, not once per task
         [cb_arg] = runner.scatter([codebook], broadcast=True)
         [src_arg] = runner.scatter([source], broadcast=True)
-    futures = [runner.submit(encode_chunk, src_arg, c, out, cb_arg, backend, threads,
+    keep = keep or {}
+    futures = [runner.submit(encode_chunk, src_arg, c, out, cb_arg, backend, threads, keep.get(c.index, 0),
                              key=f"pqgpu-encode-{c.index}-{os.getpid()}-{time.monotonic_ns()}", pure=False,
                              retries=0) for c in todo]
     meter = progress.Stage("encoded", total_rows, "rows", callback=callback)
@@ -320,7 +346,7 @@ def check_duplicate_ids(store: Any, source: Source, *, strict: bool, client: Any
 
 
 def run(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, client: Any = None, progress: Any = None,
-        strict_ids: bool = False, retrain: bool = False) -> EncodeReport:
+        strict_ids: bool = False, retrain: bool = False, append: bool = False) -> EncodeReport:
     """Train when quantizer.path is missing (or retrain=True), then encode, with one set of workers for both.
     An existing quantizer must have the config's M, nbits and OPQ setting (ConfigError otherwise, before
     anything is written). With Dask workers (an existing scheduler, a local cluster of processes for a large
@@ -329,6 +355,8 @@ def run(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, clie
     cfg = load_config(cfg)
     qpath = Path(cfg.quantizer.path)
     out = cfg.encode.output
+    if append:  # before anything is trained or written
+        _check_append_args(out, qpath, overwrite=overwrite, retrain=retrain)
     if retrain and _fs.exists(out) and not overwrite:
         raise StoreError(f"--retrain replaces the quantizer {qpath}, so the existing code store {out}, made with "
                          "the current one, could not be resumed with it. Add --overwrite to replace the store too, "
@@ -343,12 +371,24 @@ def run(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, clie
         source = open_source(cfg.source)
         with task_runner(cfg.cluster, source.n * source.d) as runner:
             return run(cfg, overwrite=overwrite, client=runner, progress=progress, strict_ids=strict_ids,
-                       retrain=retrain)
+                       retrain=retrain, append=append)
     if retrain or not qpath.exists():
         train(cfg, client=_dask_only(client))
     else:  # checked against the config above
         log.info("using the existing quantizer %s", qpath)
-    return encode(cfg, overwrite=overwrite, client=client, progress=progress, strict_ids=strict_ids)
+    return encode(cfg, overwrite=overwrite, client=client, progress=progress, strict_ids=strict_ids, append=append)
+
+
+def _check_append_args(out: str, qpath: Path, *, overwrite: bool, retrain: bool) -> None:
+    if overwrite or retrain:
+        raise ConfigError(f"--append adds new files to the existing store {out} with its own quantizer; it cannot "
+                          f"be combined with {'--overwrite' if overwrite else '--retrain'}. Drop one of them.")
+    if not _fs.exists(out):
+        raise StoreError(f"--append: there is no code store at {out} to append to. Run the same command without "
+                         "--append to create it.")
+    if not qpath.exists():
+        raise PqgpuError(f"--append encodes the new rows with the quantizer the store {out} was made with, but "
+                         f"quantizer.path ({qpath}) does not exist. Point quantizer.path at that file.")
 
 
 def evaluate_config(cfg: Config | dict | str | os.PathLike, queries: Any, *, ground_truth: Any = None,

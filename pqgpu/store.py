@@ -19,6 +19,7 @@ import zarr
 
 from . import _fs
 from . import integrity
+from .integrity import Layout, layouts  # noqa: F401 (re-exported: store.layouts)
 from .integrity import stored_keys as _stored_keys
 from ._faults import fault_point
 from .codebook import Codebook
@@ -67,6 +68,9 @@ class CodeStore:
 
     path: str
     group: Any
+    # A writer's view: the rows it is writing (an append: more than the committed `n`) and the done flags as
+    # they are. None: a reader's view, bounded by the committed state (the root attrs `n` and `generations`).
+    writing: int | None = None
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -86,7 +90,7 @@ class CodeStore:
 
     @property
     def n(self) -> int:
-        return int(self.group.attrs["n"])
+        return int(self.group.attrs["n"]) if self.writing is None else int(self.writing)
 
     @property
     def chunk_rows(self) -> int:
@@ -94,7 +98,15 @@ class CodeStore:
 
     @property
     def n_chunks(self) -> int:
-        return int(self.done.shape[0])
+        return max(1, -(-self.n // self.chunk_rows))
+
+    def done_flags(self) -> np.ndarray:
+        """The done flag of each chunk: as stored for a writer; for a reader of a store with a committed
+        generation every chunk (that generation was complete when committed, and an append under way
+        rewrites the flag of the last chunk it completes)."""
+        if self.writing is None and self.group.attrs.get("generations"):
+            return np.ones(self.n_chunks, bool)
+        return integrity.whole(self.done)[:self.n_chunks]  # one batch of its tiny chunk files
 
     def chunk_range(self, i: int) -> tuple[int, int]:
         return i * self.chunk_rows, min(self.n, (i + 1) * self.chunk_rows)
@@ -140,6 +152,7 @@ class CodeStore:
         for a store of format 1: its one CRC over codes and ids together is checked by verify and resume)."""
         if "_checker" not in self.__dict__:  # loaded once per opened store (one small read per chunk)
             family = integrity.chunk_family(self.group)
+            family = integrity.chunk_family(self.group, self.n)
             self.__dict__["_checker"] = None if family is None else integrity.Checker(self.path, self.group, family)
         return self.__dict__["_checker"]
 
@@ -147,10 +160,6 @@ class CodeStore:
     def metric(self) -> str:
         """l2, ip or cosine (pqgpu.metric); stores made before metrics existed are l2."""
         return str(self.group.attrs.get("metric", "l2"))
-
-    def done_flags(self) -> np.ndarray:
-        """bool (n_chunks,): chunk i encoded (read as one batch of its tiny chunk files)."""
-        return integrity.whole(self.done)
 
     def pending_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done_flags())]
@@ -192,7 +201,7 @@ class CodeStore:
         if chunks is None:
             chunks = [int(i) for i in np.flatnonzero(done)]
         bad = self.missing_chunks(chunks)
-        family = integrity.chunk_family(self.group)
+        family = integrity.chunk_family(self.group, self.n)
         legacy = self.group["checksums"][...] if family is None and self.has_checksums else None
         if family is not None:
             for name, c, why, _ in integrity.verify_family(self.path, self.group, family,
@@ -247,6 +256,9 @@ class CodeStore:
             "compression_ratio": round(4 * int(a["d"]) / int(a["code_size"]), 2),
             "source": a.get("source"), "created_by": a.get("created_by"), "nlist": int(a.get("nlist", 0)),
             "format_version": int(a.get("format_version", 1)),
+            "generations": a.get("generations") or [], "segments": _segments(self),
+            "append": "interrupted or running (run the same `--append` command to finish it)" if a.get("appending")
+            else None,
         }
 
 
@@ -282,6 +294,12 @@ def chunk_checksum(codes: Any, ids: Any) -> int:
         b = str(v).encode()
         crc = zlib.crc32(b, zlib.crc32(len(b).to_bytes(4, "little"), crc))
     return crc
+
+
+def _segments(store: CodeStore) -> list[dict[str, Any]] | None:
+    if not is_ivf_store(store):
+        return None
+    return [{"node": lay.node, "rows": [lay.lo, lay.hi]} for lay in layouts(store)]
 
 
 def _describe(store: CodeStore, bad: dict[int, str], limit: int = 10) -> str:
@@ -341,7 +359,7 @@ def create_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_r
         "metric": codebook.metric, "code_size": codebook.code_size, "n": int(n), "chunk_rows": int(chunk_rows),
         "codebook_sha256": codebook.fingerprint(), "source": source, "created_by": versions(),
     })
-    return CodeStore(path, group)
+    return CodeStore(path, group, writing=int(n))
 
 
 def prepare_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_rows: int, id_dtype: Any,
@@ -370,14 +388,21 @@ def prepare_store(path: str | os.PathLike, *, codebook: Codebook, n: int, chunk_
             if diff.refused:
                 problems.append(diff.refused)
             elif diff.added:
-                problems.append(f"{len(diff.added)} file(s) were added to the source since it was made "
-                                f"({', '.join(diff.added[:5])}{' …' if len(diff.added) > 5 else ''})")
+                if not problems:
+                    raise StoreError(
+                        f"The source of the code store {path} has {len(diff.added)} new file(s) since it was made "
+                        f"({', '.join(diff.added[:5])}{' …' if len(diff.added) > 5 else ''}). Nothing was changed. "
+                        "Pass --append to encode only the new files into new rows at the end of the store (its "
+                        "codebook and the rows already there are kept), or --overwrite to encode the whole source "
+                        "again into a fresh store.")
+                problems.append(f"{len(diff.added)} file(s) were added to the source since it was made")
             elif store.n != n:
                 problems.append(f"it holds {store.n} rows but the source has {n}")
             if problems:
                 raise StoreError(f"Refusing to resume the code store {path}: {'; '.join(problems)}. Nothing was "
                                  "changed. Pass --overwrite to encode the whole source again, or choose another "
                                  "encode.output.")
+            store = CodeStore(path, store.group, writing=n)
             _restore_codebook(store, codebook)
             if diff.changed:
                 files = store.attrs["source"]["files"]
@@ -453,7 +478,7 @@ def ivf_chunk_rows(chunk_rows: int) -> int:
 def check_inverted(store: Any) -> None:
     if not is_ivf_store(store):
         raise StoreError(f"{store.path} is not an IVF store (it was encoded with quantizer.nlist: 0).")
-    if not store.group["ivf"].attrs.get("complete"):
+    if not all(lay.node in store.group and store.group[lay.node].attrs.get("complete") for lay in layouts(store)):
         raise StoreError(f"{store.path}: the inverted lists are not built yet (an encode was interrupted). Run "
                          "`pqgpu encode` with the same config again to finish them.")
 

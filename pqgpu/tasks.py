@@ -108,26 +108,33 @@ def _refuse_zero_rows(source: Source, x: np.ndarray, start: int, rows: np.ndarra
 
 
 def encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, requested_backend: str,
-                 threads: int | None) -> ChunkResult | PqgpuError:
+                 threads: int | None, keep: int = 0) -> ChunkResult | PqgpuError:
     """Read one chunk, encode it on the backend this worker resolves, write it, mark it done.
 
     An expected failure (bad row, unreadable file, no GPU here) is returned, not raised: Dask logs every
     failed task at ERROR with a traceback in the worker, ahead of the CLI's one paragraph. (The error keeps
-    its traceback: Dask pickles it along, and --debug shows it.)"""
+    its traceback: Dask pickles it along, and --debug shows it.)
+
+    keep: rows at the chunk's start already in the store (an append completing the last chunk): their codes,
+    ids and lists are read back (checked against their CRCs) and written again as they are; only the rows
+    after them are read from the source and encoded."""
     try:
-        return _encode_chunk(source, chunk, store_path, codebook, requested_backend, threads)
+        return _encode_chunk(source, chunk, store_path, codebook, requested_backend, threads, keep)
     except PqgpuError as exc:
         return exc
 
 
 def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codebook, requested_backend: str,
-                  threads: int | None) -> ChunkResult:
+                  threads: int | None, keep: int = 0) -> ChunkResult:
     from .store import write_chunk
 
     backend = resolve_here(requested_backend)
     if threads:
         _set_kernel_threads(threads)
     t0 = time.perf_counter()
+    whole = chunk
+    if keep:
+        chunk = _after(chunk, keep)
     x, ids = source.read_chunk(chunk)
     t1 = time.perf_counter()
     x = check_vectors(source, x, chunk.start, codebook.d, codebook.metric)
@@ -145,16 +152,35 @@ def _encode_chunk(source: Source, chunk: Chunk, store_path: str, codebook: Codeb
         else:
             codes = codebook.encode(x, backend, checked=True)
         t2 = time.perf_counter()
-    if getattr(codebook, "nlist", 0):  # lists (and per-list counts) land before the done flag
+    if not getattr(codebook, "nlist", 0):
+        lists = None
+    if keep:  # the rows already there, as stored, then the new ones
+        from .append import read_kept
+
+        old = read_kept(store_path, whole.index, whole.start, keep, lists is not None)
+        codes = np.concatenate([old["codes"], codes])
+        ids = np.concatenate([old["ids"], np.asarray(ids).astype(old["ids"].dtype)])
+        if lists is not None:
+            lists = np.concatenate([old["lists"], np.asarray(lists).astype(old["lists"].dtype)])
+    if lists is not None:  # lists (and per-list counts) land before the done flag
         from .invert import write_chunk_lists
 
-        write_chunk_lists(store_path, chunk.index, chunk.start, lists)
-    else:
-        lists = None
-    fault_point("before-write", chunk.index)
-    write_chunk(store_path, chunk.index, chunk.start, codes, ids, lists)
+        write_chunk_lists(store_path, whole.index, whole.start, lists)
+    fault_point("before-write", whole.index)
+    write_chunk(store_path, whole.index, whole.start, codes, ids, lists)
     me = where_am_i()
-    return ChunkResult(chunk.index, chunk.rows, t1 - t0, t2 - t_enc, backend, me["worker"], me["host"])
+    return ChunkResult(whole.index, whole.rows, t1 - t0, t2 - t_enc, backend, me["worker"], me["host"])
+
+
+def _after(chunk: Chunk, keep: int) -> Chunk:
+    """The part of a chunk after its first `keep` rows (whole pieces: an append's new rows start a new file)."""
+    pieces, skipped = list(chunk.pieces), 0
+    while pieces and skipped < keep:
+        skipped += pieces[0].hi - pieces[0].lo
+        pieces.pop(0)
+    if skipped != keep:
+        raise PqgpuError(f"chunk {chunk.index}: the rows kept ({keep}) do not end at a file boundary")
+    return Chunk(chunk.index, chunk.start + keep, chunk.stop, tuple(pieces))
 
 
 def _set_kernel_threads(threads: int) -> None:
