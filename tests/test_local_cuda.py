@@ -71,7 +71,7 @@ def test_gpu_tasks_read_in_parallel_and_encode_one_at_a_time(monkeypatch):
     written = []
     monkeypatch.setattr(backend, "pinned_copy", fake_pinned_copy)
     monkeypatch.setattr(tasks, "resolve_here", lambda requested: requested)  # this machine has no GPU
-    monkeypatch.setattr(store, "write_chunk", lambda path, i, start, codes, ids: written.append(i))
+    monkeypatch.setattr(store, "write_chunk", lambda path, i, start, codes, ids, *lists: written.append(i))
     chunks = [Chunk(i, 10 * i, 10 * i + 10, ()) for i in range(8)]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda c: tasks.encode_chunk(Source(), c, "store", Codebook(), "gpu", None),
