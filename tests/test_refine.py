@@ -380,3 +380,32 @@ def test_refine_reads_an_s3_source(s3_server, tmp_path, fmt, caplog):  # noqa: F
           recursive=True)
     with pytest.raises(InputError, match="s0"):
         pqgpu.search(out, q, K, nprobe=nprobe, backend="cpu", refine=R)
+
+
+def _no_gpu_reason():
+    try:
+        import cupy
+
+        return None if cupy.cuda.runtime.getDeviceCount() > 0 else "no CUDA device"
+    except Exception as exc:  # noqa: BLE001 - any import or driver failure means: no GPU here
+        return f"CuPy cannot be used ({type(exc).__name__}: {exc})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_no_gpu_reason() is not None, reason=f"needs a CUDA GPU: {_no_gpu_reason()}")
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_gpu_exact_rerank_equals_numpy(metric):
+    """The refine re-rank on CuPy (the GPU check's refine case) orders and scores as a NumPy re-rank."""
+    import cupy
+
+    from pqgpu.refine import exact_rerank
+
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((7, 24)).astype(np.float32)
+    cand = (rng.standard_normal((7, 40, 24)) * rng.uniform(0.2, 3, (7, 40, 1))).astype(np.float32)
+    valid = np.ones((7, 40), bool)
+    valid[2, 30:] = False
+    want_s, want_o = exact_rerank(q, cand, metric, valid)
+    got_s, got_o = exact_rerank(cupy.asarray(q), cupy.asarray(cand), metric, cupy.asarray(valid))
+    np.testing.assert_array_equal(cupy.asnumpy(got_o)[:, :10], want_o[:, :10])
+    np.testing.assert_allclose(cupy.asnumpy(got_s), want_s, rtol=1e-5, atol=1e-5)
