@@ -282,9 +282,12 @@ def plain_chunks(arr: Any, a: int, b: int, grid: int) -> np.ndarray | None:
         if got != want:
             raise ValueError(f"chunk file {key} holds {got} bytes where {want} were expected (truncated?)")
 
-    chunks = range(a // grid, -(-b // grid))
-    with concurrent.futures.ThreadPoolExecutor(min(PLAIN_READ_THREADS, len(chunks)) or 1) as pool:
-        list(pool.map(read, chunks))
+    chunks = list(range(a // grid, -(-b // grid)))
+    if len(chunks) == 1:
+        read(chunks[0])
+        return out
+    with concurrent.futures.ThreadPoolExecutor(min(PLAIN_READ_THREADS, len(chunks))) as pool:
+        list(pool.map(lambda part: [read(c) for c in part], _batches(chunks)))
     return out
 
 
@@ -342,8 +345,19 @@ def stream_crcs(arr: Any, chunks: Sequence[int], family: Family) -> dict[int, An
             return c, ValueError(f"its chunk file holds {got} bytes of values where {want} were expected")
         return c, crc(data)
 
+    def batch(part: Sequence[int]) -> list[tuple[int, Any]]:
+        return [one(c) for c in part]
+
     with concurrent.futures.ThreadPoolExecutor(PLAIN_READ_THREADS, thread_name_prefix="pqgpu-verify") as pool:
-        return dict(pool.map(one, chunks))
+        return {c: got for part in pool.map(batch, _batches(list(chunks))) for c, got in part}
+
+
+def _batches(items: list, per_thread: int = 4) -> list[list]:
+    """items cut into about PLAIN_READ_THREADS * per_thread contiguous runs: a thread takes a run of small
+    files at a time, not one file per hand-off (thousands of hand-offs cost more than the files)."""
+    n = max(1, min(len(items), PLAIN_READ_THREADS * per_thread))
+    step = -(-len(items) // n) if items else 1
+    return [items[i:i + step] for i in range(0, len(items), step)]
 
 
 def verify_family(store_path: str, group: Any, family: Family, chunks: Sequence[int] | None = None
