@@ -240,6 +240,37 @@ def _plain_dir(arr: Any) -> Any:
 PLAIN_READ_THREADS = 4
 
 
+class _PlainFiles:
+    """The chunk files of a plain local array (see _plain_dir), read without Zarr: raw bytes, or zstd frames
+    (zarr's ZstdCodec writes plain frames, which decode without knowing the level)."""
+
+    def __init__(self, arr: Any, root: Any):
+        self.arr, self.root = arr, root
+        self.dtype = np.dtype(arr.dtype)
+        self.row_shape = tuple(arr.shape[1:])
+        self.per_row = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self.zstd = None
+        if arr.compressors:
+            from numcodecs import Zstd
+
+            self.zstd = Zstd()
+
+    def key(self, c: int) -> str:
+        return self.arr.metadata.encode_chunk_key((c,) + (0,) * len(self.row_shape))
+
+    def read_into(self, c: int, rows: int, dst: np.ndarray) -> int:
+        """The values of chunk c's first `rows` rows into dst (uint8, at least that many bytes); returns the
+        bytes read (fewer: the file is short). FileNotFoundError when the chunk file is gone."""
+        want = rows * self.per_row
+        with open(self.root / self.key(c), "rb", buffering=0) as f:
+            if self.zstd is None:
+                return f.readinto(memoryview(dst)[:want])
+            raw = np.frombuffer(self.zstd.decode(f.read()), np.uint8)
+            got = min(raw.size, want)
+            dst[:got] = raw[:got]
+            return got
+
+
 def plain_chunks(arr: Any, a: int, b: int, grid: int) -> np.ndarray | None:
     """arr[a:b] (a chunk-aligned range of whole chunks) read straight from the chunk files of a plain local
     array (see _plain_dir: raw or zstd-compressed values), skipping Zarr's codec pipeline, several files at
@@ -251,36 +282,20 @@ def plain_chunks(arr: Any, a: int, b: int, grid: int) -> np.ndarray | None:
         return None
     import concurrent.futures
 
-    zstd = None
-    if arr.compressors:
-        from numcodecs import Zstd
-
-        zstd = Zstd()  # decoding needs no level; zarr's ZstdCodec writes plain zstd frames
-
-    dtype = np.dtype(arr.dtype)
-    row_shape = tuple(arr.shape[1:])
-    per_row = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
-    out = np.empty((b - a, *row_shape), dtype)
+    files = _PlainFiles(arr, root)
+    out = np.empty((b - a, *files.row_shape), files.dtype)
     flat = out.reshape(-1).view(np.uint8)
 
     def read(c: int) -> None:
         lo, hi = c * grid, min(b, (c + 1) * grid)
-        key = arr.metadata.encode_chunk_key((c,) + (0,) * len(row_shape))
-        want = (hi - lo) * per_row
-        dst = flat[(lo - a) * per_row:(hi - a) * per_row]
         try:
-            with open(root / key, "rb", buffering=0) as f:
-                if zstd is None:
-                    got = f.readinto(memoryview(dst))
-                else:
-                    raw = np.frombuffer(zstd.decode(f.read()), np.uint8)
-                    got = min(raw.size, want)
-                    dst[:got] = raw[:got]
+            got = files.read_into(c, hi - lo, flat[(lo - a) * files.per_row:(hi - a) * files.per_row])
         except FileNotFoundError:
             out[lo - a:hi - a] = arr.fill_value
             return
-        if got != want:
-            raise ValueError(f"chunk file {key} holds {got} bytes where {want} were expected (truncated?)")
+        if got != (hi - lo) * files.per_row:
+            raise ValueError(f"chunk file {files.key(c)} holds {got} bytes where {(hi - lo) * files.per_row} were "
+                             "expected (truncated?)")
 
     chunks = list(range(a // grid, -(-b // grid)))
     if len(chunks) == 1:
@@ -308,42 +323,26 @@ def stream_crcs(arr: Any, chunks: Sequence[int], family: Family) -> dict[int, An
     import concurrent.futures
     import threading
 
-    root = _plain_dir(arr)
-    dtype = np.dtype(arr.dtype)
-    row_shape = tuple(arr.shape[1:])
-    per_row = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
-    full = family.grid * per_row
+    files = _PlainFiles(arr, _plain_dir(arr))
     local = threading.local()
-    zstd = None
-    if arr.compressors:
-        from numcodecs import Zstd
-
-        zstd = Zstd()
 
     def one(c: int) -> tuple[int, Any]:
         lo, hi = family.chunk_range(c)
-        want = (hi - lo) * per_row
-        key = arr.metadata.encode_chunk_key((c,) + (0,) * len(row_shape))
+        want = (hi - lo) * files.per_row
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = np.empty(family.grid * files.per_row, np.uint8)
         try:
-            with open(root / key, "rb", buffering=0) as f:
-                if zstd is None:
-                    buf = getattr(local, "buf", None)
-                    if buf is None:
-                        buf = local.buf = np.empty(full, np.uint8)
-                    got = f.readinto(memoryview(buf)[:want])
-                    data = buf[:got]
-                else:
-                    data = np.frombuffer(zstd.decode(f.read()), np.uint8)[:want]
-                    got = data.size
+            got = files.read_into(c, hi - lo, buf)
         except FileNotFoundError:
             # the fill values Zarr would read; their CRC equals the recorded one only if nothing was lost
-            filled = crc(np.full((hi - lo, *row_shape), arr.fill_value, dtype))
-            return c, (filled, f"its chunk file {key} is missing")
+            filled = crc(np.full((hi - lo, *files.row_shape), arr.fill_value, files.dtype))
+            return c, (filled, f"its chunk file {files.key(c)} is missing")
         except Exception as exc:  # a damaged compressed chunk
             return c, exc
         if got != want:
             return c, ValueError(f"its chunk file holds {got} bytes of values where {want} were expected")
-        return c, crc(data)
+        return c, crc(buf[:got])
 
     def batch(part: Sequence[int]) -> list[tuple[int, Any]]:
         return [one(c) for c in part]
