@@ -20,22 +20,10 @@ from pqgpu.sample import make_sample
 from pqgpu.training import train
 
 from .helpers import NAMESPACES, assert_codes_match, synthetic
+from .test_ivf import few_opq_rounds, one_faiss_thread  # noqa: F401  (autouse: one faiss thread, 3 OPQ rounds)
 
 faiss = pytest.importorskip("faiss")
 D = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def few_opq_rounds(monkeypatch):
-    monkeypatch.setattr("pqgpu.opq.OPQ_ITER", 3)
 
 
 def varied_norms(n: int, seed: int) -> np.ndarray:
