@@ -55,6 +55,25 @@ class InProcess:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _held(value: Any) -> Any:
+    return value
+
+
+def share(client: Any, value: Any, name: str) -> Any:
+    """A future of `value` that every task of a run can take as an argument, sent to each worker once.
+
+    Not `client.scatter`: scattered data lives only on the workers that hold it, so a worker killed before the
+    others have a copy (a broadcast made while the cluster is still starting reaches only the workers up so far)
+    takes it with it, and every task that needs it is cancelled ("already forgotten"). A task that returns the
+    value keeps it in its spec on the scheduler and is simply run again elsewhere."""
+    import time
+    import warnings
+
+    with warnings.catch_warnings():  # the value is meant to be in the graph, once
+        warnings.filterwarnings("ignore", message="Sending large graph")
+        return client.submit(_held, value, pure=False, key=f"pqgpu-{name}-{os.getpid()}-{time.monotonic_ns()}")
+
+
 def choose_in_process(cfg: ClusterConfig, values: int) -> bool:
     """Whether a run of `values` (rows x d) runs on threads of this process: kind local, neither
     cluster.processes nor n_workers / threads_per_worker set, and a run small enough (IN_PROCESS_MAX_VALUES)."""

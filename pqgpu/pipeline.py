@@ -71,6 +71,7 @@ def _read_sample_on_workers(client: Any, cfg: Config) -> tuple[Any, list[Any], f
     from distributed import wait
 
     from . import progress
+    from .cluster import share
     from .sources.sampling import plan_for
     from .tasks import read_sample_part
 
@@ -78,7 +79,7 @@ def _read_sample_on_workers(client: Any, cfg: Config) -> tuple[Any, list[Any], f
     source = open_source(cfg.source)
     threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()) or 1
     plan = plan_for(source, cfg.quantizer.train_size, cfg.quantizer.seed, parts=4 * threads)
-    [src] = client.scatter([source], broadcast=True)
+    src = share(client, source, "source")
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     parts = [client.submit(read_sample_part, src, part, plan.unit_rows, pure=False, key=f"pqgpu-sample-{i}-{tag}")
              for i, part in enumerate(plan.parts)]
@@ -299,9 +300,10 @@ def _run_tasks(runner: Any, source: Source, todo: list[Chunk], out: str, codeboo
 
         workers = runner.scheduler_info()["workers"]
         threads = max(1, min(w.get("nthreads", 1) for w in workers.values())) if workers else 1
+        from .cluster import share
+
         # the codebook travels to each worker once, not once per task
-        [cb_arg] = runner.scatter([codebook], broadcast=True)
-        [src_arg] = runner.scatter([source], broadcast=True)
+        cb_arg, src_arg = share(runner, codebook, "codebook"), share(runner, source, "source")
     keep = keep or {}
     futures = [runner.submit(encode_chunk, src_arg, c, out, cb_arg, backend, threads, keep.get(c.index, 0),
                              key=f"pqgpu-encode-{c.index}-{os.getpid()}-{time.monotonic_ns()}", pure=False,

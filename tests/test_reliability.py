@@ -112,6 +112,20 @@ def test_worker_killed_mid_task_is_retried(prepared, tmp_path, monkeypatch):
     assert_store_equals(cfg, codes, ids)
 
 
+@pytest.mark.slow
+def test_lone_worker_killed_mid_task_is_retried(prepared, tmp_path, monkeypatch):
+    """The one worker dies mid-run and its nanny starts another: the codebook and source it held must come back
+    (a scattered copy died with it and every remaining task was cancelled, "already forgotten")."""
+    cfg_path, cfg, codes, ids = prepared
+    cfg = load_config(write_config(tmp_path, cluster__n_workers=1))
+    monkeypatch.setenv("PQGPU_FAULT", "after-codes:2:kill")
+    monkeypatch.setenv("PQGPU_FAULT_ONCE", str(tmp_path / "fired"))
+    report = encode(cfg)
+    assert (tmp_path / "fired").exists(), "the fault never fired"
+    assert report.chunks_encoded == 8
+    assert_store_equals(cfg, codes, ids)
+
+
 def test_failed_task_leaves_chunk_not_done_then_resume(prepared, monkeypatch):
     from distributed import Client, LocalCluster
 
