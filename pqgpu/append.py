@@ -225,14 +225,37 @@ def read_kept(path: str, chunk: int, start: int, rows: int, with_lists: bool) ->
     return out
 
 
-def commit(plan: AppendPlan, backends: dict[str, str]) -> None:
+def check_ids(plan: AppendPlan, source: Any, *, strict: bool, client: Any = None) -> list[Any] | None:
+    """The duplicate-id check of an append, at a cost that follows the new rows: their ids against each other,
+    then against the stored rows of only those generations whose id range (recorded at commit) overlaps theirs,
+    so ids that grow from one append to the next are never read back. Warns, or raises InputError when strict
+    (pqgpu.ids.report); returns the new ids' [smallest, largest] (None for string ids) for the generation."""
+    from .ids import chunked, report, scan_ids
+
+    store = plan.store
+    new = chunked(store, plan.n0, plan.n1)
+    scan = scan_ids(store, ranges=new, client=client)
+    older = [gen for gen in store.attrs.get("generations") or [_first_generation(store)]
+             if scan.lo is None or not gen.get("id_range")
+             or not (scan.hi < gen["id_range"][0] or gen["id_range"][1] < scan.lo)]
+    if older and not scan.n_dup:
+        ranges = [r for gen in older for r in chunked(store, *gen["rows"])]
+        log.info("%s: the new ids' range overlaps %d earlier generation(s): checking them against %s stored ids",
+                 store.path, len(older), f"{sum(hi - lo for lo, hi in ranges):,}")
+        scan = scan_ids(store, ranges=ranges + new, client=client)._replace(lo=scan.lo, hi=scan.hi)
+    report(scan, store, source, strict=strict)
+    return None if scan.lo is None else [scan.lo, scan.hi]
+
+
+def commit(plan: AppendPlan, backends: dict[str, str], id_range: list[Any] | None = None) -> None:
     """Step 4: one write of the root attrs makes the new rows (and segment) visible to readers."""
     store = plan.store
     g, a = store.group, store.attrs
     cr = store.chunk_rows
     fp = a["appending"]["source"]
     gen = {"generation": plan.generation, "files": plan.files, "rows": [plan.n0, plan.n1], "finished": _now(),
-           "versions": versions(), "backend": sorted(set(backends.values())), "workers": backends}
+           "versions": versions(), "backend": sorted(set(backends.values())), "workers": backends,
+           "id_range": id_range}
     update: dict[str, Any] = {"n": plan.n1, "source": fp, "generations": list(a.get("generations") or []) + [gen],
                               "tail_crcs": _tail_crcs(g, plan.n1, cr) if plan.n1 % cr else None, "appending": None}
     if plan.segment is not None:
@@ -244,15 +267,16 @@ def commit(plan: AppendPlan, backends: dict[str, str]) -> None:
              plan.n1 - 1, len(plan.files))
 
 
-def record_first_generation(store: CodeStore, backends: dict[str, str]) -> None:
-    """After the first encode completes: generation 0 and the CRCs of its partial last chunk, so that a later
-    append finds them (a no-op once recorded)."""
+def record_first_generation(store: CodeStore, backends: dict[str, str], id_range: list[Any] | None = None) -> None:
+    """After the first encode completes: generation 0 (with its ids' [smallest, largest], which lets an append
+    skip reading them back) and the CRCs of its partial last chunk, so that a later append finds them (a no-op
+    once recorded)."""
     a = store.attrs
     if a.get("generations") or a.get("appending"):
         return
     cr = store.chunk_rows
     gen = {**_first_generation(store), "finished": _now(), "versions": versions(),
-           "backend": sorted(set(backends.values())), "workers": backends}
+           "backend": sorted(set(backends.values())), "workers": backends, "id_range": id_range}
     update: dict[str, Any] = {"generations": [gen]}
     if store.n % cr and integrity.chunk_family(store.group) is not None:
         update["tail_crcs"] = _tail_crcs(store.group, store.n, cr)

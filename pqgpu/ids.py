@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import operator
 import zlib
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -60,16 +60,20 @@ def split_ids(store: Any, ranges: Sequence[tuple[int, int]], parts: int) -> list
     return [ids[bounds[p]:bounds[p + 1]] for p in range(parts)]
 
 
-def count_partition(*pieces: np.ndarray) -> tuple[int, Any]:
-    """Task: (ids occurring more than once, the smallest of them or None) over one partition's pieces."""
+def count_partition(*pieces: np.ndarray) -> tuple[int, Any, Any, Any]:
+    """Task: (ids occurring more than once, the smallest of them or None, the smallest and the largest id or
+    None, None) over one partition's pieces (bounds of integer ids only)."""
     ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     ids.sort()
+    lo = hi = None
+    if ids.size and ids.dtype.kind in "iu":
+        lo, hi = ids[0].item(), ids[-1].item()
     repeated = ids[1:][ids[1:] == ids[:-1]]  # sorted: one entry per extra occurrence
     if not repeated.size:
-        return 0, None
+        return 0, None, lo, hi
     n_dup = 1 + int(np.count_nonzero(repeated[1:] != repeated[:-1]))
     first = repeated[0]
-    return n_dup, first.item() if hasattr(first, "item") else first
+    return n_dup, first.item() if hasattr(first, "item") else first, lo, hi
 
 
 def rows_with_id(store: Any, ranges: Sequence[tuple[int, int]], value: Any, limit: int) -> list[int]:
@@ -98,13 +102,29 @@ def default_parts(n: int) -> int:
     return int(min(1024, max(1, -(-n // PARTITION_ROWS))))
 
 
-def find_duplicates(store: Any, *, client: Any = None, parts: int | None = None,
-                    groups: int = MAX_GROUPS) -> tuple[int, Any, list[int]]:
-    """(number of ids occurring more than once, the smallest such id, its first two rows) over the store's
-    ids; (0, None, []) when all are distinct. With a Dask client the work runs on the workers, which open
-    the store by its path."""
-    ranges = [store.chunk_range(i) for i in range(store.n_chunks)]
-    n = ranges[-1][1] if ranges else 0
+class IdScan(NamedTuple):
+    n_dup: int  # ids occurring more than once
+    first: Any  # the smallest of them, or None
+    rows: list[int]  # its first two rows
+    lo: Any  # the smallest and the largest id scanned (integer ids; None for strings or no rows)
+    hi: Any
+
+
+def chunked(store: Any, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Rows [lo, hi) cut at the store's chunk boundaries."""
+    cr = store.chunk_rows
+    return [(max(lo, c * cr), min(hi, (c + 1) * cr)) for c in range(lo // cr, -(-hi // cr))] if hi > lo else []
+
+
+def scan_ids(store: Any, *, ranges: Sequence[tuple[int, int]] | None = None, client: Any = None,
+             parts: int | None = None, groups: int = MAX_GROUPS) -> IdScan:
+    """Duplicates and bounds of the ids of `ranges` (rows [lo, hi) pieces in row order, each within one store
+    chunk; all rows by default). With a Dask client the work runs on the workers, which open the store by its
+    path."""
+    if ranges is None:
+        ranges = [store.chunk_range(i) for i in range(store.n_chunks)]
+    ranges = [r for r in ranges if r[1] > r[0]]
+    n = sum(hi - lo for lo, hi in ranges)
     parts = parts or default_parts(n)
     plan = plan_groups(ranges, groups)
     if client is None:
@@ -117,9 +137,12 @@ def find_duplicates(store: Any, *, client: Any = None, parts: int | None = None,
         picks = [[client.submit(operator.getitem, f, p) for f in split] for p in range(parts)]
         counts = client.gather([client.submit(count_partition, *picks[p], pure=False) for p in range(parts)])
         del split, picks
-    found = [(first, k) for k, first in counts if k]
+    los = [c[2] for c in counts if c[2] is not None]
+    his = [c[3] for c in counts if c[3] is not None]
+    lo, hi = (min(los), max(his)) if los else (None, None)
+    found = [(first, k) for k, first, _, _ in counts if k]
     if not found:
-        return 0, None, []
+        return IdScan(0, None, [], lo, hi)
     n_dup = sum(k for _, k in found)
     first = min(f for f, _ in found)
     if client is None:
@@ -128,21 +151,32 @@ def find_duplicates(store: Any, *, client: Any = None, parts: int | None = None,
         rows = []
         for part in client.gather([client.submit(rows_with_id, store.path, g, first, 2, pure=False) for g in plan]):
             rows += part[:2 - len(rows)]
-    return n_dup, first, rows
+    return IdScan(n_dup, first, rows, lo, hi)
+
+
+def find_duplicates(store: Any, *, client: Any = None, parts: int | None = None,
+                    groups: int = MAX_GROUPS) -> tuple[int, Any, list[int]]:
+    """(number of ids occurring more than once, the smallest such id, its first two rows) over the store's
+    ids; (0, None, []) when all are distinct."""
+    return tuple(scan_ids(store, client=client, parts=parts, groups=groups)[:3])  # type: ignore[return-value]
 
 
 def check_duplicate_ids(store: Any, source: Any, *, strict: bool, client: Any = None,
                         parts: int | None = None) -> int:
     """Count ids that occur more than once; warn, or raise InputError naming the smallest such id and the
     file and row of its first two occurrences when strict. Returns the count."""
-    n_dup, first_id, rows = find_duplicates(store, client=client, parts=parts)
-    if not n_dup:
-        return 0
-    (p0, r0), (p1, r1) = source.locate(int(rows[0])), source.locate(int(rows[1]))
-    msg = (f"{n_dup} id(s) occur more than once, e.g. id {first_id!r} at {p0} row {r0} and {p1} row {r1}. "
+    return report(scan_ids(store, client=client, parts=parts), store, source, strict=strict).n_dup
+
+
+def report(scan: IdScan, store: Any, source: Any, *, strict: bool) -> IdScan:
+    """Warn about the duplicates a scan found, or raise InputError for them when strict; the scan."""
+    if not scan.n_dup:
+        return scan
+    (p0, r0), (p1, r1) = source.locate(int(scan.rows[0])), source.locate(int(scan.rows[1]))
+    msg = (f"{scan.n_dup} id(s) occur more than once, e.g. id {scan.first!r} at {p0} row {r0} and {p1} row {r1}. "
            "Search results will not tell these rows apart.")
     if strict:
         raise InputError(msg + " (--strict-ids makes this an error; the codes are stored in "
                          f"{store.path} all the same.)")
     log.warning(msg + " Pass --strict-ids to make this an error.")
-    return n_dup
+    return scan

@@ -221,23 +221,24 @@ def encode(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, c
             if not store.is_complete():
                 raise StoreError(f"{out}: encoding finished but {len(store.pending_chunks())} chunk(s) are not "
                                  "marked done. Run `pqgpu encode` again to finish them.")
-            check_duplicate_ids(store, source, strict=strict_ids, client=_dask_only(runner))
-            if plan is not None:  # the new rows' inverted segment, then the commit (pqgpu.append)
-                from .append import commit
+            if plan is not None:  # the new ids, the new rows' inverted segment, then the commit (pqgpu.append)
+                from .append import check_ids, commit
 
+                id_range = check_ids(plan, source, strict=strict_ids, client=_dask_only(runner))
                 if plan.segment is not None:
                     from .invert import build_layout
 
                     build_layout(store, plan.segment, client=_dask_only(runner))
-                commit(plan, backends)
-            elif getattr(codebook, "nlist", 0):  # IVF: group the rows by list (pqgpu.invert), resumable
-                from .invert import build_inverted_with
-
-                build_inverted_with(out, _dask_only(runner), rebuild=bool(todo))
-            if plan is None:
+                commit(plan, backends, id_range)
+            else:
                 from .append import record_first_generation
 
-                record_first_generation(store, backends)
+                id_range = check_duplicate_ids(store, source, strict=strict_ids, client=_dask_only(runner))
+                if getattr(codebook, "nlist", 0):  # IVF: group the rows by list (pqgpu.invert), resumable
+                    from .invert import build_inverted_with
+
+                    build_inverted_with(out, _dask_only(runner), rebuild=bool(todo))
+                record_first_generation(store, backends, id_range)
 
         if client is not None:
             work(client)
@@ -339,12 +340,14 @@ def _run_tasks(runner: Any, source: Source, todo: list[Chunk], out: str, codeboo
     return backends
 
 
-def check_duplicate_ids(store: Any, source: Source, *, strict: bool, client: Any = None) -> int:
-    """Count ids that occur more than once; warn, or raise InputError naming the smallest one when strict.
-    On the workers when a Dask client is given: the driver's memory does not grow with n (see pqgpu.ids)."""
-    from .ids import check_duplicate_ids as check
+def check_duplicate_ids(store: Any, source: Source, *, strict: bool, client: Any = None) -> list[Any] | None:
+    """Warn about ids that occur more than once, or raise InputError naming the smallest one when strict.
+    On the workers when a Dask client is given: the driver's memory does not grow with n (see pqgpu.ids).
+    Returns the ids' [smallest, largest] (None for string ids), recorded with the generation."""
+    from .ids import report, scan_ids
 
-    return check(store, source, strict=strict, client=client)
+    scan = report(scan_ids(store, client=client), store, source, strict=strict)
+    return None if scan.lo is None else [scan.lo, scan.hi]
 
 
 def run(cfg: Config | dict | str | os.PathLike, *, overwrite: bool = False, client: Any = None, progress: Any = None,

@@ -236,6 +236,43 @@ def test_duplicate_new_ids_are_named(small):
     assert open_store(cfg.encode.output).n == SIZES[0]  # not committed: readers see the store as it was
 
 
+def test_growing_ids_are_checked_without_reading_the_stored_ones(small, monkeypatch):
+    """Ids above every stored one (a table's serial key, an export --since-last) are checked against each
+    other only: the rows already stored are not read back, so the check's cost follows the new rows."""
+    import pqgpu.ids as ids_mod
+
+    cfg, data = small
+    read: list[tuple[int, int]] = []
+    split = ids_mod.split_ids
+    monkeypatch.setattr(ids_mod, "split_ids", lambda store, ranges, parts: (read.extend(ranges),
+                                                                            split(store, ranges, parts))[1])
+    write_shard(data, 1)
+    run(cfg, append=True)
+    n0, n1 = SIZES[0], SIZES[0] + SIZES[1]
+    assert read and min(lo for lo, _ in read) == n0 and max(hi for _, hi in read) == n1
+    assert sum(hi - lo for lo, hi in read) == n1 - n0
+    gens = open_store(cfg.encode.output).attrs["generations"]
+    assert gens[0]["id_range"] == [3, (SIZES[0] - 1) * 7 + 3]
+    assert gens[1]["id_range"] == [SIZES[0] * 7 + 3, (n1 - 1) * 7 + 3]
+
+
+def test_id_overlapping_one_generation_is_checked_against_that_one(small):
+    """New ids inside an earlier generation's range are checked against its stored rows: a repeat is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg, data = small
+    write_shard(data, 1)
+    run(cfg, append=True)
+    repeat = (SIZES[0] + 10) * 7 + 3  # row 10 of shard 1, generation 1
+    x = synthetic(3, D, seed=9)
+    pq.write_table(pa.table({"id": pa.array(np.array([10**9, repeat, 10**9 + 1], np.int64)),
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), D)}),
+                   data / "shard-0002.parquet")
+    with pytest.raises(PqgpuError, match=rf"id {repeat} at .*shard-0001.parquet row 10 and .*shard-0002.parquet row 1"):
+        run(cfg, append=True, strict_ids=True)
+
+
 # -- crash safety ---------------------------------------------------------------------------------------------
 
 def _cli(cfg_path: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:
