@@ -162,15 +162,20 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
                                    dashboard_address=_dashboard_address(cfg))
     else:
         workers, threads = default_workers()
+        dashboard = _dashboard_address(cfg)
+        # Without a dashboard the scheduler still serves /health and /metrics, by default on port 8787 (and
+        # warns "Port 8787 is already in use" beside another cluster): a free port on this machine instead
+        quiet = {} if dashboard else {"scheduler_kwargs": {"dashboard": False, "dashboard_address": "127.0.0.1:0"}}
         cluster = LocalCluster(n_workers=cfg.n_workers or workers, threads_per_worker=cfg.threads_per_worker or threads,
-                               processes=True, memory_limit=cfg.memory_limit, dashboard_address=_dashboard_address(cfg),
-                               silence_logs=logging.WARNING)
+                               processes=True, memory_limit=cfg.memory_limit, dashboard_address=dashboard,
+                               silence_logs=logging.WARNING, **quiet)
     client = Client(cluster)
     plugin = worker_plugin()  # these workers log to our terminal: keep expected errors to one paragraph there
     if plugin is not None:
         client.register_plugin(plugin)
     log.info("Dask %s cluster: %d worker(s)", cfg.kind, len(client.scheduler_info()["workers"]))
-    _log_dashboard(client)
+    if cfg.dashboard:
+        _log_dashboard(client)
     try:
         yield client
     finally:

@@ -127,3 +127,31 @@ def test_local_cluster_serves_the_dashboard_and_logs_its_link(caplog):
         assert link.group(1) == client.dashboard_link and not link.group(1).endswith(":8787/status")
         with urllib.request.urlopen(link.group(1), timeout=30) as page:
             assert page.status == 200
+
+
+@pytest.mark.slow
+def test_dashboard_false_serves_no_dashboard_and_leaves_port_8787_alone(caplog, recwarn):
+    """cluster.dashboard: false: no link logged, no dashboard page, and the scheduler's HTTP server (health
+    and metrics only) on a free port of this machine, not 8787: two runs side by side do not warn."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from pqgpu.cluster import dask_client
+
+    caplog.set_level(logging.INFO, logger="pqgpu.cluster")
+    with socket.socket() as busy:  # as if another cluster held 8787
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 8787))
+            busy.listen()
+        except OSError:
+            pass  # something holds it already: the same situation
+        with dask_client(ClusterConfig(n_workers=1, threads_per_worker=1, memory_limit=None, dashboard=False)) as c:
+            port = c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.http_server.port)
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=30)
+    assert port != 8787
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("pqgpu")]
+    assert ours and not [m for m in ours if "dashboard" in m.lower()], ours
+    assert not [w for w in recwarn if "8787" in str(w.message)]
