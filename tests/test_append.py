@@ -273,6 +273,37 @@ def test_id_overlapping_one_generation_is_checked_against_that_one(small):
         run(cfg, append=True, strict_ids=True)
 
 
+def _no_gpu_reason():
+    from pqgpu.backend import gpu_status
+
+    ok, why = gpu_status()
+    return None if ok else why
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_no_gpu_reason() is not None, reason=f"needs a CUDA GPU: {_no_gpu_reason()}")
+@pytest.mark.parametrize("nlist", [0, 8], ids=["flat", "ivf"])
+def test_append_on_the_gpu_equals_one_shot_gpu_encode(tmp_path, nlist):
+    """The GPU check's append: a run and one append with encode.backend gpu end in the codes, ids and lists of
+    a one-shot GPU encode of the same shards with the same quantizer."""
+    data = tmp_path / "data"
+    write_shard(data, 0)
+    cfg = config(tmp_path, data, "grow.zarr", nlist)
+    cfg.encode.backend = "gpu"
+    run(cfg)
+    write_shard(data, 1)
+    report = run(cfg, append=True)
+    assert set(report.backends.values()) == {"gpu"}, report.backends
+    once = config(tmp_path, data, "once.zarr", nlist)
+    once.encode.backend = "gpu"
+    encode(once)
+    g, o = open_store(cfg.encode.output), open_store(once.encode.output)
+    assert g.n == o.n == SIZES[0] + SIZES[1]
+    assert np.array_equal(g.codes[...], o.codes[...]) and np.array_equal(g.ids[...], o.ids[...])
+    if nlist:
+        assert np.array_equal(g.group["lists"][...], o.group["lists"][...])
+
+
 # -- crash safety ---------------------------------------------------------------------------------------------
 
 def _cli(cfg_path: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:

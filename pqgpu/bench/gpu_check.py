@@ -35,13 +35,14 @@ class Step:
 
 
 # The timeouts add up to the default budget (420 s): with the kit's install (~10 s) the check stays within
-# 7.5 minutes on the GPU machine. gpu_tests has 120 s: 24 tests, six of them IVF-PQ (tests/test_ivf_gpu.py),
-# four inner product / cosine (tests/test_metric.py) and three the refine re-rank (tests/test_refine.py);
+# 7.5 minutes on the GPU machine. gpu_tests has 120 s: 26 tests, six of them IVF-PQ (tests/test_ivf_gpu.py),
+# four inner product / cosine (tests/test_metric.py), three the refine re-rank (tests/test_refine.py) and two
+# an append (tests/test_append.py);
 # several of the others compare with numba CPU kernels, which compile on the machine's cold cache. Each
 # step's size knobs are --param names (see pqgpu/bench/gpu.py).
 STEPS = [
     Step("versions", "(a) versions, nvidia-smi, which packages import", 30),
-    Step("gpu_tests", "(b) pytest -m gpu (PQ, OPQ, IVF-PQ, ip/cosine, refine, the pipeline on CuPy)", 120),
+    Step("gpu_tests", "(b) pytest -m gpu (PQ, OPQ, IVF-PQ, ip/cosine, refine, append, the pipeline on CuPy)", 120),
     Step("parity", "(c) codes: GPU == CPU == faiss-cpu compute_codes (nbits 4/8/10/12/16, OPQ)", 35),
     Step("encode_grid", "(d) device-resident encode: GPU routes vs the PyTorch baseline", 60),
     Step("train", "(e) training 1M x 768, M=96, 25 iterations, and OPQ: GPU vs CPU", 55),
