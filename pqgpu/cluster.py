@@ -127,6 +127,27 @@ def _dashboard_address(cfg: ClusterConfig) -> str | None:
     return "127.0.0.1:0"  # a free port, on this machine only
 
 
+# Distributed's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back), and setting
+# it turns off glibc's dynamic mmap threshold: every buffer above 128 KiB (Parquet pages, decoded columns) is
+# then a fresh mmap, paid again in page faults. Reading the same 300k x 768 Parquet rows took 1.36 s in such a
+# worker against 0.52 s in the main process; with MALLOC_MMAP_THRESHOLD_ at 64 MiB, 0.49 s (median of 4,
+# interleaved, 2-core AMD EPYC Zen 4, shared machine; /tmp script, see RESULTS.md "Process cluster cost").
+# Chunks (tens of MiB and more) are still mmapped, so they are still returned when freed.
+WORKER_MMAP_THRESHOLD = 64 << 20
+
+
+@contextlib.contextmanager
+def _worker_environ() -> Iterator[None]:
+    import dask
+
+    key = "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_"
+    if dask.config.get(key, None) is not None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        yield  # the user's own setting wins
+        return
+    with dask.config.set({key: WORKER_MMAP_THRESHOLD}):
+        yield
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
     from distributed import Client, LocalCluster
@@ -158,17 +179,20 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         log.info("local-cuda plan: %d GPU worker(s) x %d thread(s)%s: chunks are read, decoded and written in "
                  "parallel, encoded one at a time per GPU", n_gpus, threads,
                  "" if cfg.threads_per_worker else " (cores / GPUs, at least 2)")
-        cluster = LocalCUDACluster(memory_limit=cfg.memory_limit, threads_per_worker=threads,
-                                   dashboard_address=_dashboard_address(cfg))
+        with _worker_environ():
+            cluster = LocalCUDACluster(memory_limit=cfg.memory_limit, threads_per_worker=threads,
+                                       dashboard_address=_dashboard_address(cfg))
     else:
         workers, threads = default_workers()
         dashboard = _dashboard_address(cfg)
         # Without a dashboard the scheduler still serves /health and /metrics, by default on port 8787 (and
         # warns "Port 8787 is already in use" beside another cluster): a free port on this machine instead
         quiet = {} if dashboard else {"scheduler_kwargs": {"dashboard": False, "dashboard_address": "127.0.0.1:0"}}
-        cluster = LocalCluster(n_workers=cfg.n_workers or workers, threads_per_worker=cfg.threads_per_worker or threads,
-                               processes=True, memory_limit=cfg.memory_limit, dashboard_address=dashboard,
-                               silence_logs=logging.WARNING, **quiet)
+        with _worker_environ():
+            cluster = LocalCluster(n_workers=cfg.n_workers or workers,
+                                   threads_per_worker=cfg.threads_per_worker or threads, processes=True,
+                                   memory_limit=cfg.memory_limit, dashboard_address=dashboard,
+                                   silence_logs=logging.WARNING, **quiet)
     client = Client(cluster)
     plugin = worker_plugin()  # these workers log to our terminal: keep expected errors to one paragraph there
     if plugin is not None:
