@@ -225,9 +225,17 @@ def cmd_export_postgres(args: argparse.Namespace) -> int:
     from .sources.postgres import export_postgres
 
     cfg = _config(args)
-    r = export_postgres(cfg.postgres, strict=args.strict)
-    print(f"exported {r.rows:,} rows (d={r.d}, {r.vector_type}; {r.new_rows:,} new) into {len(r.files)} Parquet shard(s) "
-          f"in {r.output}; NULL vectors skipped: {r.null_vectors}; {r.seconds:.1f} s")
+    r = export_postgres(cfg.postgres, strict=args.strict, since_last=args.since_last)
+    if r.up_to_date:
+        print(f"no new rows: nothing in the source has an id above {r.after_id!r}, the highest already exported to "
+              f"{r.output} ({r.rows:,} rows in {len(r.files)} shard(s)); nothing was written")
+        return 0
+    names = ", ".join(r.new_shards[:3]) + (" …" if len(r.new_shards) > 3 else "")
+    ids = f"ids {r.first_new_id!r}..{r.last_new_id!r}" if r.new_rows else "no vectors"
+    after = f"ids above {r.after_id!r}: " if r.after_id is not None else ""
+    print(f"export {r.export}: {after}{r.new_rows:,} new rows ({ids}) in {r.new_files} new shard(s)"
+          f"{f' ({names})' if names else ''}; {r.rows:,} rows (d={r.d}, {r.vector_type}) in {len(r.files)} Parquet "
+          f"shard(s) in {r.output}; NULL vectors skipped: {r.null_vectors}; {r.seconds:.1f} s")
     return 0
 
 
@@ -438,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export-postgres", help="Postgres table -> Parquet shards")
     with_config(sp)
     sp.add_argument("--strict", action="store_true", help="NULL vectors are an error instead of skipped")
+    sp.add_argument("--since-last", action="store_true",
+                    help="export only the rows whose (integer) id is above the highest id of the previous export "
+                    "into postgres.output, into new shards beside its old ones (then `pqgpu run --append`); "
+                    "rows changed or deleted since are not seen")
     sp.set_defaults(func=cmd_export_postgres)
 
     sp = sub.add_parser("write-codes-postgres", help="store codes -> postgres.codes_column (bytea), by id")
