@@ -8,7 +8,9 @@ are left by an interrupted run and are removed before exporting again.
 ``exports`` lists the exports into the directory, one entry per call that found rows to export (the first
 export, then one per ``--since-last``): the ids asked for (``after_id``), the ids exported (``first_id`` ..
 ``last_id``), rows, NULL vectors skipped, shard files, start and finish time, and ``complete``. An interrupted
-export stays the last, incomplete entry until a re-run finishes it.
+export stays the last, incomplete entry until a re-run finishes it. The manifest is what the directory holds:
+a shard file it does not name was renamed into place by an export killed before it recorded the file, and is
+deleted by the next export, so the Parquet source reads only the shards the manifest names (`recorded_shards`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, Iterable
 
 from ...errors import InputError, StoreError
 
@@ -216,3 +218,51 @@ def cleanup_strays(out_dir: str, n_shards: int) -> None:
             except OSError:
                 pass
 
+
+def recorded_shards(paths: Iterable[str]) -> list[str]:
+    """`paths` without the shard files of a pqgpu export directory that its manifest does not name: those were
+    renamed into place by an export that was killed (or is still running) before it recorded them, and the next
+    export deletes and writes them again, so encoding them would record a file that is about to change. Paths in
+    other directories pass unchanged; InputError when no shard is left."""
+    paths = list(paths)
+    named: dict[str, set[str] | None] = {}
+    kept, left_out = [], []
+    for p in paths:
+        if "://" in p and not p.startswith("file://"):
+            kept.append(p)
+            continue
+        folder, name = os.path.split(p)
+        if folder not in named:
+            named[folder] = _manifest_files(folder)
+        if named[folder] is None or name in named[folder] or not SHARD_RE.match(name):
+            kept.append(p)
+        else:
+            left_out.append(p)
+    if left_out:
+        log.warning("%s: left out %d shard file(s) that its %s does not name yet (%s): an export into that "
+                    "directory is running or was interrupted; re-run `pqgpu export-postgres` to finish it",
+                    os.path.dirname(left_out[0]), len(left_out), MANIFEST_NAME,
+                    ", ".join(os.path.basename(p) for p in left_out[:3]) + (" ..." if len(left_out) > 3 else ""))
+        if not kept:
+            raise InputError(f"{os.path.dirname(left_out[0])}: its {MANIFEST_NAME} names none of the shards "
+                             f"{', '.join(os.path.basename(p) for p in left_out[:3])}: the export writing them was "
+                             "interrupted before its first shard was recorded. Re-run `pqgpu export-postgres`.")
+    return kept
+
+
+def _manifest_files(folder: str) -> set[str] | None:
+    """The shard files a pqgpu export manifest in `folder` names; None when there is none, or another tool's
+    file of that name (the files are then taken as listed), or one that cannot be read (likewise, with a warning:
+    the next export says what is wrong with it)."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: cannot read the export manifest (%s); reading every shard file of the directory", path, exc)
+        return None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
+        return None
+    return {s["file"] for s in m["shards"] if isinstance(s, dict) and "file" in s}
