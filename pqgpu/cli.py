@@ -133,6 +133,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{'generation ' + str(gen.get('generation')):>18}: rows {lo}-{hi - 1} from {len(files)} file(s)"
               f"{f' ({names})' if files else ''}, {gen.get('finished')}, backend {','.join(gen.get('backend') or []) or '?'}, "
               f"{len(gen.get('workers') or {})} worker(s), pqgpu {(gen.get('versions') or {}).get('pqgpu', '?')}")
+    for wb in info.get("postgres_writeback") or []:
+        t = wb.get("target") or {}
+        print(f"{'written back':>18}: generations 0-{wb.get('generation')} (rows 0-{int(wb.get('rows', 0)) - 1}) in "
+              f"{t.get('table')}.{t.get('codes_column')} (database {t.get('database')}), {wb.get('finished')}")
     if info.get("segments") and len(info["segments"]) > 1:
         print(f"{'inverted segments':>18}: {len(info['segments'])} (`pqgpu compact {info['path']}` merges them)")
     if info.get("append"):
@@ -243,9 +247,26 @@ def cmd_write_codes_postgres(args: argparse.Namespace) -> int:
     from .sources.postgres import write_codes_postgres
 
     cfg = _config(args)
-    n = write_codes_postgres(cfg.postgres, args.store or cfg.encode.output)
-    print(f"wrote {n:,} codes into {cfg.postgres.table}.{cfg.postgres.codes_column}")
+    store = args.store or cfg.encode.output
+    r = write_codes_postgres(cfg.postgres, store, all_rows=args.all)
+    where = f"{r.table}.{r.codes_column}"
+    if not r.generations:
+        print(f"nothing to write: generation(s) {_span(r.already)} of {store} are already in {where} "
+              "(--all writes every row again)")
+        return 0
+    lo, hi = r.store_rows
+    before = f"; generation(s) {_span(r.already)} were written before and left alone" if r.already else ""
+    missing = f"; {r.missing:,} store id(s) not in the table" if r.missing else ""
+    print(f"wrote {r.rows:,} codes into {where}: generation(s) {_span(r.generations)} (store rows {lo}-{hi - 1}, "
+          f"{r.changed:,} changed){before}{missing}")
     return 0
+
+
+def _span(gens: Any) -> str:
+    gens = list(gens)
+    if not gens:
+        return "none"
+    return str(gens[0]) if len(gens) == 1 else f"{gens[0]}-{gens[-1]}"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -455,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("write-codes-postgres", help="store codes -> postgres.codes_column (bytea), by id")
     with_config(sp)
     sp.add_argument("--store", help="code store (default: encode.output)")
+    sp.add_argument("--all", action="store_true",
+                    help="write the codes of every store row, not only those of the generations (runs and "
+                    "appends) not yet written into this table")
     sp.set_defaults(func=cmd_write_codes_postgres)
 
     sp = sub.add_parser("bench", help="benchmark grid vs faiss; writes a report")
