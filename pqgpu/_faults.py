@@ -1,7 +1,10 @@
 """Test-only fault injection, so crash-safety tests can kill a process at an exact point.
 
 PQGPU_FAULT="<point>:<chunk>:<action>" with point one of before-write, after-codes (inside a chunk write,
-codes written but ids/done not yet), driver-after (in the driver, once <chunk> chunks are complete);
+codes written but ids/done not yet), driver-after (in the driver, once <chunk> chunks are complete), and for
+export-postgres (<chunk> is the shard number) pg-before-rename (the shard's temporary file written and synced,
+not renamed), pg-after-rename (renamed, not yet in the manifest), pg-before-complete (every shard recorded, the
+export not yet marked complete);
 action kill (SIGKILL this process) or raise. PQGPU_FAULT_ONCE=<file> fires only when <file> is absent
 (and creates it), so a restarted worker does not die again. PQGPU_FAULT_DELAY=<seconds> sleeps before each
 chunk write. Unset in normal use: one dict lookup.

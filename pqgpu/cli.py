@@ -133,6 +133,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{'generation ' + str(gen.get('generation')):>18}: rows {lo}-{hi - 1} from {len(files)} file(s)"
               f"{f' ({names})' if files else ''}, {gen.get('finished')}, backend {','.join(gen.get('backend') or []) or '?'}, "
               f"{len(gen.get('workers') or {})} worker(s), pqgpu {(gen.get('versions') or {}).get('pqgpu', '?')}")
+    for wb in info.get("postgres_writeback") or []:
+        t = wb.get("target") or {}
+        print(f"{'written back':>18}: generations 0-{wb.get('generation')} (rows 0-{int(wb.get('rows', 0)) - 1}) in "
+              f"{t.get('table')}.{t.get('codes_column')} (database {t.get('database')}), {wb.get('finished')}")
     if info.get("segments") and len(info["segments"]) > 1:
         print(f"{'inverted segments':>18}: {len(info['segments'])} (`pqgpu compact {info['path']}` merges them)")
     if info.get("append"):
@@ -225,9 +229,17 @@ def cmd_export_postgres(args: argparse.Namespace) -> int:
     from .sources.postgres import export_postgres
 
     cfg = _config(args)
-    r = export_postgres(cfg.postgres, strict=args.strict)
-    print(f"exported {r.rows:,} rows (d={r.d}, {r.vector_type}; {r.new_rows:,} new) into {len(r.files)} Parquet shard(s) "
-          f"in {r.output}; NULL vectors skipped: {r.null_vectors}; {r.seconds:.1f} s")
+    r = export_postgres(cfg.postgres, strict=args.strict, since_last=args.since_last)
+    if r.up_to_date:
+        print(f"no new rows: nothing in the source has an id above {r.after_id!r}, the highest already exported to "
+              f"{r.output} ({r.rows:,} rows in {len(r.files)} shard(s)); nothing was written")
+        return 0
+    names = ", ".join(r.new_shards[:3]) + (" …" if len(r.new_shards) > 3 else "")
+    ids = f"ids {r.first_new_id!r}..{r.last_new_id!r}" if r.new_rows else "no vectors"
+    after = f"ids above {r.after_id!r}: " if r.after_id is not None else ""
+    print(f"export {r.export}: {after}{r.new_rows:,} new rows ({ids}) in {r.new_files} new shard(s)"
+          f"{f' ({names})' if names else ''}; {r.rows:,} rows (d={r.d}, {r.vector_type}) in {len(r.files)} Parquet "
+          f"shard(s) in {r.output}; NULL vectors skipped: {r.null_vectors}; {r.seconds:.1f} s")
     return 0
 
 
@@ -235,9 +247,26 @@ def cmd_write_codes_postgres(args: argparse.Namespace) -> int:
     from .sources.postgres import write_codes_postgres
 
     cfg = _config(args)
-    n = write_codes_postgres(cfg.postgres, args.store or cfg.encode.output)
-    print(f"wrote {n:,} codes into {cfg.postgres.table}.{cfg.postgres.codes_column}")
+    store = args.store or cfg.encode.output
+    r = write_codes_postgres(cfg.postgres, store, all_rows=args.all)
+    where = f"{r.table}.{r.codes_column}"
+    if not r.generations:
+        print(f"nothing to write: generation(s) {_span(r.already)} of {store} are already in {where} "
+              "(--all writes every row again)")
+        return 0
+    lo, hi = r.store_rows
+    before = f"; generation(s) {_span(r.already)} were written before and left alone" if r.already else ""
+    missing = f"; {r.missing:,} store id(s) not in the table" if r.missing else ""
+    print(f"wrote {r.rows:,} codes into {where}: generation(s) {_span(r.generations)} (store rows {lo}-{hi - 1}, "
+          f"{r.changed:,} changed){before}{missing}")
     return 0
+
+
+def _span(gens: Any) -> str:
+    gens = list(gens)
+    if not gens:
+        return "none"
+    return str(gens[0]) if len(gens) == 1 else f"{gens[0]}-{gens[-1]}"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -438,11 +467,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export-postgres", help="Postgres table -> Parquet shards")
     with_config(sp)
     sp.add_argument("--strict", action="store_true", help="NULL vectors are an error instead of skipped")
+    sp.add_argument("--since-last", action="store_true",
+                    help="export only the rows whose (integer) id is above the highest id of the previous export "
+                    "into postgres.output, into new shards beside its old ones (then `pqgpu run --append`); "
+                    "rows changed or deleted since are not seen")
     sp.set_defaults(func=cmd_export_postgres)
 
     sp = sub.add_parser("write-codes-postgres", help="store codes -> postgres.codes_column (bytea), by id")
     with_config(sp)
     sp.add_argument("--store", help="code store (default: encode.output)")
+    sp.add_argument("--all", action="store_true",
+                    help="write the codes of every store row, not only those of the generations (runs and "
+                    "appends) not yet written into this table")
     sp.set_defaults(func=cmd_write_codes_postgres)
 
     sp = sub.add_parser("bench", help="benchmark grid vs faiss; writes a report")

@@ -257,6 +257,7 @@ class CodeStore:
             "source": a.get("source"), "created_by": a.get("created_by"), "nlist": int(a.get("nlist", 0)),
             "format_version": int(a.get("format_version", 1)),
             "generations": a.get("generations") or [], "segments": _segments(self),
+            "postgres_writeback": a.get("postgres_writeback") or [],
             "append": "interrupted or running (run the same `--append` command to finish it)" if a.get("appending")
             else None,
         }

@@ -318,7 +318,7 @@ def test_quoted_names_text_ids_and_write_back(pg_server, db, tmp_path):
     store = tmp_path / "codes.zarr"
     codes = np.random.default_rng(2).integers(0, 256, (40, 5), dtype=np.uint8)
     _make_store(store, codes, sids, dtype=str)
-    assert write_codes_postgres(cfg, str(store), batch_rows=16) == 40
+    assert write_codes_postgres(cfg, str(store), batch_rows=16).rows == 40
     rows = dict(db.execute(sql.SQL("SELECT {}, {} FROM {}").format(
         sql.Identifier("Item ID"), sql.Identifier("PQ Code"), sql.Identifier(schema, "My Items"))).fetchall())
     assert {k: bytes(v) for k, v in rows.items()} == {s: c.tobytes() for s, c in zip(sids.tolist(), codes)}
@@ -346,7 +346,7 @@ def test_write_codes_back_idempotent(pg_server, db, tmp_path, caplog):
     cfg = _cfg(pg_server, tmp_path, table)
     with caplog.at_level(logging.WARNING, logger="pqgpu.sources.postgres"):
         got = []
-        assert write_codes_postgres(cfg, str(tmp_path / "s.zarr"), batch_rows=32, progress=got.append) == n - 3
+        assert write_codes_postgres(cfg, str(tmp_path / "s.zarr"), batch_rows=32, progress=got.append).rows == n - 3
     assert got == [32, 32, 32, 4]
     assert any("3 id(s)" in r.getMessage() for r in caplog.records)
 
@@ -361,7 +361,11 @@ def test_write_codes_back_idempotent(pg_server, db, tmp_path, caplog):
                       "AND attname = 'pq_code'", (table,)).fetchone()[0] == "bytea"
     xmin = sql.SQL("SELECT id, xmin::text FROM {}").format(sql.Identifier(table))
     before = db.execute(xmin).fetchall()
-    assert write_codes_postgres(cfg, str(tmp_path / "s.zarr")) == n - 3  # again: same table, no row rewritten
+    again = write_codes_postgres(cfg, str(tmp_path / "s.zarr"), all_rows=True)  # same table, no row rewritten
+    assert (again.rows, again.changed) == (n - 3, 0)
+    assert table_codes() == want and db.execute(xmin).fetchall() == before
+    again = write_codes_postgres(cfg, str(tmp_path / "s.zarr"))  # its one generation is recorded as written
+    assert (again.rows, again.generations, again.already) == (0, (), (0,))
     assert table_codes() == want and db.execute(xmin).fetchall() == before
 
     _make_store(tmp_path / "inc.zarr", codes, store_ids, done=[True, False, True, True, True, True, True])

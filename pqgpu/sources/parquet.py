@@ -76,7 +76,10 @@ def vectors_from_arrow(col: pa.ChunkedArray | pa.Array, path: str, first_row: in
 class ParquetReader:
     def list_shards(self, cfg: SourceConfig) -> list[Shard]:
         shards = []
-        for path in expand_paths(cfg.path, (".parquet", ".pq")):
+        from .postgres.manifest import recorded_shards
+
+        # a Postgres export's directory holds the shards its manifest names (a later one may be half-recorded)
+        for path in recorded_shards(expand_paths(cfg.path, (".parquet", ".pq"))):
             stamp = file_stamp(path)
             pf = _open(path, stamp)
             schema = pf.schema_arrow

@@ -7,7 +7,8 @@ One topic per module:
 - `shards`: the background thread that writes decoded blocks as Parquet shards;
 - `manifest`: the export's resume record (``_manifest.json``);
 - `export`: `export_postgres`, table or query -> Parquet shards, resumable;
-- `writeback`: `write_codes_postgres`, code store -> a bytea column, matched by id.
+- `writeback`: `write_codes_postgres`, code store -> a bytea column, matched by id;
+- `written`: which generations of a store a write-back still owes a table (the record in the store's attrs).
 
 psycopg 3 is imported lazily (``pip install 'pqgpu[postgres]'``).
 """
@@ -16,5 +17,7 @@ from .connect import redact_dsn
 from .export import ExportResult, export_postgres
 from .manifest import MANIFEST_NAME
 from .writeback import write_codes_postgres
+from .written import WriteBackResult
 
-__all__ = ["ExportResult", "export_postgres", "write_codes_postgres", "redact_dsn", "MANIFEST_NAME"]
+__all__ = ["ExportResult", "WriteBackResult", "export_postgres", "write_codes_postgres", "redact_dsn",
+           "MANIFEST_NAME"]

@@ -4,6 +4,11 @@
 pagination: ``WHERE id > last ORDER BY id LIMIT rows_per_shard``), decodes it with NumPy
 (`copy_decode`), writes ``part-NNNNNN.parquet`` files on a background thread (`shards`) and records each
 finished shard in the manifest (`manifest`), so a re-run resumes after the last complete shard.
+``since_last=True`` (``pqgpu export-postgres --since-last``, the nightly job) exports only the rows whose
+integer id is above the highest id of the previous export of the same table or query into new shards beside
+the old ones (their numbers continue, so they sort after them), recorded as a new export in the manifest; it
+refuses when there is no previous export, when it was of another source, and for non-integer ids. Rows
+changed or deleted after they were exported are not seen: that needs a full export into a new directory.
 With ``postgres.query`` each shard re-runs the query wrapped as
 ``SELECT id, vec FROM (query) WHERE id > last ORDER BY id LIMIT n``: keep the query simple enough for
 the planner to push the id condition down to an index, or use a larger rows_per_shard.
@@ -19,11 +24,24 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..._faults import fault_point
 from ...config import PostgresConfig
 from ...errors import ConfigError, InputError
 from .connect import column_types, connect, import_psycopg, redact_dsn, run_pg, split_table
 from .copy_decode import ID_KINDS, VECTOR_CODECS, Block, CopyDecoder, copy_into
-from .manifest import MANIFEST_NAME, cleanup_strays, open_output, start_manifest, write_json_atomic
+from .manifest import (
+    MANIFEST_NAME,
+    begin_export,
+    cleanup_strays,
+    exports,
+    finish_export,
+    integer_ids_message,
+    open_output,
+    previous_export,
+    record_shard,
+    start_manifest,
+    write_json_atomic,
+)
 from .shards import ShardWriter, block_rows
 
 log = logging.getLogger(__name__)
@@ -46,18 +64,27 @@ class ExportResult:
     vector_type: str  # vector | halfvec | real[] | double precision[] | bytea
     resumed: bool
     seconds: float
+    export: int | None = None  # the manifest's export entry this call wrote (None: nothing new to export)
+    new_shards: tuple[str, ...] = ()  # file names of this call's shards
+    after_id: Any = None  # this export's rows have ids above this one (None: the first export)
+    first_new_id: Any = None
+    last_new_id: Any = None
+    up_to_date: bool = False  # a complete export and no rows after its highest id: nothing was written
 
 
-def export_postgres(pg: PostgresConfig, *, strict: bool = False,
+def export_postgres(pg: PostgresConfig, *, strict: bool = False, since_last: bool = False,
                     progress: Callable[[int], None] | None = None) -> ExportResult:
     """Export `pg.table` (or the rows of `pg.query`) to Parquet shards in `pg.output`.
 
     Rows are read in id order, `pg.rows_per_shard` rows per shard (one binary COPY each), decoded with
     NumPy and written by a background thread, one Parquet row group per ~16 MiB block; memory stays
     bounded by a few blocks. A re-run resumes after the last shard recorded in
-    ``<output>/_manifest.json`` (and exports rows with larger ids added since). NULL vectors and NULL
-    ids are skipped with a warning (``strict=True``: InputError naming the id). `progress(n)` is called
-    with the number of vectors of each shard once that shard is safely on disk.
+    ``<output>/_manifest.json`` (and exports rows with larger ids added since, as a new export entry).
+    ``since_last=True``: only that continuation, refused (nothing created or written) without a previous
+    export in `pg.output`, for another table or query than it, or for non-integer ids. A complete export with
+    no rows after its highest id writes nothing (``up_to_date``). NULL vectors and NULL ids are skipped with a
+    warning (``strict=True``: InputError naming the id). `progress(n)` is called with the number of vectors of
+    each shard once that shard is safely on disk.
     """
     if pg.rows_per_shard <= 0:
         raise ConfigError(f"postgres.rows_per_shard: expected a positive integer. Got {pg.rows_per_shard}.")
@@ -72,26 +99,40 @@ def export_postgres(pg: PostgresConfig, *, strict: bool = False,
     out_dir = os.path.abspath(pg.output)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     desc = _source_desc(pg)
+    if since_last:  # before the directory is created or anything is written
+        previous_export(out_dir, desc)
     manifest = open_output(out_dir, desc)
     resumed = manifest is not None
 
-    log.info("Exporting %s from %s to %s", what, redact_dsn(dsn), out_dir)
+    log.info("Exporting %s from %s to %s%s", what, redact_dsn(dsn), out_dir, " (since the last export)" if since_last
+             else "")
     conn = connect(dsn, autocommit=True)
     try:
         id_pg, codec = _column_types(conn, pg, src, dsn, what)
         id_type = "string" if ID_KINDS[id_pg] is None else "int64"
+        if since_last and id_type != "int64":
+            raise InputError(integer_ids_message(None, desc, id_pg))
         manifest = start_manifest(manifest, manifest_path, desc, id_type, codec.name)
+        if manifest.get("complete") and not _rows_after(conn, pg, src, dsn, what, manifest.get("resume_after")):
+            return _up_to_date(manifest, out_dir, manifest_path, codec.name, id_type, time.perf_counter() - t0, what)
+        entry, resumed_entry = begin_export(manifest)
         cleanup_strays(out_dir, len(manifest["shards"]))
         manifest["complete"] = False
         write_json_atomic(manifest_path, manifest)
-        if resumed:
-            log.info("Resuming the export into %s after id %r (%d shards, %d rows done)", out_dir,
-                     manifest.get("resume_after"), len(manifest["shards"]), manifest.get("rows", 0))
+        if resumed_entry:
+            log.info("Resuming export %d into %s after id %r (%d shards, %d rows done in all)", entry["export"],
+                     out_dir, manifest.get("resume_after"), len(manifest["shards"]), manifest.get("rows", 0))
+        elif entry["after_id"] is not None:
+            log.info("Export %d into %s: the rows of %s with %s above %r", entry["export"], out_dir, what,
+                     pg.id_column, entry["after_id"])
         null_ids = _count_null_ids(conn, pg, src, dsn, what, strict)
         manifest["null_ids"] = null_ids
         run = _ShardRun(conn, pg, src=src, dsn=dsn, what=what, out_dir=out_dir, manifest=manifest,
-                        manifest_path=manifest_path, id_pg=id_pg, codec=codec, strict=strict, progress=progress)
+                        manifest_path=manifest_path, id_pg=id_pg, codec=codec, strict=strict, progress=progress,
+                        entry=entry)
         run.export_all()
+        fault_point("pg-before-complete", len(manifest["shards"]))
+        finish_export(entry)
         manifest["complete"] = True
         write_json_atomic(manifest_path, manifest)
     finally:
@@ -105,10 +146,40 @@ def export_postgres(pg: PostgresConfig, *, strict: bool = False,
     res = ExportResult(output=out_dir, manifest=manifest_path, files=files, rows=int(manifest["rows"]),
                        new_rows=run.new_rows, new_files=run.new_files, null_vectors=total_nulls, null_ids=null_ids,
                        d=manifest.get("d"), id_type=id_type, vector_type=codec.name, resumed=resumed,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, export=entry["export"], new_shards=tuple(run.new_names),
+                       after_id=entry["after_id"], first_new_id=run.first_new_id, last_new_id=run.last_new_id)
     log.info("Exported %d new rows in %d new shard(s) to %s (%d rows in %d shards, d=%s) in %.1f s",
              run.new_rows, run.new_files, out_dir, res.rows, len(files), res.d, res.seconds)
     return res
+
+
+def _rows_after(conn, pg: PostgresConfig, src, dsn: str, what: str, last_id: Any) -> bool:
+    """Whether the source has a row whose id is above `last_id` (any non-NULL id when None)."""
+    from psycopg import sql
+
+    idc = sql.Identifier(pg.id_column)
+    cond = (sql.SQL("{} IS NOT NULL").format(idc) if last_id is None
+            else sql.SQL("{} > {}").format(idc, sql.Literal(last_id)))
+
+    def probe():
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {})").format(src, cond))
+            return bool(cur.fetchone()[0])
+
+    return run_pg(probe, dsn, f"looking for new rows in {what}")
+
+
+def _up_to_date(manifest: dict, out_dir: str, manifest_path: str, vector_type: str, id_type: str, seconds: float,
+                what: str) -> ExportResult:
+    entries = exports(manifest)
+    log.info("%s has no rows with an id above %r, the highest of the previous export into %s (export %s); nothing "
+             "was written", what, manifest.get("resume_after"), out_dir, entries[-1]["export"] if entries else "-")
+    files = tuple(os.path.join(out_dir, s["file"]) for s in manifest["shards"])
+    return ExportResult(output=out_dir, manifest=manifest_path, files=files, rows=int(manifest["rows"]), new_rows=0,
+                        new_files=0, null_vectors=int(manifest.get("null_vectors", 0)),
+                        null_ids=int(manifest.get("null_ids", 0)), d=manifest.get("d"), id_type=id_type,
+                        vector_type=vector_type, resumed=True, seconds=seconds,
+                        after_id=manifest.get("resume_after"), up_to_date=True)
 
 
 # -- the source -----------------------------------------------------------------------------------------
@@ -194,7 +265,8 @@ class _ShardRun:
     """
 
     def __init__(self, conn, pg: PostgresConfig, *, src, dsn: str, what: str, out_dir: str, manifest: dict,
-                 manifest_path: str, id_pg: str, codec, strict: bool, progress: Callable[[int], None] | None):
+                 manifest_path: str, id_pg: str, codec, strict: bool, progress: Callable[[int], None] | None,
+                 entry: dict):
         self.conn, self.pg, self.src, self.dsn, self.what = conn, pg, src, dsn, what
         self.out_dir, self.manifest, self.manifest_path = out_dir, manifest, manifest_path
         self.id_pg, self.codec, self.strict, self.progress = id_pg, codec, strict, progress
@@ -202,8 +274,12 @@ class _ShardRun:
         self.limit = pg.rows_per_shard
         self.shards: list[dict] = manifest["shards"]
         self.writer: ShardWriter | None = None
+        self.entry = entry  # the manifest's export entry that records this run's shards
         self.new_rows = self.new_files = self.new_nulls = 0
+        self.new_names: list[str] = []
         self.first_null_id: Any = None
+        self.first_new_id: Any = None
+        self.last_new_id: Any = None
 
     def export_all(self) -> None:
         last_id = self.manifest.get("resume_after")
@@ -280,6 +356,7 @@ class _ShardRun:
         if entry is not None:
             self.shards.append(entry)
             m["rows"] = int(m.get("rows", 0)) + entry["rows"]
+        record_shard(self.entry, entry, page.null_vectors)
         m["null_vectors"] = int(m.get("null_vectors", 0)) + page.null_vectors
         m["resume_after"] = page.last_id
         m["d"] = page.d
@@ -287,9 +364,14 @@ class _ShardRun:
 
     def _finish(self, fut: Future, entry: dict, page: CopyDecoder) -> None:
         fut.result()
+        fault_point("pg-after-rename", len(self.shards))
         self._record(entry, page)
         self.new_rows += entry["rows"]
         self.new_files += 1
+        self.new_names.append(entry["file"])
+        if self.first_new_id is None:
+            self.first_new_id = entry["first_id"]
+        self.last_new_id = entry["last_id"]
         log.debug("Wrote %s: %d rows, ids %r..%r", entry["file"], entry["rows"], entry["first_id"],
                   entry["last_id"])
         if self.progress is not None:

@@ -12,6 +12,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
+from ..._faults import fault_point
 from ...errors import StoreError
 from .copy_decode import Block
 
@@ -119,6 +120,7 @@ class ShardWriter:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
+                    fault_point("pg-before-rename", _number(shard["final"]))
                     os.replace(shard["tmp"], shard["final"])
                     arg.set_result(None)
                 elif kind == "abort":
@@ -136,6 +138,11 @@ class ShardWriter:
             finally:
                 if kind == "block":
                     self.recycle(arg)
+
+
+def _number(path: str) -> int:
+    """The shard number of ``.../part-NNNNNN.parquet``."""
+    return int(os.path.basename(path)[len("part-"):].split(".")[0])
 
 
 def _discard(writer, tmp: str) -> None:
