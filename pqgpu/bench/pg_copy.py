@@ -16,7 +16,8 @@ decoders swap places every round, so neither always follows the other):
 
 Then the same two decoders on the stream captured once in memory ("decode only"), so that neither the
 server nor the socket (psycopg's per-message read) counts. One warm-up round, then `repeat` rounds;
-prints the median rows/s and the client CPU seconds of each.
+prints the median rows/s and the client CPU seconds of each, and the ratio psycopg time / our time of each
+round (the two readers ran back to back in it, so a busy machine slows both alike), its median and range.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -146,7 +148,21 @@ def _order(names: list[str], r: int) -> list[str]:
     return names if r % 2 == 0 else names[:-2] + names[-2:][::-1]
 
 
-def run(args) -> dict[str, dict[str, float]]:
+def _versions(conn, pgserver) -> dict[str, str]:
+    from importlib.metadata import version
+
+    import psycopg
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "?") if os.path.exists("/proc/cpuinfo") else "?"
+    server, ext = conn.execute("SELECT current_setting('server_version'), "
+                               "(SELECT extversion FROM pg_extension WHERE extname = 'vector')").fetchone()
+    return {"cpu": f"{cpu}, {os.cpu_count()} CPU(s)", "PostgreSQL": f"{server} ({pgserver.__name__})",
+            "pgvector (server)": ext, "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__})",
+            "pgvector (Python)": version("pgvector"), "numpy": np.__version__}
+
+
+def run(args) -> dict[str, Any]:
     import psycopg
     from pgvector.psycopg import register_vector
 
@@ -173,6 +189,7 @@ def run(args) -> dict[str, dict[str, float]]:
                 conn.execute("VACUUM ANALYZE items")
         with psycopg.connect(dsn, autocommit=True) as conn:
             register_vector(conn)
+            versions = _versions(conn, pgserver)
             ref = None
             for r in range(args.repeat + 1):  # round 0 warms caches and is not counted
                 for name in _order(list(ways), r):
@@ -217,9 +234,12 @@ def run(args) -> dict[str, dict[str, float]]:
             warnings.simplefilter("ignore")
             server.cleanup()
         shutil.rmtree(root, ignore_errors=True)
-    return {k: {"rows_per_s": args.rows / statistics.median(v), "min_rows_per_s": args.rows / max(v),
-                "max_rows_per_s": args.rows / min(v), "client_cpu_s": statistics.median(cpu[k])}
-            for k, v in wall.items()}
+    readers = {k: {"rows_per_s": args.rows / statistics.median(v), "min_rows_per_s": args.rows / max(v),
+                   "max_rows_per_s": args.rows / min(v), "client_cpu_s": statistics.median(cpu[k])}
+               for k, v in wall.items()}
+    paired = {"end to end": [p / o for o, p in zip(wall["ours"], wall["psycopg"])],
+              "decode only": [p / o for o, p in zip(wall["ours, decode only"], wall["psycopg, decode only"])]}
+    return {"readers": readers, "paired": paired, "versions": versions}
 
 
 def main(argv=None) -> None:
@@ -232,12 +252,16 @@ def main(argv=None) -> None:
     TYPE[:] = ("vector", "vector") if args.type == "vector" else ("_float4", "float4[]")
     res = run(args)
     print(f"binary COPY of {args.rows:,} x {args.dim} `{args.type}` rows into NumPy; {os.cpu_count()} CPU(s), "
-          f"load average {os.getloadavg()[0]:.1f}; median of {args.repeat} interleaved rounds after a warm-up\n")
+          f"load average {os.getloadavg()[0]:.1f}; median of {args.repeat} interleaved rounds after a warm-up")
+    print("; ".join(f"{k} {v}" for k, v in res["versions"].items()) + "\n")
     print("| reader | rows/s (median) | rows/s (min..max) | client CPU s |")
     print("| --- | ---: | ---: | ---: |")
-    for k, r in res.items():
+    for k, r in res["readers"].items():
         print(f"| {k} | {r['rows_per_s']:,.0f} | {r['min_rows_per_s']:,.0f}..{r['max_rows_per_s']:,.0f} | "
               f"{r['client_cpu_s']:.2f} |")
+    for k, v in res["paired"].items():
+        print(f"\nours vs psycopg, {k}: {statistics.median(v):.2f}x, median of the per-round ratios of "
+              f"psycopg's time to ours ({min(v):.2f}..{max(v):.2f}; rounds: {', '.join(f'{r:.2f}' for r in v)})")
 
 
 if __name__ == "__main__":
