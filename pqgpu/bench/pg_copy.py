@@ -1,23 +1,27 @@
-"""Reading one binary COPY of a pgvector table: our NumPy decoder against psycopg 3's own row reader.
+"""Reading one binary COPY of a pgvector table: the export's reader against psycopg 3's bare row loop.
 
     python -m pqgpu.bench.pg_copy [--rows 200000] [--dim 768] [--repeat 3] [--type vector|real[]]
 
 Starts PostgreSQL with pgvector through pgserver in a temporary directory, loads `rows` random float32
-vectors into a `vector(dim)` column (as pqgpu.bench.postgres; ``--type real[]`` converts it to ``real[]``), then reads
-``COPY (SELECT id, embedding FROM items WHERE id IS NOT NULL ORDER BY id LIMIT rows) TO STDOUT (FORMAT
+vectors into a `vector(dim)` column (as pqgpu.bench.postgres; ``--type real[]`` converts it to ``real[]``), then
+reads ``COPY (SELECT id, embedding FROM items WHERE id IS NOT NULL ORDER BY id LIMIT rows) TO STDOUT (FORMAT
 BINARY)`` (the statement `export_postgres` runs per shard) into an int64 id array and a float32 (rows, dim)
-matrix, three ways, interleaved in each round so that a busy machine slows all of them alike (the two
-decoders swap places every round, so neither always follows the other):
+matrix, three ways, interleaved in each round so that a busy machine slows all of them alike (the last two
+swap places every round, so neither always follows the other):
 
 - bytes:   ``copy.read()`` only, nothing decoded (what the server and the socket allow);
-- ours:    the export's decoder (`CopyDecoder` fed by `copy_into`), no Parquet writing;
-- psycopg: ``copy.set_types(["int8", "vector"])`` (or ``float4[]``) with pgvector's ``register_vector`` loaders, then
-           ``copy.rows()`` (psycopg's C row parser; one pgvector ``Vector`` per row), copied into the matrix.
+- export:  the export's reader (`CopyDecoder` fed by `copy_into`, pqgpu/sources/postgres/copy_rows.py:
+           psycopg's rows with pgvector's loaders, and the export's checks of each row), no Parquet writing;
+- psycopg: ``copy.set_types(["int8", "vector"])`` (or ``float4[]``) with pgvector's ``register_vector`` loaders,
+           then ``copy.rows()`` copied into the matrix, nothing checked.
 
-Then the same two decoders on the stream captured once in memory ("decode only"), so that neither the
-server nor the socket (psycopg's per-message read) counts. One warm-up round, then `repeat` rounds;
-prints the median rows/s and the client CPU seconds of each, and the ratio psycopg time / our time of each
-round (the two readers ran back to back in it, so a busy machine slows both alike), its median and range.
+One warm-up round, then `repeat` rounds; prints the median rows/s and client CPU seconds of each, and the
+ratio psycopg time / export time of each round (the two ran back to back in it), its median and range: what
+the export's checks cost.
+
+Until 2026-12-02 the export had a wire-format decoder of its own, and this benchmark compared it with
+psycopg's reader (also on a stream captured in memory, "decode only"); that version is at commit 2abb32e
+(benchmarks/RESULTS.md, issue 22, has what it measured).
 """
 
 from __future__ import annotations
@@ -34,8 +38,7 @@ from typing import Any
 
 import numpy as np
 
-
-TYPE = ["vector", "vector"]  # (our decoder's key, psycopg's type name) of the column read
+TYPE = ["vector", "vector"]  # (the export's codec key, psycopg's type name) of the column read
 
 
 def _stmt(n: int):
@@ -52,10 +55,10 @@ def read_bytes(conn, n: int, d: int) -> None:
 
 
 class _Into:
-    """Our CopyDecoder writing n rows of d floats into two arrays (ids, x); `filled` counts the rows."""
+    """The export's CopyDecoder writing n rows of d floats into two arrays (ids, x); `filled` counts the rows."""
 
     def __init__(self, n: int, d: int):
-        from ..sources.postgres.copy_decode import VECTOR_CODECS, Block, CopyDecoder
+        from ..sources.postgres.copy_rows import VECTOR_CODECS, Block, CopyDecoder
 
         self.ids, self.x = np.empty(n, np.int64), np.empty((n, d), np.float32)
         self.filled = 0
@@ -71,8 +74,8 @@ class _Into:
         b.n = 0
 
 
-def read_ours(conn, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-    from ..sources.postgres.copy_decode import copy_into
+def read_export(conn, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    from ..sources.postgres.copy_rows import copy_into
 
     into = _Into(n, d)
     copy_into(conn, _stmt(n), into.dec)
@@ -90,55 +93,6 @@ def read_psycopg(conn, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
             ids[i] = row_id
             x[i] = vec.to_numpy() if TYPE[1] == "vector" else vec
             i += 1
-    assert i == n, i
-    return ids, x
-
-
-def capture(conn, n: int) -> list[bytes]:
-    """The COPY's messages (one per row, the first with the header, the last the trailer), kept in memory."""
-    with conn.cursor() as cur, cur.copy(_stmt(n)) as cp:
-        return [bytes(m) for m in iter(cp.read, b"")]
-
-
-def decode_ours(messages: list[bytes], n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Our decoder on captured messages, joined into ~1 MiB pieces as `copy_into` does."""
-    into = _Into(n, d)
-    dec = into.dec
-    buf, parts, size = b"", [], 0
-    for m in messages + [b""]:
-        if m:
-            parts.append(m)
-            size += len(m)
-            if size < 1 << 20:
-                continue
-        buf = b"".join([buf] + parts) if buf else b"".join(parts)
-        parts, size = [], 0
-        used = dec.feed(buf)
-        buf = buf[used:]
-    dec.flush()
-    assert into.filled == n and dec.done and not buf, into.filled
-    return into.ids, into.x
-
-
-def decode_psycopg(messages: list[bytes], n: int, d: int, conn) -> tuple[np.ndarray, np.ndarray]:
-    """psycopg's binary COPY row parser with pgvector's loaders on captured messages: what ``copy.rows()``
-    does per message after reading it (psycopg internals, used here only to leave the socket out)."""
-    from psycopg._copy_base import BinaryFormatter
-    from psycopg.adapt import Transformer
-    from psycopg.pq import Format
-
-    tx = Transformer(conn)
-    tx.set_loader_types([conn.adapters.types.get_oid(t) for t in ("int8", TYPE[1])], Format.BINARY)
-    fmt = BinaryFormatter(tx)
-    ids, x = np.empty(n, np.int64), np.empty((n, d), np.float32)
-    i = 0
-    for m in messages:
-        row = fmt.parse_row(m)
-        if row is None:
-            continue
-        ids[i] = row[0]
-        x[i] = row[1].to_numpy() if TYPE[1] == "vector" else row[1]
-        i += 1
     assert i == n, i
     return ids, x
 
@@ -176,7 +130,7 @@ def run(args) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         server = pgserver.get_server(os.path.join(root, "data"), cleanup_mode="delete")
-    ways = {"bytes": read_bytes, "ours": read_ours, "psycopg": read_psycopg}
+    ways = {"bytes": read_bytes, "export": read_export, "psycopg": read_psycopg}
     wall: dict[str, list[float]] = {k: [] for k in ways}
     cpu: dict[str, list[float]] = {k: [] for k in ways}
     try:
@@ -197,38 +151,18 @@ def run(args) -> dict[str, Any]:
                     c0, t0 = time.process_time(), time.perf_counter()
                     got = fn(conn, args.rows, args.dim)
                     dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                    if got is not None:  # both decoders must give the same arrays
+                    if got is not None:  # both readers must give the same arrays
                         if ref is None:
                             ref = got
                         else:
                             np.testing.assert_array_equal(got[0], ref[0])
                             np.testing.assert_array_equal(got[1], ref[1])
+                    del got
                     print(f"round {r} {name}: {dt:.2f} s, {args.rows / dt:,.0f} rows/s, client CPU {dc:.2f} s",
                           file=sys.stderr, flush=True)
                     if r:
                         wall[name].append(dt)
                         cpu[name].append(dc)
-            # decode only: the same bytes, captured once, so neither the server nor the socket counts
-            messages = capture(conn, args.rows)
-            offline = {"ours, decode only": lambda: decode_ours(messages, args.rows, args.dim),
-                       "psycopg, decode only": lambda: decode_psycopg(messages, args.rows, args.dim, conn)}
-            for name in offline:
-                wall[name], cpu[name] = [], []
-            for r in range(args.repeat + 1):
-                for name in _order(list(offline), r):
-                    fn = offline[name]
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    got = fn()
-                    dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                    np.testing.assert_array_equal(got[0], ref[0])
-                    np.testing.assert_array_equal(got[1], ref[1])
-                    del got
-                    print(f"round {r} {name}: {dt:.2f} s, {args.rows / dt:,.0f} rows/s, CPU {dc:.2f} s",
-                          file=sys.stderr, flush=True)
-                    if r:
-                        wall[name].append(dt)
-                        cpu[name].append(dc)
-            del messages
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -237,8 +171,7 @@ def run(args) -> dict[str, Any]:
     readers = {k: {"rows_per_s": args.rows / statistics.median(v), "min_rows_per_s": args.rows / max(v),
                    "max_rows_per_s": args.rows / min(v), "client_cpu_s": statistics.median(cpu[k])}
                for k, v in wall.items()}
-    paired = {"end to end": [p / o for o, p in zip(wall["ours"], wall["psycopg"])],
-              "decode only": [p / o for o, p in zip(wall["ours, decode only"], wall["psycopg, decode only"])]}
+    paired = [p / e for e, p in zip(wall["export"], wall["psycopg"])]
     return {"readers": readers, "paired": paired, "versions": versions}
 
 
@@ -259,9 +192,9 @@ def main(argv=None) -> None:
     for k, r in res["readers"].items():
         print(f"| {k} | {r['rows_per_s']:,.0f} | {r['min_rows_per_s']:,.0f}..{r['max_rows_per_s']:,.0f} | "
               f"{r['client_cpu_s']:.2f} |")
-    for k, v in res["paired"].items():
-        print(f"\nours vs psycopg, {k}: {statistics.median(v):.2f}x, median of the per-round ratios of "
-              f"psycopg's time to ours ({min(v):.2f}..{max(v):.2f}; rounds: {', '.join(f'{r:.2f}' for r in v)})")
+    v = res["paired"]
+    print(f"\nexport's reader vs bare psycopg: {statistics.median(v):.2f}x, median of the per-round ratios of "
+          f"psycopg's time to the export's ({min(v):.2f}..{max(v):.2f}; rounds: {', '.join(f'{r:.2f}' for r in v)})")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import Future
 
 from ...errors import StoreError
-from .copy_decode import Block
+from .copy_rows import Block
 
 
 def block_rows(d: int, limit: int) -> int:
