@@ -30,7 +30,7 @@ __all__ = ["PreparedCodebook", "accumulate", "assign", "assign_with_distances", 
 # load feeds R FMAs and each broadcast x value feeds V FMAs. Per row the tile also keeps three vectors (best,
 # its block, second best), updated once per block, so it needs about R (V + 3) + V vector registers and pays
 # a fixed cost per block that larger V amortises. With the 32 AVX-512 registers: V=4, R=3 (25); V<=2, R=4.
-# With the 16 of AVX2 (Zen 3, benchmarks/bench_kernel_ab.py, quiet): V=4, R=2 (18) beat V=2, R=4 (22) and
+# With the 16 of AVX2 (Zen 3, pqgpu.bench.kernel_ab, quiet): V=4, R=2 (18) beat V=2, R=4 (22) and
 # V=2, R=3 at nbits 8-12 (codebooks smaller than 4 vectors keep V<=2, R=4, faster there), and V=4, R=3 (25)
 # ran at 0.6x of V=4, R=2.
 def _rows_per_tile(L: int, V: int) -> int:
@@ -42,12 +42,12 @@ _CHUNK_ROWS = 256
 # Centroid slab (dsub x S floats) processed per pass over a chunk's rows. A codebook of up to _SLAB_FLOATS
 # (32 KiB) is one slab: each row is decided right after its tile. Larger ones go in slabs of _MULTI_SLAB_FLOATS
 # (16 KiB), which leave room in a 32 KiB L1 for the tile's distance buffer and the rows. Against 32 KiB slabs
-# (benchmarks/bench_kernel_ab.py --procs 12, Zen 3): 1.07x on the coarse quantizer's shape (dsub 128,
+# (pqgpu.bench.kernel_ab --procs 12, Zen 3): 1.07x on the coarse quantizer's shape (dsub 128,
 # 1,024 centroids), 0.99x at d 96, dsub 8, nbits 12 (within the noise: a 4-process run had shown 1.13x).
 _SLAB_FLOATS = 8192
 _MULTI_SLAB_FLOATS = 4096
 # dsub values the tile kernel is compiled for as a constant (the others read it at run time): the constant
-# trip count made the encode 8 % faster at dsub 4 and at dsub 8 (benchmarks/bench_kernel_ab.py --procs 6,
+# trip count made the encode 8 % faster at dsub 4 and at dsub 8 (pqgpu.bench.kernel_ab --procs 6,
 # median over processes, Zen 3).
 _CONST_DSUB = (4, 8)
 # Bytes of sums one accumulate() task updates at random: about half of a 2 MiB L2.

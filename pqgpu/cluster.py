@@ -34,7 +34,7 @@ def cuda_worker_threads(n_cpus: int, n_gpus: int) -> int:
 
 # Up to this many values (rows x d) a local run uses threads of this process: starting worker processes and
 # importing Dask into them costs ~2 s, and on the 2-core machine threads were faster at both sizes measured
-# (benchmarks/bench_whole_process.py, whole `pqgpu encode`, 768-d, M=96, shared machine, one run each:
+# (pqgpu.bench.whole_process, whole `pqgpu encode`, 768-d, M=96, shared machine, one run each:
 # 200k rows threads 18.6 s vs processes 28.0 s, then 9.6 s vs 30.7 s; 1M rows 65 s vs 93 s, then 31 s vs 59 s). Larger runs keep processes, whose
 # Parquet decoding and Zarr writing never contend for one GIL; the crossover above 1M rows is not measured.
 IN_PROCESS_MAX_VALUES = 1_048_576 * 768

@@ -181,8 +181,8 @@ def test_nulls_skipped_and_strict(pg_server, db, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("id_type", ["bigint", "text"])
-def test_tiny_blocks_and_chunks_match(pg_server, db, tmp_path, monkeypatch, id_type):
-    """Rows split across network chunks, many row groups per shard, a shard of NULLs only: same data."""
+def test_tiny_blocks_match(pg_server, db, tmp_path, monkeypatch, id_type):
+    """Many row groups per shard, a shard of NULLs only: same data."""
     from pqgpu.sources.postgres import export as P
 
     table = _table()
@@ -190,8 +190,6 @@ def test_tiny_blocks_and_chunks_match(pg_server, db, tmp_path, monkeypatch, id_t
     srt = sorted(ids.tolist(), key=str if id_type == "text" else int)  # the server's id order
     nulls = set(srt[:10]) | {srt[50], srt[51], srt[119]}  # the first shard is all NULLs
     _create(db, table, ids, x, "vector", nulls=nulls, id_type=id_type)
-    copy_into = P.copy_into
-    monkeypatch.setattr(P, "copy_into", lambda c, s, p: copy_into(c, s, p, chunk_bytes=97))
     monkeypatch.setattr(P, "block_rows", lambda d, limit: 7)
     res = export_postgres(_cfg(pg_server, tmp_path, table, rows_per_shard=10))
     assert res.null_vectors == len(nulls) and res.rows == 120 - len(nulls)
@@ -233,6 +231,26 @@ def test_dimension_mismatch_names_id(pg_server, db, tmp_path):
         export_postgres(_cfg(pg_server, tmp_path, table, output=str(tmp_path / "b")))
     db.execute(sql.SQL("UPDATE {} SET embedding = '{{}}' WHERE id = %s").format(sql.Identifier(table)), (int(ids[0]),))
     with pytest.raises(InputError, match=f"id {int(ids[0])}: the array is empty"):
+        export_postgres(_cfg(pg_server, tmp_path, table, output=str(tmp_path / "c")))
+
+
+def test_array_nan_kept_two_dimensions_and_duplicate_ids_refused(pg_server, db, tmp_path):
+    """A NaN element is data, not taken for a NULL element; a repeated id and a 2-D array are refused."""
+    table = _table()
+    ids, x = _vectors(20)
+    x[3, 2] = np.nan
+    _create(db, table, ids, x, "real[]", primary_key=False)
+    res = export_postgres(_cfg(pg_server, tmp_path, table))
+    got_ids, got_x, _ = _read(res.files)
+    assert res.rows == 20 and got_ids == ids.tolist() and np.isnan(got_x[3, 2])
+    np.testing.assert_array_equal(got_x, x)
+    db.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s::real[])").format(sql.Identifier(table)),
+               (int(ids[7]), [float(a) for a in x[0]]))
+    with pytest.raises(InputError, match="duplicate values"):
+        export_postgres(_cfg(pg_server, tmp_path, table, output=str(tmp_path / "b")))
+    db.execute(sql.SQL("UPDATE {} SET embedding = ARRAY[[1,2],[3,4]]::real[] WHERE id = %s").format(
+        sql.Identifier(table)), (int(ids[5]),))
+    with pytest.raises(InputError, match=f"id {int(ids[5])}: the array has 2 dimensions"):
         export_postgres(_cfg(pg_server, tmp_path, table, output=str(tmp_path / "c")))
 
 

@@ -3,7 +3,10 @@ what the client holds must not grow with the number of rows (issue 14: ratio lar
 
 Small d and M (default d=8, M=4) keep encoding cheap, so the figure is about what the client gathers
 (before: every id for the duplicate check, 8 bytes a row). The run uses a local process cluster
-(cluster.processes: true), so the client only plans, submits and merges."""
+(cluster.processes: true), so the client only plans, submits and merges.
+
+    python -m pqgpu.bench.client_rss [--sizes 1000000,20000000] [--workdir DIR] [--code /path/to/other/checkout]
+"""
 
 from __future__ import annotations
 
@@ -79,3 +82,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{result['ratio']:.2f} (target <= 1.2)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,7 @@
-"""Encode throughput: pqgpu (CPU, and GPU when present) vs faiss compute_codes and per-subspace faiss.knn."""
+"""Encode throughput: pqgpu (CPU, and GPU when present) vs faiss compute_codes and per-subspace faiss.knn.
+
+    python -m pqgpu.bench.encode [--quick] [--n 100000] [--runs 5] [--json out.json]
+"""
 
 from __future__ import annotations
 
@@ -122,3 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         from . import write_json
 
         write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

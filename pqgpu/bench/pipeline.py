@@ -1,5 +1,8 @@
 """End-to-end Parquet -> Zarr codes: pqgpu (Dask) vs a seed-style single-process script, with the
-read-only and encode-only limits measured beside it, and peak RSS (all processes) at two dataset sizes."""
+read-only and encode-only limits measured beside it, and peak RSS (all processes) at two dataset sizes.
+
+    python -m pqgpu.bench.pipeline [--quick] [--n 200000] [--big-n 2000000] [--json out.json]
+"""
 
 from __future__ import annotations
 
@@ -176,3 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         from . import write_json
 
         write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -137,3 +137,19 @@ def run_bench(quick: bool = False, out: str = "bench-report", tiny: bool = False
     print("\n".join(md))
     print(f"report written to {outp}/report.md (+ report.json, {len(images)} plot(s))")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pqgpu.bench.suite [--quick] [--out DIR]`: the same run as `pqgpu bench`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="bench-report")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return run_bench(quick=args.quick, out=args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

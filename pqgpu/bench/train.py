@@ -1,4 +1,7 @@
-"""Training time and held-out MSE: pqgpu vs faiss ProductQuantizer.train on the same sample and niter."""
+"""Training time and held-out MSE: pqgpu vs faiss ProductQuantizer.train on the same sample and niter.
+
+    python -m pqgpu.bench.train [--quick] [--runs 5] [--json out.json]
+"""
 
 from __future__ import annotations
 
@@ -86,3 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         from . import write_json
 
         write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

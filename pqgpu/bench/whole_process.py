@@ -2,7 +2,10 @@
 encode, duplicate-id check) against a fresh process running the seed-style single-process faiss script on
 the same Parquet files. Also `pqgpu encode` forced onto in-process threads and onto a process cluster, to
 place the size where pqgpu stops using threads (pqgpu.cluster.IN_PROCESS_MAX_VALUES), and `pqgpu info`'s
-start-up time. Target (issue 16): pqgpu >= 2x the script at 200k and 1M rows of d=768, M=96."""
+start-up time. Target (issue 16): pqgpu >= 2x the script at 200k and 1M rows of d=768, M=96.
+
+    python -m pqgpu.bench.whole_process [--sizes 200000,1000000] [--runs 3] [--workdir DIR] [--json out.json]
+"""
 
 from __future__ import annotations
 
@@ -132,3 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     print(render(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
 One topic per module:
 
 - `connect`: psycopg import, connections, error translation, DSN redaction (`redact_dsn`);
-- `copy_decode`: the binary COPY wire format of the supported vector and id types, decoded with NumPy;
+- `copy_rows`: one binary COPY read with psycopg's reader and pgvector's loaders, checked, into float32 blocks;
 - `shards`: the background thread that writes decoded blocks as Parquet shards;
 - `manifest`: the export's resume record (``_manifest.json``);
 - `export`: `export_postgres`, table or query -> Parquet shards, resumable;

@@ -1,9 +1,9 @@
 """Export a PostgreSQL table (or query) to Parquet shards that the parquet source reads directly.
 
 `export_postgres` streams ``SELECT id, vector`` in id order, one binary ``COPY`` per shard (keyset
-pagination: ``WHERE id > last ORDER BY id LIMIT rows_per_shard``), decodes it with NumPy
-(`copy_decode`), writes ``part-NNNNNN.parquet`` files on a background thread (`shards`) and records each
-finished shard in the manifest (`manifest`), so a re-run resumes after the last complete shard.
+pagination: ``WHERE id > last ORDER BY id LIMIT rows_per_shard``), reads it with psycopg's COPY reader
+and pgvector's loaders (`copy_rows`), writes ``part-NNNNNN.parquet`` files on a background thread (`shards`)
+and records each finished shard in the manifest (`manifest`), so a re-run resumes after the last complete shard.
 ``since_last=True`` (``pqgpu export-postgres --since-last``, the nightly job) exports only the rows whose
 integer id is above the highest id of the previous export of the same table or query into new shards beside
 the old ones (their numbers continue, so they sort after them), recorded as a new export in the manifest; it
@@ -13,6 +13,11 @@ With ``postgres.query`` each shard re-runs the query wrapped as
 ``SELECT id, vec FROM (query) WHERE id > last ORDER BY id LIMIT n``: keep the query simple enough for
 the planner to push the id condition down to an index, or use a larger rows_per_shard.
 Identifiers are always composed with ``psycopg.sql.Identifier`` and values with ``psycopg.sql.Literal``.
+
+psycopg's reader replaced a binary-COPY decoder of our own (issue 22): ours was 1.38x end to end at 200,000 x
+384 (1.13x at d=768), below the 1.5x that would have kept it (``python -m pqgpu.bench.pg_copy --rows 200000
+--dim 384 --repeat 9`` at commit 2abb32e, median of 9 interleaved rounds, shared 2-core AMD EPYC; the whole
+export: 1.35x at d=384, 1.08x at d=768). Details in `copy_rows` and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from ..._faults import fault_point
 from ...config import PostgresConfig
 from ...errors import ConfigError, InputError
 from .connect import column_types, connect, import_psycopg, redact_dsn, run_pg, split_table
-from .copy_decode import ID_KINDS, VECTOR_CODECS, Block, CopyDecoder, copy_into
+from .copy_rows import ID_KINDS, VECTOR_CODECS, Block, CopyDecoder, copy_into
 from .manifest import (
     MANIFEST_NAME,
     begin_export,

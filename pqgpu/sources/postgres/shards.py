@@ -14,7 +14,7 @@ from concurrent.futures import Future
 
 from ..._faults import fault_point
 from ...errors import StoreError
-from .copy_decode import Block
+from .copy_rows import Block
 
 
 def block_rows(d: int, limit: int) -> int:

@@ -19,10 +19,12 @@ import numpy as np
 from ...config import PostgresConfig
 from ...errors import ConfigError, InputError, StoreError
 from .connect import column_types, connect, import_psycopg, run_pg, split_table
-from .copy_decode import BINARY_SIGNATURE, ID_KINDS
+from .copy_rows import ID_KINDS
 from .written import Plan, WriteBackResult, plan, record, target_of
 
 log = logging.getLogger(__name__)
+
+BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"  # starts a binary COPY FROM stream
 
 
 def _open_store(store_path: str) -> tuple[Any, int]:

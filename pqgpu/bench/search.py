@@ -1,7 +1,7 @@
 """ADC search throughput: `pqgpu.search` over a Zarr code store vs faiss `IndexPQ.search`, same codes.
 
-    python benchmarks/bench_search.py [--n 1000000] [--d 768] [--M 96] [--nbits 8] [--nq 100] [-k 10]
-                                      [--repeat 5] [--chunk-rows 65536] [--backend cpu]
+    python -m pqgpu.bench.search [--n 1000000] [--d 768] [--M 96] [--nbits 8] [--nq 100] [-k 10]
+                                 [--repeat 5] [--chunk-rows 65536] [--backend cpu]
 
 Random codes and centroids are fine for throughput (exhaustive ADC costs the same on any codes). Each
 contender gets one warm-up run (numba compilation, page cache), then `repeat` timed runs; the median is
@@ -20,16 +20,10 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
-
-try:
-    import pqgpu  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:
@@ -43,7 +37,7 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 
 
 def build_store(path: str, cb, codes: np.ndarray, chunk_rows: int) -> None:
-    from pqgpu.store import create_store, write_chunk
+    from ..store import create_store, write_chunk
 
     n = codes.shape[0]
     create_store(path, codebook=cb, n=n, chunk_rows=chunk_rows, id_dtype="int64", source={"bench": "random"})
@@ -67,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     import faiss
     import numba
 
-    from pqgpu.codebook import Codebook
-    from pqgpu.kernels import code_size
+    from ..codebook import Codebook
+    from ..kernels import code_size
 
     search_mod = importlib.import_module("pqgpu.search")
     rng = np.random.default_rng(0)
@@ -77,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     codes = rng.integers(0, 256, size=(args.n, code_size(M, nbits)), dtype=np.uint8)
     if nbits % 8:
         # random bytes may hold sub-codes >= ksub in the padding bits; a real encoder never writes those
-        from pqgpu.kernels import pack_codes
+        from ..kernels import pack_codes
 
         codes = np.asarray(pack_codes(rng.integers(0, 1 << nbits, size=(args.n, M)), nbits))
     q = rng.standard_normal((args.nq, d)).astype(np.float32)

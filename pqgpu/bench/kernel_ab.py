@@ -4,7 +4,7 @@ Timing the versions in separate processes on a shared 2-core VM moved the same k
 processes; interleaving calls in one process and taking the per-round ratio cancels most of that drift.
 
     git archive c8a7568 pqgpu/_cpu.py | tar -x -C /tmp/old       # the kernel before the near-tie re-rank
-    python benchmarks/bench_kernel_ab.py /tmp/old/pqgpu/_cpu.py pqgpu/_cpu.py --scale 0.5   # 7 rounds x 12 processes
+    python -m pqgpu.bench.kernel_ab /tmp/old/pqgpu/_cpu.py pqgpu/_cpu.py --scale 0.5   # 7 rounds x 12 processes
 
 Within one process the same kernel compiled twice (an A/A run) still differed by up to 13 % at some grid
 points, consistently over rounds: where each compiled kernel and its codebook copy land in memory matters,
@@ -23,12 +23,10 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pqgpu.bench.encode import make_problem  # noqa: E402
+from .encode import make_problem
 
 GRID = [(768, 4, 8, 100_000), (768, 8, 8, 100_000), (768, 16, 8, 100_000), (96, 8, 12, 20_000),
         (768, 8, 4, 100_000)]
@@ -75,7 +73,7 @@ def _measure(args) -> dict:
     return res
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", help="path of version A's _cpu.py (the baseline)")
     ap.add_argument("b", help="path of version B's _cpu.py")
@@ -91,7 +89,7 @@ def main() -> None:
     ap.add_argument("--grid", type=_grid, default=GRID,
                     help="points 'd,dsub,nbits,n' separated by ';' (default: the issue 16 grid)")
     ap.add_argument("--child", type=int, default=-1, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child >= 0:
         print(json.dumps(_measure(args)))
         return
@@ -101,8 +99,9 @@ def main() -> None:
           f"{'thread CPU time' if args.cpu_time else 'wall'}, {args.procs} process(es) x {args.rounds} rounds\n")
     runs = []
     for i in range(args.procs):
-        cmd = [sys.executable, __file__, args.a, args.b, "--rounds", str(args.rounds), "--scale", str(args.scale),
-               "--grid", ";".join(",".join(map(str, g)) for g in args.grid), "--child", str(i)]
+        cmd = [sys.executable, "-m", "pqgpu.bench.kernel_ab", args.a, args.b, "--rounds", str(args.rounds),
+               "--scale", str(args.scale), "--grid", ";".join(",".join(map(str, g)) for g in args.grid),
+               "--child", str(i)]
         cmd += ["--cpu-time"] if args.cpu_time else []
         runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         print(f"process {i + 1}/{args.procs}: " + ", ".join(

@@ -1,7 +1,7 @@
 """Reading Parquet chunks: the page reader (pqgpu/sources/_parquet_pages.py) vs the pyarrow path, on shards
 with small row groups and on one file with pyarrow's default (1Mi-row) row groups.
 
-    python benchmarks/bench_parquet_read.py [--n 200000] [--d 768] [--chunk-rows 32768] [--passes 3]
+    python -m pqgpu.bench.parquet_read [--n 200000] [--d 768] [--chunk-rows 32768] [--passes 3]
 
 Each (layout, reader) runs in its own process; rows/s is the median of the passes after one warm-up pass, and
 peak RSS the largest RSS seen right after a chunk was read (the sampling adds a little time to every chunk).
@@ -44,7 +44,7 @@ def write_layouts(root: Path, n: int, d: int) -> dict[str, str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pqgpu.sample import make_sample, sample_vectors
+    from ..sample import make_sample, sample_vectors
 
     make_sample(root / "small-groups", n, d, shards=8, fmt="parquet")  # row groups of 16,384 rows
     (root / "default-groups").mkdir()

@@ -1,10 +1,10 @@
 """IVF-PQ recall on real sentence embeddings (all-MiniLM-L6-v2, d=384): an index trained by pqgpu vs one
 trained by faiss, same nlist, M, nbits, niter, base and queries.
 
-    python benchmarks/bench_ivf_recall_real.py [--n 20000] [--nq 1000] [--nlist 128] [--M 48] [--nbits 8]
-                                               [--niter 25] [--opq] [--cache /tmp/emb.npy] [--json out.json]
+    python -m pqgpu.bench.ivf_recall_real [--n 20000] [--nq 1000] [--nlist 128] [--M 48] [--nbits 8]
+                                          [--niter 25] [--opq] [--cache /tmp/emb.npy] [--json out.json]
 
-Embeddings, sentences and the base/query split come from bench_recall_real.py (same cache, same seeds; see
+Embeddings, sentences and the base/query split come from pqgpu.bench.recall_real (same cache, same seeds; see
 its docstring for the optional model stack). pqgpu trains with `pqgpu.ivf.train_ivf`, saves the faiss file
 (written without faiss); faiss loads it, `add`s the base and searches: the tests show that pqgpu's own store
 search returns the same ids, so this measures the quality of pqgpu's training. faiss trains
@@ -16,24 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 
 def main(argv: list[str] | None = None) -> None:
-    import faiss
-
-    from bench_recall_real import load_embeddings
-
-    from pqgpu.ivf import train_ivf
-    from pqgpu.evaluation import recall_metrics
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--nq", type=int, default=1_000)
@@ -47,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default="/tmp/emb.npy")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    import faiss
+
+    from ..evaluation import recall_metrics
+    from ..ivf import train_ivf
+    from .recall_real import load_embeddings
 
     x, _meta = load_embeddings(Path(args.cache), args.n, args.split_seed, False)
     perm = np.random.default_rng(args.split_seed + 7).permutation(x.shape[0])
