@@ -53,6 +53,7 @@ class ClusterConfig:
     memory_limit: str | int | None = "auto"
     processes: bool | None = None  # kind local: null = threads of this process for small runs, else processes
     dashboard: bool = True  # local kinds: serve the Dask dashboard on a free port and print its link
+    start_method: str = "auto"  # local: how worker processes start: auto (fork when safe, else spawn) | fork | spawn
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ _CHOICES = {
     ("encode", "backend"): ("auto", "cpu", "gpu"),
     ("quantizer", "metric"): ("l2", "ip", "cosine"),
     ("cluster", "kind"): ("local", "local-cuda", "address"),
+    ("cluster", "start_method"): ("auto", "fork", "spawn", "forkserver"),
 }
 
 

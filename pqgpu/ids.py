@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 PARTITION_ROWS = 1 << 22  # ids per count task (32 MiB of int64): memory of one task, not of the driver
 MAX_GROUPS = 64  # split tasks; split x count pick-tasks stay in the thousands even at a billion rows
+# Up to this many ids (one partition, 32 MiB of int64) a scan runs in this process even with a client: at 1M
+# ids it took 0.08 s here against 0.3-0.4 s as split and count tasks on a 2-worker local cluster, most of the
+# rest of a process cluster's cost after the encode (RESULTS.md, session 8).
+DRIVER_MAX_ROWS = PARTITION_ROWS
 
 
 def _as_comparable(ids: np.ndarray) -> np.ndarray:
@@ -117,14 +121,16 @@ def chunked(store: Any, lo: int, hi: int) -> list[tuple[int, int]]:
 
 
 def scan_ids(store: Any, *, ranges: Sequence[tuple[int, int]] | None = None, client: Any = None,
-             parts: int | None = None, groups: int = MAX_GROUPS) -> IdScan:
+             parts: int | None = None, groups: int = MAX_GROUPS, driver_max_rows: int = DRIVER_MAX_ROWS) -> IdScan:
     """Duplicates and bounds of the ids of `ranges` (rows [lo, hi) pieces in row order, each within one store
-    chunk; all rows by default). With a Dask client the work runs on the workers, which open the store by its
-    path."""
+    chunk; all rows by default). With a Dask client and more than driver_max_rows ids the work runs on the
+    workers, which open the store by its path."""
     if ranges is None:
         ranges = [store.chunk_range(i) for i in range(store.n_chunks)]
     ranges = [r for r in ranges if r[1] > r[0]]
     n = sum(hi - lo for lo, hi in ranges)
+    if n <= driver_max_rows:
+        client = None
     parts = parts or default_parts(n)
     plan = plan_groups(ranges, groups)
     if client is None:
@@ -154,11 +160,12 @@ def scan_ids(store: Any, *, ranges: Sequence[tuple[int, int]] | None = None, cli
     return IdScan(n_dup, first, rows, lo, hi)
 
 
-def find_duplicates(store: Any, *, client: Any = None, parts: int | None = None,
-                    groups: int = MAX_GROUPS) -> tuple[int, Any, list[int]]:
+def find_duplicates(store: Any, *, client: Any = None, parts: int | None = None, groups: int = MAX_GROUPS,
+                    driver_max_rows: int = DRIVER_MAX_ROWS) -> tuple[int, Any, list[int]]:
     """(number of ids occurring more than once, the smallest such id, its first two rows) over the store's
     ids; (0, None, []) when all are distinct."""
-    return tuple(scan_ids(store, client=client, parts=parts, groups=groups)[:3])  # type: ignore[return-value]
+    return tuple(scan_ids(store, client=client, parts=parts, groups=groups,  # type: ignore[return-value]
+                          driver_max_rows=driver_max_rows)[:3])
 
 
 def check_duplicate_ids(store: Any, source: Any, *, strict: bool, client: Any = None,

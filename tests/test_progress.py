@@ -155,3 +155,78 @@ def test_dashboard_false_serves_no_dashboard_and_leaves_port_8787_alone(caplog, 
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("pqgpu")]
     assert ours and not [m for m in ours if "dashboard" in m.lower()], ours
     assert not [w for w in recwarn if "8787" in str(w.message)]
+
+
+# -- how a local cluster starts its workers (issue 22 item 2) -----------------------------------------------
+
+START_SCRIPT = '''
+import sys
+import numpy as np
+from pqgpu.cluster import worker_start_method
+from pqgpu.config import ClusterConfig
+from pqgpu.errors import PqgpuError
+
+print("fresh", worker_start_method(ClusterConfig()))
+import dask
+with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+    print("user", worker_start_method(ClusterConfig()))
+print("asked", worker_start_method(ClusterConfig(start_method="spawn")))
+from pqgpu import _cpu
+_cpu.prepare(np.zeros((2, 16, 4), np.float32))  # loading numba alone keeps fork safe
+print("imported", worker_start_method(ClusterConfig()))
+_cpu.assign(np.zeros((600, 8), np.float32), _cpu.prepare(np.random.rand(2, 16, 4).astype(np.float32)))
+import numba.np.ufunc.parallel as par
+print("kernel", worker_start_method(ClusterConfig()), par.threading_layer())
+try:
+    worker_start_method(ClusterConfig(start_method="fork"))
+except PqgpuError as exc:
+    print("refused", exc)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is used on Linux only")
+def test_workers_are_forked_until_this_process_has_run_a_parallel_kernel():
+    """auto forks the workers from a process that has not started numba's threads (a fresh `pqgpu encode`),
+    and spawns them once it has (GNU OpenMP aborts a forked child), or when the user configured Dask's method."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", START_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = dict(line.split(" ", 1) for line in res.stdout.splitlines())
+    assert out["fresh"] == "fork" and out["user"] == "forkserver" and out["asked"] == "spawn", res.stdout
+    assert out["imported"] == "fork", res.stdout
+    layer = out["kernel"].split()[1]
+    if layer == "omp":
+        assert out["kernel"].startswith("spawn") and "numba's omp threads already run" in out["refused"], res.stdout
+    else:  # workqueue and tbb survive a fork
+        assert out["kernel"].startswith("fork") and "refused" not in out, res.stdout
+
+
+def test_a_forked_cluster_encodes_what_faiss_encodes(tmp_path):
+    """`pqgpu encode` on a process cluster from a fresh process: the workers are forked (no numba threads here
+    yet), and the codes equal faiss's compute_codes."""
+    import faiss
+    import numpy as np
+    import yaml
+
+    from pqgpu.codebook import Codebook
+    from pqgpu.pipeline import train
+    from pqgpu.config import config_from_dict
+    from pqgpu.sample import make_sample
+    from pqgpu.store import open_store
+
+    make_sample(tmp_path / "data", 3000, 16, shards=3, fmt="npy", n_queries=1)
+    cfg = {"source": {"format": "npy", "path": str(tmp_path / "data" / "shard-*.npy")},
+           "quantizer": {"path": str(tmp_path / "pq.faiss"), "M": 4, "nbits": 6, "train_size": 2000, "niter": 4},
+           "encode": {"output": str(tmp_path / "codes.zarr"), "chunk_rows": 500, "backend": "cpu"},
+           "cluster": {"kind": "local", "processes": True, "dashboard": False}}
+    train(config_from_dict(cfg))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "pqgpu.cli", "encode", "-c", str(tmp_path / "c.yaml")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    if sys.platform.startswith("linux"):
+        assert "started by fork" in res.stderr, res.stderr
+    x = np.concatenate([np.load(f) for f in sorted((tmp_path / "data").glob("shard-*.npy"))])
+    pq = Codebook.load(tmp_path / "pq.faiss").to_faiss()
+    assert np.array_equal(open_store(tmp_path / "codes.zarr").codes[...], pq.compute_codes(x))

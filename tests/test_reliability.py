@@ -447,6 +447,28 @@ def test_duplicate_ids_on_dask_workers_read_the_store_there(tmp_path):
     store.ids[...] = ids
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as c, \
             Client(c) as client:
-        assert find_duplicates(store, client=client, parts=4, groups=5) == (2, -5, [10, 20])
+        # driver_max_rows=0: on the workers even at this size
+        assert find_duplicates(store, client=client, parts=4, groups=5, driver_max_rows=0) == (2, -5, [10, 20])
         store.ids[10] = 3  # now only 861 repeats
-        assert find_duplicates(store, client=client, parts=4, groups=5) == (1, 861, [123, 400])
+        assert find_duplicates(store, client=client, parts=4, groups=5, driver_max_rows=0) == (1, 861, [123, 400])
+
+
+def test_small_id_scans_stay_in_this_process_even_with_a_client(tmp_path):
+    """Up to ids.DRIVER_MAX_ROWS ids the scan runs here: as tasks it cost a 2-worker cluster 0.3 s at 1M ids."""
+    from pqgpu.ids import find_duplicates
+    from pqgpu.store import create_store
+
+    class NoTasks:
+        def submit(self, *a, **k):
+            raise AssertionError("a task was submitted")
+
+        gather = submit
+
+    ids = np.arange(300, dtype=np.int64)
+    ids[250] = ids[7]
+    cb = Codebook(8, 2, 4, np.zeros((2, 16, 4), np.float32))
+    store = create_store(tmp_path / "s.zarr", codebook=cb, n=300, chunk_rows=64, id_dtype=np.int64, source={})
+    store.ids[...] = ids
+    assert find_duplicates(store, client=NoTasks()) == (1, 7, [7, 250])
+    with pytest.raises(AssertionError, match="a task was submitted"):
+        find_duplicates(store, client=NoTasks(), driver_max_rows=299)
