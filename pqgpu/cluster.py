@@ -133,6 +133,7 @@ def _dashboard_address(cfg: ClusterConfig) -> str | None:
 # worker against 0.52 s in the main process; with MALLOC_MMAP_THRESHOLD_ at 64 MiB, 0.49 s (median of 4,
 # interleaved, 2-core AMD EPYC Zen 4, shared machine; /tmp script, see RESULTS.md "Process cluster cost").
 # Chunks (tens of MiB and more) are still mmapped, so they are still returned when freed.
+# (Forked workers keep this process's malloc settings, read at its start: neither variable applies to them.)
 WORKER_MMAP_THRESHOLD = 64 << 20
 
 
