@@ -32,12 +32,13 @@ def cuda_worker_threads(n_cpus: int, n_gpus: int) -> int:
     return max(2, n_cpus // max(1, n_gpus))
 
 
-# Up to this many values (rows x d) a local run uses threads of this process: starting worker processes and
-# importing Dask into them costs ~2 s, and on the 2-core machine threads were faster at both sizes measured
-# (pqgpu.bench.whole_process, whole `pqgpu encode`, 768-d, M=96, shared machine, one run each:
-# 200k rows threads 18.6 s vs processes 28.0 s, then 9.6 s vs 30.7 s; 1M rows 65 s vs 93 s, then 31 s vs 59 s). Larger runs keep processes, whose
-# Parquet decoding and Zarr writing never contend for one GIL; the crossover above 1M rows is not measured.
-IN_PROCESS_MAX_VALUES = 1_048_576 * 768
+# Up to this many values (rows x d) a local run uses threads of this process. Whole `pqgpu encode`, 768-d, M=96,
+# Parquet in the page cache, forked workers (2-core Sapphire Rapids, quiet, RESULTS.md session 8): processes
+# took 1.10-1.13x the threads' time at 1M rows, 1.09x at 2M and 1.08-1.09x at 4M (the same ~8 % per row plus
+# ~0.3 s of start and close), so threads stay up to 4M x 768. Above it processes pay off where measured: 100M x
+# 96 read from disk, 0.93x the threads' encode and 0.65x the whole run (the training sample read on the
+# workers in parallel; session 7); between 4M x 768 and 100M x 96 it is not measured.
+IN_PROCESS_MAX_VALUES = 4 * 1_048_576 * 768
 
 
 class InProcess:
