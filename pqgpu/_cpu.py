@@ -29,12 +29,14 @@ __all__ = ["PreparedCodebook", "accumulate", "assign", "assign_with_distances", 
 # Rows per register tile: R rows x V vectors of L centroids are accumulated in registers, so each centroid
 # load feeds R FMAs and each broadcast x value feeds V FMAs. Per row the tile also keeps three vectors (best,
 # its block, second best), updated once per block, so it needs about R (V + 3) + V vector registers and pays
-# a fixed cost per block that larger V amortises. With the 32 AVX-512 registers: V=4, R=3 (25); V<=2, R=4.
+# a fixed cost per block that larger V amortises. With the 32 AVX-512 registers: V=4, R=4 (32); V<=2, R=4.
+# (V=4, R=4 against R=3 on Sapphire Rapids, pqgpu.bench.kernel_ab --procs 12, quiet: 1.11x at d 768 dsub 16,
+# 1.09x at dsub 32, 1.04x at dsub 4, 0.99x at dsub 8, 1.01x at d 96 dsub 8 nbits 12; RESULTS.md session 8.)
 # With the 16 of AVX2 (Zen 3, pqgpu.bench.kernel_ab, quiet): V=4, R=2 (18) beat V=2, R=4 (22) and
 # V=2, R=3 at nbits 8-12 (codebooks smaller than 4 vectors keep V<=2, R=4, faster there), and V=4, R=3 (25)
 # ran at 0.6x of V=4, R=2.
 def _rows_per_tile(L: int, V: int) -> int:
-    return (2 if L == 8 else 3) if V == 4 else 4
+    return (2 if L == 8 else 4) if V == 4 else 4
 
 
 # Rows per parallel task: big enough to amortise the per-subspace setup, small enough to balance threads.
@@ -265,7 +267,7 @@ def _assign_rows(x, ct, norms, cmax, ksub, slab, out, dist, s, e, L, V, D):
     d = x.shape[1]
     M, _, dsub, W = ct.shape
     ldk = norms.shape[1]
-    R = (2 if L == 8 else 3) if V == 4 else 4  # _rows_per_tile(L, V), inlined for numba
+    R = (2 if L == 8 else 4) if V == 4 else 4  # _rows_per_tile(L, V), inlined for numba
     rows = e - s
     buf = np.empty((R, slab), np.float32)
     mins = np.empty(R, np.float32)
