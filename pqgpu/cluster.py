@@ -33,12 +33,13 @@ def cuda_worker_threads(n_cpus: int, n_gpus: int) -> int:
 
 
 # Up to this many values (rows x d) a local run uses threads of this process. Whole `pqgpu encode`, 768-d, M=96,
-# Parquet in the page cache, forked workers (2-core Sapphire Rapids, quiet, RESULTS.md session 8): processes
-# took 1.10-1.13x the threads' time at 1M rows, 1.09x at 2M and 1.08-1.09x at 4M (the same ~8 % per row plus
-# ~0.3 s of start and close), so threads stay up to 4M x 768. Above it processes pay off where measured: 100M x
-# 96 read from disk, 0.93x the threads' encode and 0.65x the whole run (the training sample read on the
-# workers in parallel; session 7); between 4M x 768 and 100M x 96 it is not measured.
-IN_PROCESS_MAX_VALUES = 4 * 1_048_576 * 768
+# forked workers (2-core Sapphire Rapids, quiet, RESULTS.md session 8): processes took 1.10-1.13x the threads'
+# time at 1M rows, 1.09x at 2M and 1.08-1.09x at 4M (Parquet in the page cache: the same ~8 % per row plus ~0.3 s
+# of start and close), and 1.08-1.29x at 8M (24.6 GB, more than the page cache holds), so threads stay up to
+# 8M x 768. Above it processes paid off where measured: 100M x 96 read from disk, 0.93x the threads' encode and
+# 0.65x the whole run (the training sample read on the workers in parallel; session 7); between 8M x 768 and
+# 100M x 96 it is not measured.
+IN_PROCESS_MAX_VALUES = 8 * 1_048_576 * 768
 
 
 class InProcess:
