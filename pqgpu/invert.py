@@ -245,6 +245,17 @@ def scatter_chunk(path: str, i: int, node: str, lo: int, hi: int, present: np.nd
     return hi - lo
 
 
+def _write_checksums(ivf: Any, j: int, count: int, values: dict[str, np.ndarray], start: int) -> None:
+    """Rows j .. j+count-1 of ivf/checksums: the CRCs of each layout chunk of `values`, arrays whose row 0 is
+    layout row `start` (both inversion routes write them, so they agree byte for byte)."""
+    icr, n = int(ivf.attrs["chunk_rows"]), int(ivf.attrs["n"])
+    cols = list(ivf["checksums"].attrs["columns"])
+    ivf["checksums"][j:j + count] = np.stack([
+        integrity.chunk_crcs({k: v[jj * icr - start:min(n, (jj + 1) * icr) - start] for k, v in values.items()},
+                             cols)
+        for jj in range(j, j + count)])
+
+
 def copy_chunk(path: str, j: int, count: int = 1, node: str = "ivf") -> int:
     """Dask task (phase 4): output chunks j .. j + count - 1 of the inverted arrays from the staging files into
     Zarr, in one write per array (Zarr writes the chunks concurrently), then marked done together."""
@@ -268,10 +279,7 @@ def copy_chunk(path: str, j: int, count: int = 1, node: str = "ivf") -> int:
                 arr.dtype.kind in "iu" else raw.astype(arr.dtype, copy=False)
             arr[lo:hi] = values[name]
     if "checksums" in ivf:
-        cols = list(ivf["checksums"].attrs["columns"])
-        ivf["checksums"][j:j + count] = np.stack([
-            integrity.chunk_crcs({k: v[jj * icr - lo:min(n, (jj + 1) * icr) - lo] for k, v in values.items()}, cols)
-            for jj in range(j, j + count)])
+        _write_checksums(ivf, j, count, values, lo)
     for jj in range(j, j + count):
         fault_point("ivf-copy", jj)
     ivf["copy_done"][j:j + count] = True
@@ -435,14 +443,11 @@ def _invert_in_memory(store: Any, layout: Layout, ivf: Any) -> None:
         values["ids"] = np.asarray(g["ids"][lo:hi])[order].astype(ivf["ids"].dtype, copy=False)
     del order
     icr = int(ivf.attrs["chunk_rows"])
-    cols = list(ivf["checksums"].attrs["columns"])
     for j, (count, *_) in _copy_items(ivf, copy_group(g)):
         a, b = j * icr, min(n, (j + count) * icr)
         for name, v in values.items():
             ivf[name][a:b] = v[a:b]
-        ivf["checksums"][j:j + count] = np.stack([
-            integrity.chunk_crcs({k: v[jj * icr:min(n, (jj + 1) * icr)] for k, v in values.items()}, cols)
-            for jj in range(j, j + count)])
+        _write_checksums(ivf, j, count, values, 0)
         for jj in range(j, j + count):
             fault_point("ivf-copy", jj)
         ivf["copy_done"][j:j + count] = True
