@@ -53,7 +53,7 @@ class ClusterConfig:
     memory_limit: str | int | None = "auto"
     processes: bool | None = None  # kind local: null = threads of this process for small runs, else processes
     dashboard: bool = True  # local kinds: serve the Dask dashboard on a free port and print its link
-    start_method: str = "auto"  # local: how worker processes start: auto (fork when safe, else spawn) | fork | spawn
+    start_method: str = "auto"  # local: how workers start: auto (fork when safe, else spawn) | fork | spawn | forkserver
 
 
 @dataclass(frozen=True)
