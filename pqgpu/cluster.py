@@ -188,11 +188,53 @@ def worker_start_method(cfg: ClusterConfig) -> str:
     return "fork"
 
 
+_FORKING = False  # set while a local cluster forks its workers (see _close_sibling_keepalives)
+
+
+def _close_sibling_keepalives() -> None:
+    """In a worker just forked from this process: close the other workers' keep-alive pipes.
+
+    Each Dask worker process exits when the write end of its "parent alive" pipe, held only by its nanny in
+    this process, closes (as when this process is SIGKILLed). A forked child inherits every descriptor, so the
+    second worker held the first one's write end: killed, this process left the first worker running for as long
+    as the second lived, and with both pipes made before either fork (the nannies start concurrently) both
+    workers outlived it (1 run in ~12 of tests/test_reliability.py's SIGKILL test hung on their output pipes).
+    Spawned workers inherit only what they are given. Each child closes its own copy as it starts as well."""
+    if not _FORKING:
+        return
+    try:
+        from distributed.nanny import Nanny
+
+        for nanny in list(Nanny._instances):
+            proc = getattr(getattr(nanny, "process", None), "process", None)  # WorkerProcess -> AsyncProcess
+            pipe = getattr(proc, "_keep_child_alive", None)
+            if pipe is not None:
+                pipe.close()
+    except Exception:  # noqa: BLE001 (a distributed without these internals: the child still works)
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_sibling_keepalives)
+
+
 @contextlib.contextmanager
-def _worker_environ(start_method: str = "spawn") -> Iterator[None]:
+def _forking(start_method: str) -> Iterator[None]:
+    global _FORKING
+    _FORKING = start_method == "fork"
+    try:
+        yield
+    finally:
+        _FORKING = False
+
+
+@contextlib.contextmanager
+def _worker_environ(start_method: str | None = None) -> Iterator[None]:
+    """Dask settings for the workers a local cluster starts now: the malloc threshold, and the start method
+    when one is given (None keeps Dask's, or the user's)."""
     import dask
 
-    settings = {_MP_KEY: start_method}
+    settings: dict[str, Any] = {} if start_method is None else {_MP_KEY: start_method}
     key = "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_"
     if dask.config.get(key, None) is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         settings[key] = WORKER_MMAP_THRESHOLD  # else the user's own setting wins
@@ -241,7 +283,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         # warns "Port 8787 is already in use" beside another cluster): a free port on this machine instead
         quiet = {} if dashboard else {"scheduler_kwargs": {"dashboard": False, "dashboard_address": "127.0.0.1:0"}}
         method = worker_start_method(cfg)
-        with _worker_environ(method):
+        with _worker_environ(method), _forking(method):
             cluster = LocalCluster(n_workers=cfg.n_workers or workers,
                                    threads_per_worker=cfg.threads_per_worker or threads, processes=True,
                                    memory_limit=cfg.memory_limit, dashboard_address=dashboard,

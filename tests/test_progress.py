@@ -160,7 +160,6 @@ def test_dashboard_false_serves_no_dashboard_and_leaves_port_8787_alone(caplog, 
 # -- how a local cluster starts its workers (issue 22 item 2) -----------------------------------------------
 
 START_SCRIPT = '''
-import sys
 import numpy as np
 from pqgpu.cluster import worker_start_method
 from pqgpu.config import ClusterConfig
@@ -204,7 +203,6 @@ def test_workers_are_forked_until_this_process_has_run_a_parallel_kernel():
 def test_a_forked_cluster_encodes_what_faiss_encodes(tmp_path):
     """`pqgpu encode` on a process cluster from a fresh process: the workers are forked (no numba threads here
     yet), and the codes equal faiss's compute_codes."""
-    import faiss
     import numpy as np
     import yaml
 
@@ -230,3 +228,46 @@ def test_a_forked_cluster_encodes_what_faiss_encodes(tmp_path):
     x = np.concatenate([np.load(f) for f in sorted((tmp_path / "data").glob("shard-*.npy"))])
     pq = Codebook.load(tmp_path / "pq.faiss").to_faiss()
     assert np.array_equal(open_store(tmp_path / "codes.zarr").codes[...], pq.compute_codes(x))
+
+
+KEEPALIVE_SCRIPT = '''
+import json, os, sys
+from distributed.nanny import Nanny
+from pqgpu.cluster import dask_client
+from pqgpu.config import ClusterConfig
+
+def pipe_inode(fd):
+    return os.fstat(fd).st_ino
+
+with dask_client(ClusterConfig(n_workers=3, threads_per_worker=1, dashboard=False, memory_limit=None)) as client:
+    nannies = [n for n in Nanny._instances if n.process is not None and n.process.process is not None]
+    keep = {n.process.process.pid: pipe_inode(n.process.process._keep_child_alive.fileno()) for n in nannies}
+    held = {}
+    for pid in keep:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        inodes = set()
+        for fd in fds:
+            try:
+                inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+            except OSError:
+                pass
+        # a pipe's two ends share an inode: a worker holds its own (the read end it waits on)
+        held[pid] = sorted(p for p, ino in keep.items() if ino in inodes and p != pid)
+    print(json.dumps({"held": {str(k): v for k, v in held.items()}}))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is used on Linux only")
+def test_forked_workers_hold_no_other_workers_keepalive_pipe():
+    """A worker exits when its nanny's end of a "parent alive" pipe closes (this process killed). Forked
+    workers inherit descriptors, so without closing the others' pipe ends a SIGKILLed `pqgpu` left workers
+    running, holding its output pipes (1 in ~12 SIGKILL tests hung). No worker may hold another's."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", KEEPALIVE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    held = json.loads(res.stdout.strip().splitlines()[-1])["held"]
+    assert len(held) == 3, res.stdout
+    assert all(v == [] for v in held.values()), held

@@ -1,7 +1,9 @@
 """Where a local process cluster's time goes (issue 22.2): one `pqgpu encode` of the same Parquet shards on
 threads of this process and on a local process cluster, split into cluster start, the workers' first
 kernel call (numba loading its cached kernels in each new process), the encode itself and, within it, the
-read and encode seconds the tasks report (summed over workers).
+read and encode seconds the tasks report (summed over workers). This process trains and runs the threads route
+first, so numba's threads run here and its clusters are spawned, not forked (cluster.worker_start_method): it
+measures the spawned route; a fresh `pqgpu encode`, which forks, is what pqgpu.bench.whole_process times.
 
     python -m pqgpu.bench.cluster_cost --n 1000000 --d 768 --M 96 --runs 2
 """
