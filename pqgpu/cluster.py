@@ -188,44 +188,63 @@ def worker_start_method(cfg: ClusterConfig) -> str:
     return "fork"
 
 
-_FORKING = False  # set while a local cluster forks its workers (see _close_sibling_keepalives)
+def _keepalive_inodes(cluster: Any) -> dict[str, int]:
+    """{worker address: inode of the pipe whose write end, held by its nanny here, keeps that worker alive}."""
+    found = {}
+    for nanny in list(getattr(cluster, "workers", {}).values()):
+        proc = getattr(getattr(nanny, "process", None), "process", None)  # WorkerProcess -> AsyncProcess
+        pipe = getattr(proc, "_keep_child_alive", None)
+        addr = getattr(nanny, "worker_address", None)
+        if pipe is not None and not pipe.closed and addr:
+            found[addr] = os.fstat(pipe.fileno()).st_ino
+    return found
 
 
-def _close_sibling_keepalives() -> None:
-    """In a worker just forked from this process: close the other workers' keep-alive pipes.
+def _drop_pipes(inodes: list[int]) -> int:
+    """On a worker: close every descriptor of these pipes (both ends), through its Connection object where one
+    owns it (so that nothing closes the number again later); returns how many were closed."""
+    import gc
+    import stat
+    from multiprocessing.connection import Connection
 
-    Each Dask worker process exits when the write end of its "parent alive" pipe, held only by its nanny in
-    this process, closes (as when this process is SIGKILLed). A forked child inherits every descriptor, so the
-    second worker held the first one's write end: killed, this process left the first worker running for as long
-    as the second lived, and with both pipes made before either fork (the nannies start concurrently) both
-    workers outlived it (1 run in ~12 of tests/test_reliability.py's SIGKILL test hung on their output pipes).
-    Spawned workers inherit only what they are given. Each child closes its own copy as it starts as well."""
-    if not _FORKING:
-        return
+    want, closed = set(inodes), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, Connection) and not obj.closed:
+            try:
+                ino = os.fstat(obj.fileno()).st_ino
+            except OSError:
+                continue
+            if ino in want:
+                obj.close()
+                closed += 1
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:
+            continue
+        if stat.S_ISFIFO(st.st_mode) and st.st_ino in want:
+            os.close(int(name))
+            closed += 1
+    return closed
+
+
+def release_sibling_keepalives(client: Any, cluster: Any) -> None:
+    """After a local cluster has forked its workers: each closes its copies of the other workers' keep-alive pipes.
+
+    A Dask worker process exits when the write end of its "parent alive" pipe, held by its nanny in this process,
+    closes (as when this process is SIGKILLed). A forked child inherits every descriptor, so each worker held the
+    pipes of the workers started before or alongside it, and a SIGKILLed `pqgpu` could leave its workers keeping
+    each other alive on its output pipes (1 run in ~12 of tests/test_reliability.py's SIGKILL test hung). Spawned
+    workers inherit only what they are given. The pipes are matched by inode, not by the objects copied into the
+    child: a nanny starting concurrently can have made its pipe before any object in the copy refers to it (an
+    at-fork handler that closed the objects' pipes missed 3 of 25 in tests/test_progress.py)."""
     try:
-        from distributed.nanny import Nanny
-
-        for nanny in list(Nanny._instances):
-            proc = getattr(getattr(nanny, "process", None), "process", None)  # WorkerProcess -> AsyncProcess
-            pipe = getattr(proc, "_keep_child_alive", None)
-            if pipe is not None:
-                pipe.close()
-    except Exception:  # noqa: BLE001 (a distributed without these internals: the child still works)
-        pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_sibling_keepalives)
-
-
-@contextlib.contextmanager
-def _forking(start_method: str) -> Iterator[None]:
-    global _FORKING
-    _FORKING = start_method == "fork"
-    try:
-        yield
-    finally:
-        _FORKING = False
+        inodes = _keepalive_inodes(cluster)
+        for addr in inodes:
+            others = [ino for a, ino in inodes.items() if a != addr]
+            client.run(_drop_pipes, others, workers=[addr])
+    except Exception as exc:  # noqa: BLE001 (a distributed without these internals: the workers still work)
+        log.debug("could not release the workers' inherited keep-alive pipes: %s", exc)
 
 
 @contextlib.contextmanager
@@ -283,12 +302,14 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         # warns "Port 8787 is already in use" beside another cluster): a free port on this machine instead
         quiet = {} if dashboard else {"scheduler_kwargs": {"dashboard": False, "dashboard_address": "127.0.0.1:0"}}
         method = worker_start_method(cfg)
-        with _worker_environ(method), _forking(method):
+        with _worker_environ(method):
             cluster = LocalCluster(n_workers=cfg.n_workers or workers,
                                    threads_per_worker=cfg.threads_per_worker or threads, processes=True,
                                    memory_limit=cfg.memory_limit, dashboard_address=dashboard,
                                    silence_logs=logging.WARNING, **quiet)
     client = Client(cluster)
+    if cfg.kind == "local" and method == "fork":
+        release_sibling_keepalives(client, cluster)
     plugin = worker_plugin()  # these workers log to our terminal: keep expected errors to one paragraph there
     if plugin is not None:
         client.register_plugin(plugin)
